@@ -1,0 +1,158 @@
+"""Step 6, evaluation: every model on the task's test split, side by side with what it cost.
+
+For each checkpoint: top-1 accuracy, mean per-class accuracy (the paper's metric for unbalanced sets
+such as Flowers102 and Pets), parameters, GFLOPs per image, images/s on this device, and what training
+it took (steps x images per step for each stage, and wall time), so the paper's claims (Vemulapalli et
+al., ICML 2024, arXiv 2311.18237, Sec. 4: task-oriented transfer beats ImageNet, CLIP and DINO
+pretraining and task-agnostic distillation of the student with few labels) can be checked on one's own
+runs and hardware.
+
+Reads:  checkpoints (any step's), the dataset's test split.
+Writes: results.json ({rows: {name: metrics}, runs: {...}}), results.md (the table, also printed) and
+        results.png (a bar chart, when matplotlib is installed). Runs named NAME@SEED are one row:
+        mean ± std over the seeds.
+Run:    python evaluate.py --dataset eurosat teacher=runs/eurosat/teacher.pt kt=runs/eurosat/student_kt_ft.pt
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import task
+
+
+@torch.inference_mode()
+def accuracy(model, loader, num_classes, device, autocast):
+    """Top-1 and mean per-class accuracy (each class's recall, averaged), in percent."""
+    correct, count = np.zeros(num_classes), np.zeros(num_classes)
+    for x, y in loader:
+        with autocast():
+            pred = model(x.to(device, non_blocking=True)).argmax(-1).cpu()
+        np.add.at(count, y.numpy(), 1)
+        np.add.at(correct, y.numpy(), (pred == y).numpy())
+    seen = count > 0
+    return 100 * correct.sum() / count.sum(), 100 * float(np.mean(correct[seen] / count[seen]))
+
+
+@torch.inference_mode()
+def speed(model, cfg, device, autocast, batch=64, iters=10):
+    """GFLOPs per image (torch's FLOP counter: 2 per multiply-add) and images/s on `device`."""
+    x = torch.randn(1, *cfg["input_size"], device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    x = x.expand(batch, -1, -1, -1).contiguous()
+    for _ in range(2):  # warm up kernels and caches
+        with autocast():
+            model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        with autocast():
+            model(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return counter.get_total_flops() / 1e9, batch * iters / (time.perf_counter() - t)
+
+
+def summarize(results):
+    """Group runs named NAME@SEED into one row per NAME: mean and std of the accuracies over seeds."""
+    rows = {}
+    for name, r in results.items():
+        rows.setdefault(name.split("@")[0], []).append(r)
+    table = {}
+    for name, runs in rows.items():
+        row = dict(runs[0], seeds=len(runs))
+        for k in ("top1", "mean_class", "train_wall_s"):
+            row[k], row[k + "_std"] = float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))
+        table[name] = row
+    return table
+
+
+def markdown(table):
+    def acc(r, k):
+        return f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if r["seeds"] > 1 else f"{r[k]:.1f}"
+    head = ("| model | arch | top-1 | mean/class | params (M) | GFLOPs | img/s | training (steps x batch) "
+            "| train wall (s) |\n|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {n} | {r['arch']} | {acc(r, 'top1')} | "
+            f"{acc(r, 'mean_class')} | {r['params_m']:.2f} | {r['gflops']:.3f} | {r['images_per_s']:.0f} | "
+            f"{r['training']} | {r['train_wall_s']:.0f} |" for n, r in table.items()]
+    return head + "\n".join(rows) + "\n"
+
+
+def bar_chart(table, path):
+    """A PNG of top-1 per row (with std over seeds) when matplotlib is installed; it is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(1.2 * len(table) + 2, 3.5))
+    ax.bar(list(table), [r["top1"] for r in table.values()], yerr=[r["top1_std"] for r in table.values()],
+           capsize=4, color="tab:blue")
+    ax.set_ylabel("test top-1 (%)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("evaluate: test accuracy, size, speed and training cost of checkpoints",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="NAME=PATH pairs, e.g. teacher=runs/demo/teacher.pt; "
+                   "kt@0=... kt@1=... are seeds of one row")
+    p.add_argument("--dataset", default="demo", help="see teacher.py --help")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--out", default="runs/demo/results.json", help="also writes the .md table beside it")
+    return p
+
+
+def main(args):
+    device, _, _ = task.setup(0)
+    autocast, _ = task.amp(device)
+    pairs = [c.partition("=") for c in args.checkpoints]
+    if any(not name or not sep or not path for name, sep, path in pairs):
+        task.fail("checkpoints are given as NAME=PATH, e.g. kt=runs/demo/student_kt_ft.pt")
+    paths = {name: path for name, _, path in pairs}
+    ckpts = {name: task.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
+    refs, labels = task.split_refs(args.dataset, "test", root=args.data_root)
+    classes = task.load_dataset(args.dataset, "test", args.data_root)[2]
+    results = {}
+    for name, ckpt in ckpts.items():
+        if ckpt["classes"] != classes:
+            task.fail(f"{name} was trained on {len(ckpt['classes'])} classes, {args.dataset} has "
+                      f"{len(classes)}")
+        model = task.load_model(ckpt).to(device).eval()
+        data = task.Images(refs, labels, task.transform(ckpt["data_config"], train=False), args.data_root)
+        loader = torch.utils.data.DataLoader(data, args.batch_size, num_workers=args.workers)
+        top1, mean_class = accuracy(model, loader, len(classes), device, autocast)
+        gflops, ips = speed(model, ckpt["data_config"], device, autocast)
+        cost = ckpt.get("cost", [])
+        results[name] = dict(
+            arch=ckpt["recipe"]["arch"], top1=top1, mean_class=mean_class,
+            params_m=sum(p.numel() for p in model.parameters()) / 1e6, gflops=gflops, images_per_s=ips,
+            training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in cost) or "none",
+            train_images=sum(c["images"] for c in cost), train_wall_s=sum(c["wall_s"] for c in cost),
+            device=str(device), checkpoint=paths[name])
+        task.log(0, f"{name}: top-1 {top1:.2f}  mean/class {mean_class:.2f}")
+    table = summarize(results)
+    md, stem = markdown(table), os.path.splitext(args.out)[0]
+    task.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))
+    task.atomic_write(stem + ".md", lambda f: f.write(md.encode()))
+    if bar_chart(table, stem + ".png"):
+        task.log(0, f"wrote {stem}.png")
+    print(md)
+    return table
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

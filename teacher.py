@@ -1,0 +1,141 @@
+"""Step 1, the teacher: finetune a vision foundation model (VFM) plus a linear head on the few labels.
+
+Task-oriented knowledge transfer (Vemulapalli et al., ICML 2024, arXiv 2311.18237, Sec. 3) starts by
+adapting a large pretrained model to the target task with the small labeled budget: the finetuned VFM is
+far more accurate than any small model trained on those labels, and its class probabilities on unlabeled
+images are what the student later learns from (distill.py).
+
+Two ways to adapt it:
+  * `--mode finetune` (default): full finetuning with layer-wise learning-rate decay (LLRD, BEiT/MAE
+    recipe): the top block trains at --lr, each block below at 0.75x the one above, the new head at
+    --head-lr. Why the default for few labels: the lower blocks then barely move, so the general features
+    the VFM learned from hundreds of millions of images are kept (a few hundred labels cannot relearn them,
+    and full-lr finetuning distorts them, Kumar et al. 2022), while the top blocks still adapt to the task.
+    With LLRD -> 0 it becomes a linear probe; with LLRD = 1 plain finetuning.
+  * `--mode linear`: a linear probe on the frozen VFM. Cheaper, and what to try with 1-5 labels per class.
+
+Models: any timm name (`vit_large_patch14_dinov2.lvd142m`) or `open_clip:MODEL/TAG`
+(`open_clip:ViT-L-14/datacomp_xl_s13b_b90k`, image tower only). Weights come from the hub (`--weights
+hub`), a local file (`--weights PATH`, offline), or nowhere (`--weights none`, tests). The model's own data
+config (mean, std, resolution; `--img-size` overrides) drives its transforms.
+
+Reads:  the dataset and split.json (made on first use by task.load_split).
+Writes: teacher.pt = {kind: "teacher", recipe, data_config, classes, model, args, split, metrics, cost};
+        teacher.pt.state while training (resumable; deleted when done).
+Run:    python teacher.py --dataset eurosat --shots 10 --model vit_large_patch14_dinov2.lvd142m \
+            --img-size 224 --split runs/eurosat/split.json --out runs/eurosat/teacher.pt
+        torchrun --nproc_per_node 8 teacher.py ...   (DDP; the same script runs as one process)
+"""
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+import timm.optim
+
+import task
+
+
+def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
+    """AdamW parameter groups; each carries `lr_scale` so the schedule sets lr = base * scale * cosine.
+
+    finetune: timm's LLRD groups (block i of L gets layer_decay ** (L - i)), the head taken out into its
+    own groups at head_lr. linear: only the head trains; the backbone is frozen (no grads, no DDP sync).
+    """
+    head = {id(p) for p in model.get_classifier().parameters()}
+    if mode == "linear":
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+        return [dict(params=list(model.get_classifier().parameters()), lr_scale=head_lr / lr,
+                     weight_decay=0.0)]
+    groups = []
+    for g in timm.optim.param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay):
+        body = [p for p in g["params"] if id(p) not in head]
+        top = [p for p in g["params"] if id(p) in head]
+        groups += [dict(g, params=body)] if body else []
+        groups += [dict(g, params=top, lr_scale=head_lr / lr)] if top else []
+    return groups
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("teacher: finetune a VFM + linear head on the labeled images",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="demo", help="demo, eurosat, flowers102, dtd, pets, food101, "
+                   "cifar10, cifar100, stl10, or folder:PATH (PATH/train/<class>/..., PATH/test/<class>/...)")
+    p.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
+    p.add_argument("--shots", type=int, default=10, help="labeled images per class (the label budget)")
+    p.add_argument("--seed", type=int, default=0, help="picks the labeled images and seeds training")
+    p.add_argument("--split", default="runs/demo/split.json", help="label budget record, shared by steps")
+    p.add_argument("--model", default="vit_large_patch14_dinov2.lvd142m",
+                   help="timm name, or open_clip:MODEL/TAG e.g. open_clip:ViT-L-14/datacomp_xl_s13b_b90k")
+    p.add_argument("--weights", default="hub", help="hub (download), none (random init), or a local file")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's); "
+                   "224 makes DINOv2-L ~5x cheaper than its native 518")
+    p.add_argument("--mode", default="finetune", choices=["finetune", "linear"],
+                   help="finetune with layer-wise lr decay, or linear probe (try it with 1-5 shots)")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the labeled images")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--lr", type=float, default=5e-5, help="top block's lr (try 1e-5 .. 1e-4)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="the new linear head's lr")
+    p.add_argument("--layer-decay", type=float, default=0.75, help="LLRD; try 0.65 for ViT-L, 0.9 for small")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear lr warmup")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images")
+    p.add_argument("--save-every", type=int, default=200, help="steps between resumable states")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
+    p.add_argument("--out", default="runs/demo/teacher.pt")
+    return p
+
+
+def main(args):
+    device, rank, world = task.setup(args.seed)
+    split = task.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
+    model, recipe, cfg = task.create_model(
+        args.model, len(split["classes"]), pretrained=args.weights == "hub",
+        weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size)
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, args.mode, args.lr, args.head_lr, args.layer_decay,
+                                         args.weight_decay), lr=args.lr, fused=device.type == "cuda")
+    autocast, scaler = task.amp(device)
+
+    refs, labels = task.split_refs(args.dataset, "train", split["labeled"], args.data_root)
+    data = task.Images(refs, labels, task.transform(cfg, train=True), args.data_root)
+    sampler = task.EpochSampler(len(data), args.seed, rank=rank, world=world)
+    loader = task.loader(data, args.batch_size, sampler, args.workers, device=device)
+    per_epoch = math.ceil(len(sampler) / args.batch_size)
+    total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
+
+    progress = task.Progress(args.out + ".state", model, opt, scaler, total, args.save_every, rank,
+                             args.resume)
+    model = task.ddp(model, device, world)
+    model.train()
+    task.log(rank, f"teacher {args.model} ({args.mode}): {len(data)} labeled images, {total} steps")
+    with progress:
+        while not progress.done:
+            epoch, k = divmod(progress.step, per_epoch)
+            sampler.set_epoch(epoch, start=k * args.batch_size)  # resume mid-epoch exactly
+            for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                for g in opt.param_groups:
+                    g["lr"] = args.lr * g["lr_scale"] * task.cosine_lr(progress.step, total, warmup)
+                with autocast():
+                    loss = F.cross_entropy(model(x), y, label_smoothing=args.smoothing)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                progress.update(loss, len(x) * world)
+                if progress.done:
+                    break
+    cost = progress.finish("teacher", args.batch_size * world)
+    if rank == 0:
+        task.save_checkpoint(dict(
+            kind="teacher", recipe=recipe, data_config=cfg, classes=split["classes"],
+            model=task.unwrap(model).state_dict(), args=task.plain(args),
+            split=dict(dataset=args.dataset, shots=args.shots, seed=args.seed, labeled=split["labeled"]),
+            metrics=dict(train_loss=progress.loss), cost=[cost]), args.out)
+        task.log(rank, f"wrote {args.out}")
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
