@@ -309,7 +309,10 @@ def create_model(arch, num_classes, pretrained=False, weights=None, img_size=Non
         source = weights or (tag if pretrained else None)
         if pretrained and not source:
             fail(f"{arch}: name a pretrained tag (open_clip:MODEL/TAG) or pass --weights PATH")
-        clip = open_clip.create_model(name, pretrained=source, force_image_size=img_size)
+        try:
+            clip = open_clip.create_model(name, pretrained=source, force_image_size=img_size)
+        except RuntimeError as e:  # a local file of another architecture: name the keys
+            fail(f"{source} does not fit {name}: {' '.join(str(e).split())[:400]}")
         model = CLIPClassifier(clip.visual, num_classes)
         pp = clip.visual.preprocess_cfg
         cfg = dict(input_size=(3, *pp["size"]), interpolation=pp["interpolation"], mean=pp["mean"],
@@ -318,19 +321,51 @@ def create_model(arch, num_classes, pretrained=False, weights=None, img_size=Non
         import timm
         if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
             fail(f"unknown model '{arch}'; try a timm name (timm.list_models()) or open_clip:MODEL/TAG")
-        extra = dict(pretrained_cfg_overlay=dict(file=weights)) if weights else {}
-        size = dict(img_size=img_size) if img_size else {}
+        build = lambda **kw: timm.create_model(arch, pretrained=pretrained, num_classes=num_classes,  # noqa
+                                               **kwargs, **kw)
         try:
-            model = timm.create_model(arch, pretrained=pretrained or bool(weights), num_classes=num_classes,
-                                      **size, **kwargs, **extra)
+            model = build(**(dict(img_size=img_size) if img_size else {}))
         except TypeError:  # CNNs take any input size and have no img_size argument
-            model = timm.create_model(arch, pretrained=pretrained or bool(weights), num_classes=num_classes,
-                                      **kwargs, **extra)
+            model = build()
+        if weights:
+            load_weights(model, weights)
         cfg = timm.data.resolve_data_config({}, model=model)
     if img_size:
         cfg["input_size"] = (3, img_size, img_size)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # plain types only
     return model, recipe, cfg
+
+
+def load_weights(model, path):
+    """Load a local timm weights file (.pth/.bin/.safetensors), checked: every key must fit.
+
+    The architecture's own checkpoint filter adapts what it can (e.g. ViT position embeddings resampled
+    to --img-size); a classifier of another class count is dropped (the task gets a new head); any other
+    missing, unexpected or mis-shaped key is an error that names the keys.
+    """
+    import timm.models
+    if not os.path.isfile(path):
+        fail(f"weights file {path} not found")
+    try:
+        sd = timm.models.load_state_dict(path)
+    except Exception as e:
+        fail(f"{path} is not a readable weights file ({type(e).__name__})")
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    own = model.state_dict()
+    head = {f"{n}.{k}" for n, m in model.named_modules() if m is model.get_classifier()
+            for k in m.state_dict()} if hasattr(model, "get_classifier") else set()
+    sd = {k: v for k, v in sd.items() if not (k in head and k in own and v.shape != own[k].shape)}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in sd and k not in head]
+    unexpected = [k for k in sd if k not in own]
+    if wrong or missing or unexpected:
+        n = len(wrong) + len(missing) + len(unexpected)
+        fail(f"{path} does not fit {type(model).__name__} ({n} keys): shape mismatch {wrong[:3]}, "
+             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(sd, strict=False)
 
 
 def load_model(ckpt):
@@ -484,13 +519,15 @@ class Progress:
     """Everything a training loop does besides learning, so each step's loop shows only the lesson.
 
     Resumes from `path` (a resumable state) when asked; after each step `update()` adds the loss on the
-    device (no host sync), and every `save_every` steps, at the end, or on Ctrl-C/SIGTERM it syncs once,
+    device (no host sync), and every `save_every` steps, at the end of an epoch of `per_epoch` steps (at
+    most once a minute: few-label epochs last seconds), at the end, or on Ctrl-C/SIGTERM, it syncs once,
     logs, stops on a NaN/inf loss (the last good state stays on disk), and saves the state atomically.
     """
 
-    def __init__(self, path, model, optimizer, scaler, total, save_every, rank=0, resume=False):
+    def __init__(self, path, model, optimizer, scaler, total, save_every, rank=0, resume=False,
+                 per_epoch=0):
         self.path, self.model, self.opt, self.scaler = path, model, optimizer, scaler
-        self.total, self.save_every, self.rank = total, save_every, rank
+        self.total, self.save_every, self.rank, self.per_epoch = total, save_every, rank, per_epoch
         self.step, self.images, self.wall, self.loss = 0, 0, 0.0, float("nan")
         if resume and os.path.exists(path):
             state = load_state(path, model, optimizer, scaler)
@@ -499,6 +536,7 @@ class Progress:
 
     def __enter__(self):
         self.stop, self.t0, self.running, self.count = False, time.time() - self.wall, 0.0, 0
+        self.saved = time.time()
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -516,7 +554,8 @@ class Progress:
     def update(self, loss, images):
         self.step, self.images, self.count = self.step + 1, self.images + images, self.count + 1
         self.running = self.running + loss.detach()
-        if self.step % self.save_every and not self.done and not self.stop:
+        epoch_end = self.per_epoch and self.step % self.per_epoch == 0 and time.time() - self.saved > 60
+        if self.step % self.save_every and not epoch_end and not self.done and not self.stop:
             return
         self.loss = float(self.running / self.count)  # the one host-device sync per interval
         self.running, self.count = 0.0, 0
@@ -526,6 +565,7 @@ class Progress:
         if self.rank == 0:
             save_state(self.path, self.model, self.opt, self.scaler, self.step, images=self.images,
                        wall_s=time.time() - self.t0)
+            self.saved = time.time()
         if self.stop:
             fail(f"interrupted at step {self.step}: saved {self.path}; rerun with --resume to continue")
 

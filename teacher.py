@@ -107,7 +107,7 @@ def main(args):
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
     progress = task.Progress(args.out + ".state", model, opt, scaler, total, args.save_every, rank,
-                             args.resume)
+                             args.resume, per_epoch)
     model = task.ddp(model, device, world)
     model.train()
     task.log(rank, f"teacher {args.model} ({args.mode}): {len(data)} labeled images, {total} steps")

@@ -228,3 +228,74 @@ def test_bad_inputs_fail_with_one_line_and_keep_files(pipeline, tmp_path):
             run(module, *argv)
         assert "\n" not in str(e.value)
         assert keep.read_bytes() == b"precious"
+
+
+def _folder_dataset(root, train_classes=("cat", "dog"), test_classes=("cat", "dog"), n=3):
+    from PIL import Image
+    for split, classes in (("train", train_classes), ("test", test_classes)):
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (40 * i, 100, 7)).save(root / split / c / f"{i}.png")
+    return f"folder:{root}"
+
+
+def test_folder_datasets_with_a_wrong_layout_are_refused(tmp_path):
+    ok = _folder_dataset(tmp_path / "ok")
+    assert task.load_dataset(ok, "train")[2] == ["cat", "dog"]
+    with pytest.raises(SystemExit, match="has no test/ folder"):
+        task.load_dataset(f"folder:{tmp_path / 'ok' / 'train'}", "test")
+    os.makedirs(tmp_path / "empty" / "train" / "cat")  # an empty class
+    _folder_dataset(tmp_path / "empty", train_classes=("dog",))
+    with pytest.raises(SystemExit, match="cat"):
+        task.load_dataset(f"folder:{tmp_path / 'empty'}", "train")
+    bad = _folder_dataset(tmp_path / "differ", test_classes=("cat", "cow"))
+    with pytest.raises(SystemExit, match="differ from train/ classes"):
+        task.load_dataset(bad, "test")
+
+
+def test_unreadable_images_are_skipped_not_fatal(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    dataset = _folder_dataset(root, n=2)
+    good = task.split_refs(dataset, "train")[0]
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("not an image")
+    (root / "cut.png").write_bytes(open(good[0], "rb").read()[:40])
+    refs = [str(root / "zero.jpg"), good[0], str(root / "text.jpg"), str(root / "cut.png"), good[1]]
+    data = task.Images(refs, None, task.transform(task.create_model("test_resnet", 2, img_size=16)[2], False))
+    shapes = [data[i][0].shape for i in range(len(data))]
+    assert shapes == [(3, 16, 16)] * 5
+    assert capsys.readouterr().err.count("skipped unreadable image") == 3 + 1  # zero.jpg is met twice
+
+
+def test_local_weights_of_another_architecture_name_the_keys(tmp_path):
+    torch.save(task.create_model("test_vit", 5)[0].state_dict(), tmp_path / "vit.pth")
+    assert task.create_model("test_vit", 3, weights=str(tmp_path / "vit.pth"), img_size=32)[0]  # new head
+    with pytest.raises(SystemExit, match="does not fit ResNet .*missing"):
+        task.create_model("test_resnet", 3, weights=str(tmp_path / "vit.pth"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(pipeline, tmp_path):
+    d = pipeline
+    args = ["--student", d / "student.pt", *task_args(d), "--epochs", 3, "--workers", 0, "--save-every", 1,
+            "--out", tmp_path / "ft.pt"]
+    with pytest.raises(SystemExit, match="loss is nan"):
+        run(finetune, *args, "--lr", 1e30)
+    state = torch.load(tmp_path / "ft.pt.state", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "ft.pt").exists()
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    task.save_checkpoint({"kind": "student", "v": torch.ones(3)}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        task.save_checkpoint({"kind": "student", "v": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(task.load_checkpoint(path)["v"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
