@@ -104,7 +104,7 @@ def bar_chart(table, path):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("evaluate: test accuracy, size, speed and training cost of checkpoints",
+    p = argparse.ArgumentParser(description="evaluate: test accuracy, size, speed and training cost of checkpoints",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="NAME=PATH pairs, e.g. teacher=runs/demo/teacher.pt; "
                    "kt@0=... kt@1=... are seeds of one row")

@@ -22,13 +22,9 @@ import task
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("finetune: train a student on the labeled images",
+    p = argparse.ArgumentParser(description="finetune: train a student on the labeled images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="demo", help="see teacher.py --help")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--shots", type=int, default=10, help="labeled images per class")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="runs/demo/split.json", help="the label budget, shared by steps")
+    task.add_task_args(p)
     p.add_argument("--student", default="runs/demo/student_kt.pt", help="made by student.py or distill.py")
     p.add_argument("--epochs", type=int, default=30, help="passes over the labeled images")
     p.add_argument("--batch-size", type=int, default=32, help="per process")

@@ -18,13 +18,9 @@ import task
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("student: create a small timm model for the task",
+    p = argparse.ArgumentParser(description="student: create a small timm model for the task",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="demo", help="names the task's classes (see teacher.py --help)")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--shots", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0, help="seeds the random initialisation")
-    p.add_argument("--split", default="runs/demo/split.json")
+    task.add_task_args(p)
     p.add_argument("--model", default="fastvit_t8", help="any timm model: fastvit_t8, mobilevitv2_100, "
                    "mobilenetv3_large_100, resnet18, resnet50, convnext_atto, ...")
     p.add_argument("--weights", default="none", help="none (random init), hub (ImageNet), or a local file")

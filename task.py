@@ -179,6 +179,18 @@ def load_split(path, dataset, shots, seed, root="data"):
     return split
 
 
+def add_task_args(parser):
+    """The flags that name the task and its label budget, the same in every step that reads split.json."""
+    parser.add_argument("--dataset", default="demo", help="demo, eurosat, flowers102, dtd, pets, food101, "
+                        "cifar10, cifar100, stl10, or folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)")
+    parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
+    parser.add_argument("--shots", type=int, default=10, help="labeled images per class: the label budget")
+    parser.add_argument("--seed", type=int, default=0, help="picks the labeled images; seeds training")
+    parser.add_argument("--split", default="runs/demo/split.json",
+                        help="records the labeled images once; every later step reads it")
+    return parser
+
+
 class Images(torch.utils.data.Dataset):
     """Image references (or indices of a split) with optional labels -> (transformed image, label).
 

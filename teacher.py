@@ -58,14 +58,9 @@ def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("teacher: finetune a VFM + linear head on the labeled images",
+    p = argparse.ArgumentParser(description="teacher: finetune a VFM + linear head on the labeled images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="demo", help="demo, eurosat, flowers102, dtd, pets, food101, "
-                   "cifar10, cifar100, stl10, or folder:PATH (PATH/train/<class>/..., PATH/test/<class>/...)")
-    p.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
-    p.add_argument("--shots", type=int, default=10, help="labeled images per class (the label budget)")
-    p.add_argument("--seed", type=int, default=0, help="picks the labeled images and seeds training")
-    p.add_argument("--split", default="runs/demo/split.json", help="label budget record, shared by steps")
+    task.add_task_args(p)
     p.add_argument("--model", default="vit_large_patch14_dinov2.lvd142m",
                    help="timm name, or open_clip:MODEL/TAG e.g. open_clip:ViT-L-14/datacomp_xl_s13b_b90k")
     p.add_argument("--weights", default="hub", help="hub (download), none (random init), or a local file")
