@@ -1,32 +1,46 @@
 #!/usr/bin/env bash
-# Task-oriented knowledge transfer from a vision foundation model to a small model, end to end
-# (Vemulapalli et al., ICML 2024, arXiv 2311.18237):
+# The paper's comparison, end to end: task-oriented knowledge transfer from a vision foundation model to a
+# small model, against its baselines (Vemulapalli et al., ICML 2024, arXiv 2311.18237):
 #
 #   labeled budget ──> teacher.py (finetune VFM) ─────────────┐
 #   (split.json)                                              v
-#   unlabeled images ─> transfer_set.py ─> transfer list ─> distill.py ─> finetune.py ─> evaluate.py
-#                                          student.py (init) ─┘       baselines: scratch, ImageNet ─┘
+#   unlabeled images ─> transfer_set.py ─> transfer list ─> distill.py ──────────┐
+#                       (target | generic | retrieval)  └─> distill_agnostic.py ─┤ (frozen VFM's embedding)
+#                                          student.py (init) ───────────────────>├─> finetune.py ─> evaluate.py
+#                                                 baselines: scratch, ImageNet ──┘
 #
-# Usage: bash run.sh [DATASET] [--shots N] [--seed S] [--teacher MODEL] [--student MODEL]
-#                    [--img-size N] [--pool POOL] [--force]
-#   DATASET  demo (default: offline, tiny models, CPU, minutes), eurosat, flowers102, dtd, pets, food101,
-#            cifar10, cifar100, stl10, or folder:PATH.
+# Rows of the table: teacher (the finetuned VFM), kt_target / kt_generic / kt_retrieval (task-oriented
+# transfer on the task's unlabeled images / a generic pool / images retrieved from the pool), agnostic
+# (task-agnostic distillation of the frozen VFM's embedding on the target transfer set, same budget),
+# scratch and imagenet (the student finetuned on the labels from random / ImageNet weights).
+#
+# Usage: bash run.sh [DATASET] [--shots N] [--seed S] [--seeds "0 1 2"] [--teacher MODEL]
+#                    [--student MODEL] [--img-size N] [--pool POOL] [--force]
+#   DATASET  demo (default: offline, generated images, a stand-in VFM pretrained on the CPU, < 5 minutes
+#            on 2 cores; it sets its own tiny models and schedules),
+#            eurosat, flowers102, dtd, pets, food101, cifar10, cifar100, stl10, or folder:PATH.
+#   --seed   the label budget (which images are labeled) and the teacher's seed.
+#   --seeds  repeats every student row once per seed (init, distillation, finetuning); the table then
+#            shows mean ± std. Default: --seed alone. The teacher is trained once.
 #   --pool   a generic image pool (folder, list file, tar shards, or DATASET:SPLIT such as stl10:unlabeled)
-#            adds a row distilled on it.
+#            adds the kt_generic and kt_retrieval rows. The demo uses demo:unlabeled for kt_generic by
+#            default; `--pool demo:unlabeled` adds kt_retrieval too (a minute more).
 #   --force  redo every step. Without it a step whose output exists is skipped, so a rerun continues
 #            (and a step that was killed resumes from its .state file).
-# Outputs go to runs/NAME/; the table to runs/NAME/results.md. Environment: PY (python), DATA_ROOT.
+# Outputs go to runs/NAME/ (student runs in runs/NAME/sSEED/); the table to runs/NAME/results.md, .json
+# (and .png with matplotlib). Environment: PY (python), DATA_ROOT.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DATASET=demo
 if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
-SHOTS=10 SEED=0 POOL="" FORCE=0 IMG_SIZE=""
+SHOTS=10 SEED=0 SEEDS="" POOL="" FORCE=0 IMG_SIZE="" RETRIEVAL=1 VFM_PID=""
 TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8
 while [[ $# -gt 0 ]]; do
   case $1 in
     --shots) SHOTS=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
+    --seeds) SEEDS=$2; shift 2 ;;
     --teacher) TEACHER=$2; shift 2 ;;
     --student) STUDENT=$2; shift 2 ;;
     --img-size) IMG_SIZE=$2; shift 2 ;;
@@ -35,6 +49,7 @@ while [[ $# -gt 0 ]]; do
     *) echo "run.sh: unknown argument '$1' (see the header of run.sh)" >&2; exit 2 ;;
   esac
 done
+SEEDS=${SEEDS:-$SEED}
 
 PY=${PY:-python}
 [[ -x .venv/bin/python && $PY == python ]] && PY=.venv/bin/python
@@ -44,22 +59,6 @@ mkdir -p "$OUT"
 TASK=(--dataset "$DATASET" --shots "$SHOTS" --seed "$SEED" --split "$OUT/split.json"
       --data-root "${DATA_ROOT:-data}")
 
-if [[ $DATASET == demo ]]; then
-  # Offline plumbing check: tiny random-init timm test models at 32px, short schedules, on the CPU.
-  TEACHER=test_vit STUDENT=test_resnet IMG_SIZE=32
-  T_ARGS=(--weights none --epochs 30 --lr 1e-3 --layer-decay 1.0 --workers 0)
-  S_WEIGHTS=none  # no ImageNet weights offline: the 'imagenet' row is a second scratch init
-  D_ARGS=(--epochs 15 --batch-size 64 --workers 0)
-  F_ARGS=(--epochs 30 --workers 0)
-  E_ARGS=(--workers 0)
-  POOL=${POOL:-demo:unlabeled}
-else
-  T_ARGS=(--img-size "${IMG_SIZE:-224}")
-  S_WEIGHTS=hub
-  D_ARGS=() F_ARGS=() E_ARGS=()
-fi
-SIZE=(); [[ -n $IMG_SIZE ]] && SIZE=(--img-size "$IMG_SIZE")
-
 # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists (and --force was not given).
 step() {
   local out=$1; shift
@@ -68,12 +67,36 @@ step() {
   "$@"
 }
 
-step "$OUT/teacher.pt" $PY teacher.py "${TASK[@]}" --model "$TEACHER" "${SIZE[@]}" "${T_ARGS[@]}" \
-  --out "$OUT/teacher.pt" --resume
-step "$OUT/student_scratch.pt" $PY student.py "${TASK[@]}" --model "$STUDENT" "${SIZE[@]}" \
-  --weights none --out "$OUT/student_scratch.pt"
-step "$OUT/student_imagenet.pt" $PY student.py "${TASK[@]}" --model "$STUDENT" "${SIZE[@]}" \
-  --weights "$S_WEIGHTS" --out "$OUT/student_imagenet.pt"
+if [[ $DATASET == demo ]]; then
+  # Offline and on the CPU: generated 32px images (demo.py), tiny timm models, short schedules. The VFM
+  # is a stand-in that demo.py pretrains here on its broad pool (classes that are not the task's); the
+  # 'imagenet' init likewise, with a fifth of the images and half the epochs (ImageNet is the smaller
+  # dataset). Both are the student's tiny architecture: here the VFM's edge is its pretraining alone.
+  TEACHER=test_resnet STUDENT=test_resnet T_SIZE=32 S_SIZE=32
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny tensors: one thread per process is the fastest
+  # The stand-in VFM pretrains on one core while the steps that do not need it run on the other.
+  echo "== stand-in VFM: pretraining in the background, log in $OUT/standin_vfm.log"
+  step "$OUT/standin_vfm.pth" $PY demo.py --arch "$TEACHER" --img-size "$T_SIZE" --per-class 100 \
+    --epochs 15 --out "$OUT/standin_vfm.pth" > "$OUT/standin_vfm.log" 2>&1 &
+  VFM_PID=$!
+  step "$OUT/standin_imagenet.pth" $PY demo.py --arch "$STUDENT" --img-size "$S_SIZE" --per-class 20 \
+    --epochs 8 --out "$OUT/standin_imagenet.pth"
+  VFM_WEIGHTS=$OUT/standin_vfm.pth S_WEIGHTS=$OUT/standin_imagenet.pth
+  T_ARGS=(--epochs 30 --lr 1e-3 --head-lr 3e-3 --layer-decay 0.75 --workers 1)
+  D_EPOCHS=15 D_ARGS=(--batch-size 64 --min-scale 0.25 --workers 1)  # 32px: tiny crops show no shape
+  F_ARGS=(--epochs 20 --workers 1) KT_LR=2e-4
+  R_ARGS=(--embed "teacher:$OUT/teacher.pt" --k 10 --workers 0)
+  E_ARGS=(--workers 0)
+  [[ -z $POOL ]] && POOL=demo:unlabeled RETRIEVAL=0  # the generic row; retrieval only on request
+else
+  T_SIZE=${IMG_SIZE:-224} S_SIZE=$IMG_SIZE
+  VFM_WEIGHTS=hub S_WEIGHTS=hub
+  T_ARGS=() D_ARGS=() F_ARGS=() R_ARGS=() E_ARGS=() D_EPOCHS=20 KT_LR=1e-4
+fi
+S_SIZE_ARG=(); [[ -n $S_SIZE ]] && S_SIZE_ARG=(--img-size "$S_SIZE")
+# student.py / finetune.py take the label budget from --seed; --train-seed (when they have it) seeds
+# the init and the training, so that --seeds varies those and nothing else.
+train_seed() { grep -qs -- "--train-seed" task.py "$1" && echo "--train-seed $2" || true; }
 
 step "$OUT/transfer_target.txt" $PY transfer_set.py "${TASK[@]}" --source target \
   --out "$OUT/transfer_target.txt"
@@ -83,21 +106,63 @@ if [[ -n $POOL ]]; then
     --out "$OUT/transfer_generic.txt"
   SETS+=(generic)
 fi
+# The same distillation budget for every transfer set: epochs scaled so that each run sees as many images
+# as D_EPOCHS passes over the target set.
+epochs_for() {
+  local n e; n=$(wc -l < "$OUT/transfer_$1.txt")
+  e=$(( n > 0 ? (D_EPOCHS * N_TARGET + n / 2) / n : D_EPOCHS )); echo $(( e > 0 ? e : 1 ))
+}
+N_TARGET=$(wc -l < "$OUT/transfer_target.txt")
+
+# Baselines first (they need no VFM): the student from random or ImageNet weights, finetuned on the labels.
+BASE_ROWS=()
+for s in $SEEDS; do
+  D=$OUT/s$s
+  mkdir -p "$D"
+  for init in scratch imagenet; do
+    weights=none; [[ $init == imagenet ]] && weights=$S_WEIGHTS
+    # shellcheck disable=SC2046  # train_seed prints two words or nothing
+    step "$D/student_$init.pt" $PY student.py "${TASK[@]}" $(train_seed student.py "$s") \
+      --model "$STUDENT" "${S_SIZE_ARG[@]}" --weights "$weights" --out "$D/student_$init.pt"
+    # shellcheck disable=SC2046
+    step "$D/student_${init}_ft.pt" $PY finetune.py "${TASK[@]}" $(train_seed finetune.py "$s") \
+      "${F_ARGS[@]}" --student "$D/student_$init.pt" --lr 1e-3 --out "$D/student_${init}_ft.pt" --resume
+    BASE_ROWS+=("$init@$s=$D/student_${init}_ft.pt")
+  done
+done
+
+if [[ -n $VFM_PID ]] && ! wait "$VFM_PID"; then
+  tail -5 "$OUT/standin_vfm.log" >&2; exit 1
+fi
+step "$OUT/teacher.pt" $PY teacher.py "${TASK[@]}" --model "$TEACHER" --img-size "$T_SIZE" \
+  --weights "$VFM_WEIGHTS" "${T_ARGS[@]}" --out "$OUT/teacher.pt" --resume
+if [[ -n $POOL && $RETRIEVAL == 1 ]]; then  # the pool's images nearest the labeled ones
+  step "$OUT/transfer_retrieval.txt" $PY transfer_set.py "${TASK[@]}" --source retrieval --pool "$POOL" \
+    "${R_ARGS[@]}" --cache-dir "$OUT/embeddings" --out "$OUT/transfer_retrieval.txt"
+  SETS+=(retrieval)
+fi
 
 ROWS=("teacher=$OUT/teacher.pt")
-for set in "${SETS[@]}"; do
-  step "$OUT/student_kt_$set.pt" $PY distill.py --teacher "$OUT/teacher.pt" \
-    --student "$OUT/student_scratch.pt" --transfer "$OUT/transfer_$set.txt" --seed "$SEED" \
-    "${D_ARGS[@]}" --out "$OUT/student_kt_$set.pt" --resume
-  step "$OUT/student_kt_${set}_ft.pt" $PY finetune.py "${TASK[@]}" --student "$OUT/student_kt_$set.pt" \
-    "${F_ARGS[@]}" --out "$OUT/student_kt_${set}_ft.pt" --resume
-  ROWS+=("kt_$set=$OUT/student_kt_${set}_ft.pt")
-done
-for init in scratch imagenet; do
-  step "$OUT/student_${init}_ft.pt" $PY finetune.py "${TASK[@]}" --student "$OUT/student_$init.pt" \
-    "${F_ARGS[@]}" --lr 1e-3 --out "$OUT/student_${init}_ft.pt" --resume
-  ROWS+=("$init=$OUT/student_${init}_ft.pt")
+for s in $SEEDS; do
+  D=$OUT/s$s
+  # shellcheck disable=SC2046
+  FT=("${TASK[@]}" $(train_seed finetune.py "$s") "${F_ARGS[@]}")
+  for set in "${SETS[@]}"; do  # task-oriented transfer: match the finetuned teacher's predictions
+    step "$D/student_kt_$set.pt" $PY distill.py --teacher "$OUT/teacher.pt" --student "$D/student_scratch.pt" \
+      --transfer "$OUT/transfer_$set.txt" --seed "$s" --epochs "$(epochs_for "$set")" "${D_ARGS[@]}" \
+      --out "$D/student_kt_$set.pt" --resume
+    step "$D/student_kt_${set}_ft.pt" $PY finetune.py "${FT[@]}" --student "$D/student_kt_$set.pt" \
+      --lr "$KT_LR" --out "$D/student_kt_${set}_ft.pt" --resume
+    ROWS+=("kt_$set@$s=$D/student_kt_${set}_ft.pt")
+  done
+  # task-agnostic: match the frozen (not finetuned) VFM's embedding, same transfer set and budget
+  step "$D/student_agnostic.pt" $PY distill_agnostic.py --vfm "$TEACHER" --vfm-weights "$VFM_WEIGHTS" \
+    --img-size "$T_SIZE" --student "$D/student_scratch.pt" --transfer "$OUT/transfer_target.txt" \
+    --seed "$s" --epochs "$D_EPOCHS" "${D_ARGS[@]}" --out "$D/student_agnostic.pt" --resume
+  step "$D/student_agnostic_ft.pt" $PY finetune.py "${FT[@]}" --student "$D/student_agnostic.pt" \
+    --lr 1e-3 --out "$D/student_agnostic_ft.pt" --resume
+  ROWS+=("agnostic@$s=$D/student_agnostic_ft.pt")
 done
 
 $PY evaluate.py --dataset "$DATASET" --data-root "${DATA_ROOT:-data}" "${E_ARGS[@]}" \
-  --out "$OUT/results.json" "${ROWS[@]}"
+  --out "$OUT/results.json" "${ROWS[@]}" "${BASE_ROWS[@]}"
