@@ -41,7 +41,8 @@ def get_args_parser():
 
 
 def main(args):
-    device, rank, world = task.setup(args.seed)
+    seed = args.seed if args.train_seed is None else args.train_seed
+    device, rank, world = task.setup(seed)
     ckpt = task.load_checkpoint(args.student, kinds=("student",), made_by="student.py or distill.py")
     split = task.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
     if ckpt["classes"] != split["classes"]:
@@ -54,7 +55,7 @@ def main(args):
 
     refs, labels = task.split_refs(args.dataset, "train", split["labeled"], args.data_root)
     data = task.Images(refs, labels, task.transform(ckpt["data_config"], train=True), args.data_root)
-    sampler = task.EpochSampler(len(data), args.seed, rank=rank, world=world)
+    sampler = task.EpochSampler(len(data), seed, rank=rank, world=world)
     loader = task.loader(data, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)

@@ -94,9 +94,8 @@ else
   T_ARGS=() D_ARGS=() F_ARGS=() R_ARGS=() E_ARGS=() D_EPOCHS=20 KT_LR=1e-4
 fi
 S_SIZE_ARG=(); [[ -n $S_SIZE ]] && S_SIZE_ARG=(--img-size "$S_SIZE")
-# student.py / finetune.py take the label budget from --seed; --train-seed (when they have it) seeds
-# the init and the training, so that --seeds varies those and nothing else.
-train_seed() { grep -qs -- "--train-seed" task.py "$1" && echo "--train-seed $2" || true; }
+# student.py / finetune.py take the label budget from --seed; --train-seed seeds the init and the
+# training, so that --seeds varies those and nothing else.
 
 step "$OUT/transfer_target.txt" $PY transfer_set.py "${TASK[@]}" --source target \
   --out "$OUT/transfer_target.txt"
@@ -121,11 +120,9 @@ for s in $SEEDS; do
   mkdir -p "$D"
   for init in scratch imagenet; do
     weights=none; [[ $init == imagenet ]] && weights=$S_WEIGHTS
-    # shellcheck disable=SC2046  # train_seed prints two words or nothing
-    step "$D/student_$init.pt" $PY student.py "${TASK[@]}" $(train_seed student.py "$s") \
+    step "$D/student_$init.pt" $PY student.py "${TASK[@]}" --train-seed "$s" \
       --model "$STUDENT" "${S_SIZE_ARG[@]}" --weights "$weights" --out "$D/student_$init.pt"
-    # shellcheck disable=SC2046
-    step "$D/student_${init}_ft.pt" $PY finetune.py "${TASK[@]}" $(train_seed finetune.py "$s") \
+    step "$D/student_${init}_ft.pt" $PY finetune.py "${TASK[@]}" --train-seed "$s" \
       "${F_ARGS[@]}" --student "$D/student_$init.pt" --lr 1e-3 --out "$D/student_${init}_ft.pt" --resume
     BASE_ROWS+=("$init@$s=$D/student_${init}_ft.pt")
   done
@@ -145,8 +142,7 @@ fi
 ROWS=("teacher=$OUT/teacher.pt")
 for s in $SEEDS; do
   D=$OUT/s$s
-  # shellcheck disable=SC2046
-  FT=("${TASK[@]}" $(train_seed finetune.py "$s") "${F_ARGS[@]}")
+  FT=("${TASK[@]}" --train-seed "$s" "${F_ARGS[@]}")
   for set in "${SETS[@]}"; do  # task-oriented transfer: match the finetuned teacher's predictions
     step "$D/student_kt_$set.pt" $PY distill.py --teacher "$OUT/teacher.pt" --student "$D/student_scratch.pt" \
       --transfer "$OUT/transfer_$set.txt" --seed "$s" --epochs "$(epochs_for "$set")" "${D_ARGS[@]}" \

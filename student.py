@@ -31,7 +31,7 @@ def get_args_parser():
 
 def main(args):
     import torch
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if args.train_seed is None else args.train_seed)
     split = task.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
     if args.model.startswith("open_clip:"):
         task.fail("students are timm models; a VFM belongs in teacher.py")

@@ -14,6 +14,7 @@ this module holds the few things they must agree on:
     `torch.load(weights_only=True)` and written atomically;
   * the training plumbing every loop needs: device, torchrun/DDP, AMP, a cosine schedule, RNG state.
 """
+import functools
 import json
 import math
 import os
@@ -186,6 +187,8 @@ def add_task_args(parser):
     parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
     parser.add_argument("--shots", type=int, default=10, help="labeled images per class: the label budget")
     parser.add_argument("--seed", type=int, default=0, help="picks the labeled images; seeds training")
+    parser.add_argument("--train-seed", type=int, default=None, help="seeds initialisation and training "
+                        "instead of --seed: repeats a run on the same labels (run.sh --seeds)")
     parser.add_argument("--split", default="runs/demo/split.json",
                         help="records the labeled images once; every later step reads it")
     return parser
@@ -266,7 +269,7 @@ def loader(dataset, batch_size, sampler, workers, drop_last=False, device=None):
     cuda = device is not None and device.type == "cuda"
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-        pin_memory=cuda, persistent_workers=workers > 0)
+        pin_memory=cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -397,13 +400,19 @@ def transform(cfg, train, normalize=True, scale=(0.08, 1.0)):
                             mean=tuple(mean), std=tuple(std), **kw)
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(mean, std, device):
+    """(1,3,1,1) device tensors made once: a fresh host->device copy each step would make the CPU wait."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
 def normalize(x, cfg):
     """[0,1] images (B,3,H,W) -> the model's own resolution and mean/std, on the device."""
     size = tuple(cfg["input_size"][1:])
     if tuple(x.shape[-2:]) != size:
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
-    mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(tuple(cfg["mean"]), tuple(cfg["std"]), x.device)
     return (x - mean) / std
 
 

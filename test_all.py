@@ -1,20 +1,30 @@
 """Tests: the concepts (KD loss, label budget, checkpoints, transforms), the pipeline end to end on the
-generated demo data with tiny random models, resume after a kill, and bad inputs. Offline, CPU only.
+generated demo data with tiny random models, resume after a kill, bad inputs; then transfer sets and
+retrieval, speed and scale (cache, torchrun; CUDA checks skip without a GPU), and the paper's comparison
+(task-agnostic loss, demo stand-in, run.sh's table). Offline; CPU only here.
 
 Run: python -m pytest -q test_all.py
 """
+import io
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
+import bench
+import demo
 import distill
+import distill_agnostic
 import evaluate
 import finetune
 import student
@@ -299,3 +309,493 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     monkeypatch.undo()
     assert torch.equal(task.load_checkpoint(path)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+# ====================================================================================================
+# transfer sets and retrieval (transfer_set.py)
+# ====================================================================================================
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                              "head_width": 32},
+             "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+
+
+def run_ts(tmp_path, *extra, cache=None, out="out/transfer.txt"):
+    """Run the step in-process on demo (1 shot: 10 queries) -> (transfer list lines, report or None).
+
+    The embedding cache is shared by the tests of a session (the queries and the 400 test images are
+    embedded once), except where a test names its own."""
+    cfg = tmp_path / "tiny-clip.json"
+    cfg.write_text(json.dumps(TINY_CLIP))
+    out = tmp_path / out
+    # random embeddings of a random net are all alike (cos ~0.9): only true copies pass 0.999
+    argv = ["--dataset", "demo", "--shots", "1", "--split", str(tmp_path / "split.json"),
+            "--embed", f"open_clip:{cfg}", "--embed-pretrained", "none", "--cache-dir", str(tmp_path / cache if cache else tmp_path.parent / "shared-cache"),
+            "--workers", "0", "--batch-size", "64", "--shard-size", "64", "--dedup-threshold", "0.999",
+            "--leak-threshold", "0.999", "--out", str(out), *extra]
+    transfer_set.main(transfer_set.get_args_parser().parse_args(argv))
+    rep = out.with_suffix(".report.json")
+    return out.read_text().splitlines(), json.loads(rep.read_text()) if rep.exists() else None
+
+
+def demo_pool(folder, n, split="unlabeled", start=0):
+    """n demo images saved as PNG files (lossless: a saved test image is a pixel-exact copy)."""
+    os.makedirs(folder, exist_ok=True)
+    ds = task.load_dataset("demo", split)[0]
+    paths = []
+    for i in range(start, start + n):
+        paths.append(os.path.join(folder, f"{split}_{i:04d}.png"))
+        ds[i][0].save(paths[-1])
+    return paths
+
+
+def brute_force(q, p, k):
+    """Reference top-k: full score matrix, sorted by (score desc, index asc)."""
+    s = q @ p.T
+    order = np.stack([np.lexsort((np.arange(len(p)), -row))[:k] for row in s])
+    return np.take_along_axis(s, order, 1), order
+
+
+def test_search_exact_with_ties_and_small_shards():
+    rng = np.random.default_rng(0)
+    # small integers: every dot product is exact in float32, so ties are true ties
+    p = rng.integers(-2, 3, (50, 8)).astype(np.float32)
+    p[30:40] = p[5]  # ten more copies of row 5: ties across shards
+    p[45] = p[12]
+    q = np.concatenate([rng.integers(-2, 3, (6, 8)), p[[5, 12]], np.zeros((1, 8))]).astype(np.float32)  # zeros: all tie
+    for k, shard in [(7, 3), (1, 50), (20, 7), (60, 16)]:  # k larger than a shard, than the pool
+        chunks = [(p[a:a + shard], np.arange(a, min(a + shard, len(p)))) for a in range(0, len(p), shard)]
+        s, i = transfer_set.search(q, chunks, k, torch.device("cpu"))
+        ref_s, ref_i = brute_force(q, p, k)
+        assert s.shape == (len(q), min(k, len(p)))
+        np.testing.assert_array_equal(i.numpy(), ref_i)
+        np.testing.assert_array_equal(s.numpy(), ref_s)
+
+
+def test_topk_lowest_breaks_ties_by_column():
+    s = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
+    v, c = transfer_set.topk_lowest(s, 2)
+    assert sorted(c[0].tolist()) == [1, 2] and sorted(c[1].tolist()) == [0, 1]
+
+
+def test_resume_after_kill_matches_clean_run(tmp_path, monkeypatch):
+    demo_pool(tmp_path / "pool", 40)
+    args = ["--source", "retrieval", "--pool", str(tmp_path / "pool"), "--k", "5", "--shard-size", "16",
+            "--leak-threshold", "2"]  # no leak check: no test split to embed in each of three caches
+    real_save, saved = transfer_set.save_shard, []
+
+    def dying_save(d, s, z, meta):  # the "kill": dies after two finished pool shards
+        if os.path.basename(d).startswith("pool-") and sum(x[0] == "pool" for x in saved) == 2:
+            raise KeyboardInterrupt
+        saved.append((os.path.basename(d).split("-")[0], s))
+        real_save(d, s, z, meta)
+
+    monkeypatch.setattr(transfer_set, "save_shard", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_ts(tmp_path, *args, cache="cache")
+    assert not (tmp_path / "out/transfer.txt").exists()
+    pool_dir = next(p for p in (tmp_path / "cache").iterdir() if p.name.startswith("pool-"))
+    stamps = {f: f.stat().st_mtime_ns for f in pool_dir.iterdir()}
+    assert len(stamps) == 4  # shards 0 and 1: .npy + .json each
+
+    saved.clear()
+    monkeypatch.setattr(transfer_set, "save_shard", lambda d, s, z, m: (saved.append(s), real_save(d, s, z, m)))
+    lines, rep = run_ts(tmp_path, *args, cache="cache")
+    assert saved == [2]  # queries, test split and pool shards 0-1 were not recomputed
+    assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())
+    clean, clean_rep = run_ts(tmp_path, *args, cache="cache2", out="clean/transfer.txt")
+    assert lines == clean and rep["dropped"] == clean_rep["dropped"] and len(lines) == rep["kept"] > 0
+    assert rep["similarity"] == clean_rep["similarity"]
+    assert (tmp_path / "out/transfer.png").exists()
+
+
+def test_duplicate_and_leak_filters(tmp_path):
+    pool = tmp_path / "pool"
+    paths = demo_pool(pool, 8)
+    shutil.copy(paths[0], pool / "z_copy.png")  # same bytes
+    from PIL import Image
+    Image.open(paths[1]).save(pool / "z_same_pixels.bmp")  # other bytes, same pixels: exact too
+    px = np.asarray(Image.open(paths[2])).copy()
+    px[0, 0] = px[0, 0] ^ 1  # one pixel off by one: a near-duplicate
+    Image.fromarray(px).save(pool / "z_tweak.png")
+    leaks = demo_pool(pool, 2, split="test", start=3)  # target test images in the pool
+    lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", str(pool), "--k", "20")
+    assert rep["dropped"] == dict(exact_duplicates=2, near_duplicates=1, leaks=2, unreadable=0)
+    assert rep["retrieved"] == 13 and rep["kept"] == len(lines) == 8
+    assert not set(leaks) & set(lines)
+    assert sum(p in lines for p in [paths[0], str(pool / "z_copy.png")]) == 1
+    assert sum(p in lines for p in [paths[1], str(pool / "z_same_pixels.bmp")]) == 1
+    assert sum(p in lines for p in [paths[2], str(pool / "z_tweak.png")]) == 1
+
+
+def test_bad_files_are_skipped_counted_listed(tmp_path):
+    pool = tmp_path / "pool"
+    good = demo_pool(pool, 6)
+    buf = io.BytesIO()
+    task.load_dataset("demo", "unlabeled")[0][7][0].resize((128, 128)).save(buf, format="JPEG")
+    (pool / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (pool / "zero.jpg").write_bytes(b"")
+    (pool / "notes.jpg").write_text("not an image")
+    (pool / "sidecar.json").write_text("{}")  # not an image extension: not part of the pool
+    bad = sorted(str(pool / n) for n in ["truncated.jpg", "zero.jpg", "notes.jpg"])
+    lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", str(pool), "--k", "20")
+    assert sorted(lines) == sorted(good)
+    assert rep["dropped"]["unreadable"] == 3 and sorted(r for r, _ in rep["unreadable_files"]) == bad
+    # the same pool as a list of paths (relative ones too, plus a missing file), generic, in workers
+    (tmp_path / "list.txt").write_text("\n".join(["pool/" + os.path.basename(good[0])] + good[1:] + bad
+                                                 + [str(pool / "missing.png")]) + "\n")
+    lines, rep = run_ts(tmp_path, "--source", "generic", "--pool", str(tmp_path / "list.txt"), "--workers", "2")
+    assert lines == good and rep["dropped"]["unreadable"] == 4
+
+
+def test_tar_shard_pool(tmp_path):
+    imgs = [im for im, _ in (task.load_dataset("demo", "unlabeled")[0][i] for i in range(6))]
+    os.makedirs(tmp_path / "shards")
+
+    def add(tf, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+
+    for s in range(2):  # img2dataset / webdataset layout: NNNNN.tar holding KEY.jpg + KEY.json
+        with tarfile.open(tmp_path / f"shards/{s:05d}.tar", "w") as tf:
+            for j in range(3):
+                b = io.BytesIO()
+                imgs[3 * s + j].save(b, format="JPEG", quality=95)
+                add(tf, f"{s}{j:04d}.jpg", b.getvalue())
+                add(tf, f"{s}{j:04d}.json", b"{}")
+            if s == 1:
+                add(tf, "10002x.jpg", b"")  # a zero-byte member
+    lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", str(tmp_path / "shards"), "--k", "10")
+    assert len(lines) == 6 and all(".tar::" in r and r.endswith(".jpg") for r in lines)
+    assert rep["dropped"]["unreadable"] == 1 and rep["unreadable_files"][0][0].endswith("00001.tar::10002x.jpg")
+    assert task.open_image(lines[0]).size == (32, 32)
+    globbed, _ = run_ts(tmp_path, "--source", "generic", "--pool", str(tmp_path / "shards/*.tar"))
+    assert sorted(globbed) == sorted(lines)
+
+
+def test_target_and_generic_sources_on_demo(tmp_path):
+    lines, rep = run_ts(tmp_path, "--source", "target")
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert lines == [f"demo:train:{i}" for i in split["unlabeled"]] and len(lines) == 1200 - 10 and rep is None
+    lines, rep = run_ts(tmp_path, "--source", "target,generic", "--pool", "demo:unlabeled")
+    assert len(lines) == 1190 + 2000 and lines[-1] == "demo:unlabeled:1999" and rep["dropped"]["unreadable"] == 0
+
+
+def test_teacher_backbone_embedding(tmp_path):
+    model, recipe, cfg = task.create_model("test_vit", 10, img_size=32)
+    task.save_checkpoint(dict(kind="teacher", recipe=recipe, model=model.state_dict(), data_config=cfg),
+                         tmp_path / "teacher.pt")
+    demo_pool(tmp_path / "pool", 6)
+    lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", str(tmp_path / "pool"), "--k", "2",
+                        "--embed", f"teacher:{tmp_path / 'teacher.pt'}", "--leak-threshold", "2")
+    assert rep["queries"] == 10 and 1 <= len(lines) <= 6
+
+
+def test_empty_transfer_set_fails_and_keeps_out(tmp_path):
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool/zero.jpg").write_bytes(b"")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/transfer.txt").write_text("demo:train:0\n")
+    for source in ["generic", "retrieval"]:
+        with pytest.raises(SystemExit) as e:
+            run_ts(tmp_path, "--source", source, "--pool", str(tmp_path / "pool"))
+        assert e.value.code not in (0, None) and "empty" in str(e.value.code)
+    assert (tmp_path / "out/transfer.txt").read_text() == "demo:train:0\n"
+    assert not (tmp_path / "out/transfer.report.json").exists()
+    with pytest.raises(SystemExit):
+        run_ts(tmp_path, "--source", "target,webscale")
+
+
+# ====================================================================================================
+# speed and scale: top-k cache, torchrun, bench.py, CUDA checks
+# ====================================================================================================
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random 10-class test_vit teacher, a test_resnet student (32 px) and 24 demo transfer images."""
+    d = tmp_path_factory.mktemp("speed")
+    classes = [str(c) for c in range(10)]
+    for kind, arch in (("teacher", "test_vit"), ("student", "test_resnet")):
+        torch.manual_seed(0)
+        model, recipe, cfg = task.create_model(arch, 10, img_size=32)
+        task.save_checkpoint(dict(kind=kind, recipe=recipe, data_config=cfg, classes=classes,
+                                  model=model.state_dict(), cost=[]), d / f"{kind}.pt")
+    (d / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(24)))
+    return d
+
+
+def cache_args(d, cache, *extra):
+    return ["--teacher", d / "teacher.pt", "--student", d / "student.pt", "--transfer", d / "transfer.txt",
+            "--cache-teacher", cache, "--views", 3, "--topk", 4, "--shard-size", 10, "--workers", 0,
+            "--batch-size", 8, *extra]
+
+
+# ------------------------------------------------------------------------------------ the top-k loss
+def test_topk_loss_equals_the_dense_loss_when_k_is_all_classes():
+    s, t = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
+    for T in (1.0, 3.0):
+        prob, cls = t.softmax(-1).topk(5, dim=-1)
+        dense, sparse = distill.kd_loss(s, t, T), distill.kd_loss_topk(s, prob, cls, T)
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+        g_dense, = torch.autograd.grad(dense, s)
+        g_sparse, = torch.autograd.grad(sparse, s)
+        torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-6)
+
+
+def test_topk_loss_is_kl_to_the_renormalised_top_k_and_zero_at_the_match():
+    t = torch.randn(4, 8)
+    prob, cls = t.softmax(-1).topk(3, dim=-1)
+    q = torch.zeros(4, 8).scatter(1, cls, prob / prob.sum(-1, keepdim=True))  # sparse target, sums to 1
+    s = torch.randn(4, 8)
+    expect = (torch.special.xlogy(q, q) - q * s.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(distill.kd_loss_topk(s, prob.half(), cls.short()), expect, rtol=1e-3, atol=1e-3)
+    matching = torch.full((4, 8), -30.0).scatter(1, cls, q.gather(1, cls).log())  # student = q
+    assert distill.kd_loss_topk(matching, prob, cls).abs() < 1e-4
+    assert torch.isfinite(distill.kd_loss_topk(s, torch.tensor([[1.0, 0.0, 0.0]] * 4).half(), cls))
+
+
+# ---------------------------------------------------------------------------- the teacher cache
+def test_cached_replay_reproduces_the_teachers_view(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    run(distill, *cache_args(tiny, cache, "--cache-only"))
+    meta, c, cost = distill.load_cache(cache)
+    assert sorted(os.listdir(cache)) == ["meta.json"] + [f"shard_0000{s}.pt" for s in range(3)]
+    assert c["box"].shape == (24, 3, 4) and c["prob"].dtype == torch.float16 and c["cls"].shape == (24, 3, 4)
+    assert cost["images"] == 24 * 3 and not any(k in meta for k in ("model", "weights"))
+    assert c["flip"].any() and not c["flip"].all()  # both flips occur among 72 views
+    t_ckpt = task.load_checkpoint(tiny / "teacher.pt")
+    teacher = task.load_model(t_ckpt).eval()
+    data = distill.CachedViews(meta["refs"], c, meta["view_size"], meta["interpolation"], "data")
+    items = [(i, v) for i in (0, 11, 23) for v in range(3)]
+    x = torch.stack([data[it][0] for it in items])  # the replayed views, rebuilt from box + flip alone
+    logits = distill.teacher_logits(teacher, x, t_ckpt["data_config"], task.amp(torch.device("cpu"))[0])
+    prob, cls = logits.softmax(-1).topk(4, dim=-1)
+    torch.testing.assert_close(prob.half(), torch.stack([data[it][1][0] for it in items]), atol=2e-3, rtol=0)
+    assert torch.equal(cls, torch.stack([data[it][1][1] for it in items]).long())
+    # the three views of one image differ, and the box is in source-image pixels
+    assert not torch.equal(x[0], x[1]) and (c["box"][..., 0] + c["box"][..., 2] <= 32).all()
+
+
+def test_cache_resumes_at_the_missing_shard_and_refuses_other_settings(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    run(distill, *cache_args(tiny, cache, "--cache-only", "--cache-part", "0/2"))  # one of two jobs
+    assert sorted(os.listdir(cache)) == ["meta.json", "shard_00000.pt", "shard_00002.pt"]
+    with pytest.raises(SystemExit, match="has 2 of 3 shards"):
+        distill.load_cache(cache)
+    first = (cache / "shard_00000.pt").stat().st_mtime_ns
+    run(distill, *cache_args(tiny, cache, "--epochs", 1, "--out", tmp_path / "kt.pt"))  # the rest, then train
+    assert (cache / "shard_00000.pt").stat().st_mtime_ns == first  # done shards are not redone
+    ckpt = torch.load(tmp_path / "kt.pt", weights_only=True)
+    assert [c["step"] for c in ckpt["cost"]] == ["cache_teacher", "distill"] and ckpt["cost"][1]["teacher_images"] == 0
+    with pytest.raises(SystemExit, match="built with other views"):
+        run(distill, *cache_args(tiny, cache, "--views", 5, "--cache-only"))
+    with pytest.raises(SystemExit, match="no teacher cache"):
+        run(distill, "--student", tiny / "student.pt", "--from-cache", tmp_path / "nothing", "--out", tmp_path / "x.pt")
+
+
+def test_distill_from_cache_needs_no_teacher_and_is_deterministic(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    run(distill, *cache_args(tiny, cache, "--cache-only"))
+    (tiny / "teacher_gone.pt").write_bytes(b"")  # --teacher is ignored: replay never reads it
+    outs = []
+    for workers in (0, 1):
+        out = tmp_path / f"kt{workers}.pt"
+        run(distill, "--student", tiny / "student.pt", "--from-cache", cache, "--teacher", tiny / "teacher_gone.pt",
+            "--epochs", 2, "--batch-size", 8, "--workers", workers, "--out", out)
+        outs.append(torch.load(out, weights_only=True))
+    assert outs[0]["lineage"]["cache"] == str(cache) and outs[0]["lineage"]["transfer_images"] == 24
+    assert all(torch.equal(outs[0]["model"][k], outs[1]["model"][k]) for k in outs[0]["model"])
+
+
+# ----------------------------------------------------------------------------------- scale: torchrun
+def test_distill_runs_under_torchrun_with_two_gloo_processes(tiny, tmp_path):
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "distill.py", "--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt",
+           "--transfer", tiny / "transfer.txt", "--epochs", 2, "--batch-size", 4, "--workers", 0,
+           "--save-every", 2, "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(list(map(str, cmd)), cwd=HERE, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("wrote") == 1  # rank 0 alone logs and writes
+    ckpt = task.load_checkpoint(out, kinds=("student",))
+    cost = ckpt["cost"][-1]
+    assert cost["steps"] == 2 * 3 and cost["batch"] == 8 and cost["images"] == 2 * 24  # 24 images / 2 ranks / 4
+    model = task.load_model(ckpt).eval()
+    assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
+    assert not list(tmp_path.glob("*.state"))
+
+
+# -------------------------------------------------------------------------------------- bench.py
+def test_bench_runs_every_mode_on_the_cpu(capsys):
+    table = run(bench, "--teacher", "test_vit", "--student", "test_resnet", "--img-size", 32,
+                "--batch-size", 8, "--steps", 2, "--warmup", 1)
+    assert set(table) == {"a_teacher", "b_student", "c_naive", "d_shipped", "e_cached"}
+    assert all(v > 0 for v in table.values())
+    out = capsys.readouterr().out
+    assert "d/a" in out and "d/c" in out and "e/b" in out
+
+
+# ------------------------------------------------------------------------------------ CUDA only
+@cuda
+def test_cuda_precision_and_kernel_choices():
+    device = torch.device("cuda")
+    autocast, scaler = task.amp(device)
+    with autocast():
+        y = torch.nn.Linear(8, 8).cuda()(torch.randn(2, 8, device=device))
+    assert y.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    assert scaler.is_enabled() == (not torch.cuda.is_bf16_supported())
+    student = task.create_model("test_resnet", 10, img_size=32)[0].cuda()
+    student, _, channels_last = distill.prepare(student, None, device)
+    conv = next(m for m in student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    vit = distill.prepare(task.create_model("test_vit", 10, img_size=32)[0].cuda(), None, device)[2]
+    assert not vit  # a ViT student stays NCHW
+    import timm.layers
+    assert timm.layers.use_fused_attn()  # timm ViTs call F.scaled_dot_product_attention
+
+
+@cuda
+def test_cuda_step_loop_never_waits_for_the_gpu():
+    device = torch.device("cuda")
+    autocast, scaler = task.amp(device)
+    teacher, t_recipe, t_cfg = task.create_model("test_vit", 10, img_size=32)
+    student, _, s_cfg = task.create_model("test_resnet", 10, img_size=32)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student, teacher, cl = distill.prepare(student.to(device), teacher, device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
+    x = torch.rand(16, 3, 32, 32, device=device)
+    for sync_mode in (0, "error"):  # the first pass warms up lazy inits (cuBLAS handles, etc.)
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            for _ in range(3):
+                t = distill.teacher_logits(teacher, x, t_cfg, autocast)
+                loss = distill.student_step(student, opt, scaler, autocast, x, s_cfg, t, 2.0, cl)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
+
+
+# ====================================================================================================
+# the paper's comparison: task-agnostic baseline, demo stand-in, run.sh table
+# ====================================================================================================
+# ------------------------------------------------------------------------------ the task-agnostic loss
+def test_agnostic_loss_zero_for_identical_normalised_features():
+    torch.manual_seed(0)
+    feats = torch.randn(8, 16)
+    identity = nn.Linear(16, 16)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(16))
+        identity.bias.zero_()
+    assert abs(distill_agnostic.agnostic_loss(feats, identity, feats).item()) < 1e-6
+    # cosine: the scale of either side does not matter, the direction does
+    assert abs(distill_agnostic.agnostic_loss(feats, identity, 3 * feats).item()) < 1e-6
+    assert distill_agnostic.agnostic_loss(feats, identity, -feats).item() == pytest.approx(2.0, abs=1e-5)
+
+
+def test_agnostic_loss_gradients_reach_only_student_and_projection():
+    torch.manual_seed(0)
+    student, vfm, projection = nn.Linear(5, 4), nn.Linear(5, 6), nn.Linear(4, 6)
+    x = torch.randn(3, 5)
+    loss = distill_agnostic.agnostic_loss(student(x), projection, vfm(x))  # vfm left with grads on
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection.parameters())
+    assert all(p.grad is None for p in vfm.parameters())
+
+
+# ---------------------------------------------------------------------------------- the stand-in VFM
+def test_standin_pretraining_classes_are_not_the_task_classes():
+    assert not set(demo.BROAD_CLASSES) & set(demo.CLASSES)
+    assert len(set(demo.BROAD_CLASSES)) == len(demo.BROAD_CLASSES) >= 20
+    images, labels = demo.broad_pool(1)
+    assert images.shape == (len(demo.BROAD_CLASSES), demo.SIZE, demo.SIZE, 3)
+    assert sorted(labels.tolist()) == list(range(len(demo.BROAD_CLASSES)))
+    assert len(demo.Shapes("unlabeled")) == demo.PER_CLASS["unlabeled"] * len(demo.CLASSES)
+
+
+def test_standin_weights_feed_teacher_and_agnostic_distillation(tmp_path):
+    """demo.py's weights file loads into the task's model (timm drops the broad head), and
+    distill_agnostic.py writes a student checkpoint in distill.py's format."""
+    vfm = str(tmp_path / "vfm.pth")
+    demo.main(demo.get_args_parser().parse_args(
+        ["--arch", "test_vit", "--img-size", "32", "--per-class", "2", "--epochs", "1", "--out", vfm]))
+    model, _, _ = task.create_model("test_vit", len(demo.CLASSES), weights=vfm, img_size=32)
+    stored = torch.load(vfm, weights_only=True)
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], stored["blocks.0.attn.qkv.weight"])
+    assert model.get_classifier().out_features == len(demo.CLASSES)
+
+    split = str(tmp_path / "split.json")
+    import student
+    s_path = str(tmp_path / "student.pt")
+    student.main(student.get_args_parser().parse_args(
+        ["--model", "test_resnet", "--img-size", "32", "--split", split, "--out", s_path]))
+    refs, _ = task.split_refs("demo", "unlabeled", range(24))
+    transfer = tmp_path / "transfer.txt"
+    transfer.write_text("\n".join(refs))
+    out = str(tmp_path / "agnostic.pt")
+    distill_agnostic.main(distill_agnostic.get_args_parser().parse_args(
+        ["--vfm", "test_vit", "--vfm-weights", vfm, "--img-size", "32", "--student", s_path,
+         "--transfer", str(transfer), "--epochs", "2", "--batch-size", "8", "--workers", "0", "--out", out]))
+    s_ckpt, ckpt = torch.load(s_path, weights_only=True), torch.load(out, weights_only=True)
+    assert ckpt["kind"] == "student" and ckpt["recipe"] == s_ckpt["recipe"]
+    assert ckpt["model"].keys() == s_ckpt["model"].keys()  # the projection is not in it
+    assert [c["step"] for c in ckpt["cost"]] == ["distill_agnostic"] and ckpt["cost"][0]["steps"] == 6
+    assert not torch.equal(ckpt["model"]["conv1.0.weight"], s_ckpt["model"]["conv1.0.weight"])
+    assert not os.path.exists(out + ".state")
+    task.load_model(ckpt)  # rebuilds
+
+
+# ------------------------------------------------------------------------------- run.sh's demo table
+STUB = """#!/usr/bin/env bash
+# a stand-in python: records each step's command and creates its --out, trains nothing
+echo "$*" >> "$CALLS"
+while [[ $# -gt 0 ]]; do
+  if [[ $1 == --out ]]; then mkdir -p "$(dirname "$2")"; touch "$2"; fi
+  shift
+done
+"""
+
+
+def run_stubbed(tmp_path, *args):
+    shutil.copy(os.path.join(HERE, "run.sh"), tmp_path / "run.sh")
+    stub = tmp_path / "fakepy"
+    stub.write_text(STUB)
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls.txt"
+    env = dict(os.environ, PY=str(stub), CALLS=str(calls))
+    subprocess.run(["bash", str(tmp_path / "run.sh"), *args], env=env, check=True, capture_output=True)
+    return [line.split() for line in calls.read_text().splitlines()]
+
+
+def rows_of(calls):
+    evaluate = [c for c in calls if c[0] == "evaluate.py"]
+    assert len(evaluate) == 1
+    return [a.split("=")[0] for a in evaluate[0] if "=" in a and not a.startswith("-")]
+
+
+def test_demo_table_has_the_papers_rows(tmp_path):
+    calls = run_stubbed(tmp_path)
+    assert rows_of(calls) == ["teacher", "kt_target@0", "kt_generic@0", "agnostic@0", "scratch@0",
+                              "imagenet@0"]
+    scripts = [c[0] for c in calls]
+    assert scripts[:2] == ["demo.py", "demo.py"]  # the stand-ins come first, then the teacher uses one
+    teacher = calls[scripts.index("teacher.py")]
+    assert teacher[teacher.index("--weights") + 1] == "runs/demo/standin_vfm.pth"
+    agnostic = calls[scripts.index("distill_agnostic.py")]
+    assert agnostic[agnostic.index("--vfm-weights") + 1] == "runs/demo/standin_vfm.pth"  # frozen, not the teacher
+    assert agnostic[agnostic.index("--transfer") + 1] == "runs/demo/transfer_target.txt"
+
+
+def test_demo_table_repeats_student_rows_per_seed(tmp_path):
+    calls = run_stubbed(tmp_path, "--seeds", "0 1 2", "--pool", "demo:unlabeled")  # a pool: + retrieval
+    rows = rows_of(calls)
+    assert rows.count("teacher") == 1 and [c[0] for c in calls].count("teacher.py") == 1
+    for name in ("kt_target", "kt_generic", "kt_retrieval", "agnostic", "scratch", "imagenet"):
+        assert [r for r in rows if r.split("@")[0] == name] == [f"{name}@{s}" for s in (0, 1, 2)]
+    # a rerun skips every step whose output exists: only the evaluation runs again
+    again = run_stubbed(tmp_path, "--seeds", "0 1 2", "--pool", "demo:unlabeled")
+    assert [c[0] for c in again[len(calls):]] == ["evaluate.py"]
