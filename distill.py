@@ -252,18 +252,6 @@ def load_cache(d):
     return meta, cache, cost
 
 
-def read_transfer_list(path):
-    """One image reference per line (see task.open_image)."""
-    try:
-        with open(path) as f:
-            refs = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        task.fail(f"cannot read transfer list {path} ({e.strerror}): run transfer_set.py first")
-    if not refs:
-        task.fail(f"transfer list {path} is empty: nothing to distill on")
-    return refs
-
-
 def part_of(s):
     """--cache-part I/N -> (I, N), 0 <= I < N; argparse reports a ValueError as a usage error."""
     i, n = map(int, s.split("/"))
@@ -314,7 +302,7 @@ def main(args):
         refs, classes, t_cost, t_arch = meta["refs"], meta["classes"], meta["teacher_cost"], meta["teacher_arch"]
     else:
         t_ckpt = task.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
-        refs, classes, t_cost, t_arch = (read_transfer_list(args.transfer), t_ckpt["classes"], t_ckpt["cost"],
+        refs, classes, t_cost, t_arch = (task.read_transfer_list(args.transfer), t_ckpt["classes"], t_ckpt["cost"],
                                          t_ckpt["recipe"]["arch"])
         teacher = task.load_model(t_ckpt).to(device).eval().requires_grad_(False)
         t_cfg = t_ckpt["data_config"]

@@ -97,10 +97,9 @@ def get_args_parser():
 
 
 def main(args):
-    from distill import read_transfer_list
     device, rank, world = task.setup(args.seed)
     s_ckpt = task.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
-    refs = read_transfer_list(args.transfer)
+    refs = task.read_transfer_list(args.transfer)
     if args.vfm_weights == "none":
         task.fail("--vfm-weights none would distill a random network; give hub or a weights file")
     # a 1-class head that is never used (embed() stops before it); a stored classifier is dropped

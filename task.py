@@ -227,6 +227,18 @@ class Images(torch.utils.data.Dataset):
         return x, (self.labels[i] if self.labels is not None else -1)
 
 
+def read_transfer_list(path):
+    """A transfer list (transfer_set.py): one image reference per line (see open_image)."""
+    try:
+        with open(path) as f:
+            refs = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        fail(f"cannot read transfer list {path} ({e.strerror}): run transfer_set.py first")
+    if not refs:
+        fail(f"transfer list {path} is empty: nothing to distill on")
+    return refs
+
+
 def split_refs(dataset, split, indices=None, root="data"):
     """References like `cifar10:train:17` for indices of a split (all of it when indices is None)."""
     ds, labels, _ = load_dataset(dataset, split, root)
