@@ -77,11 +77,17 @@ def kd_loss_topk(student_logits, prob, cls, T=1.0):
 
 
 # ------------------------------------------------------------------------------------- the step
-def prepare(student, teacher, device, compile=False):
-    """The speed settings main() and bench.py share. Returns (student, teacher, channels_last)."""
+def prepare(student, teacher, device, compile=False, world=1):
+    """The speed settings main() and bench.py share. Returns (student, teacher, channels_last).
+
+    Order matters: channels_last first (it re-lays the weights), then DDP (torchrun; the frozen teacher has
+    no gradients to share and is never wrapped), then torch.compile of the DDP module, which lets the
+    compiler split the graph at DDP's gradient buckets and overlap their all-reduce with the backward pass.
+    """
     channels_last = device.type == "cuda" and not hasattr(student, "patch_embed")
     if channels_last:  # NHWC convolutions are faster on tensor cores; a ViT student gains nothing
         student = student.to(memory_format=torch.channels_last)
+    student = task.ddp(student, device, world)
     if compile:
         student = torch.compile(student)
         teacher = torch.compile(teacher) if teacher is not None else None
@@ -327,7 +333,8 @@ def main(args):
             return
         meta, cache, cache_cost = load_cache(args.cache_teacher)
         teacher = None  # frees its memory: from here on the student trains alone
-    student, teacher, channels_last = prepare(task.load_model(s_ckpt).to(device), teacher, device, args.compile)
+    student, teacher, channels_last = prepare(task.load_model(s_ckpt).to(device), teacher, device, args.compile,
+                                              world)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
     if cache is None:  # online: a fresh random view of every image each epoch
@@ -346,8 +353,7 @@ def main(args):
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
     progress = task.Progress(args.out + ".state", student, opt, scaler, total, args.save_every, rank,
-                             args.resume)
-    student = task.ddp(student, device, world)
+                             args.resume)  # loads the same state into every rank's student
     student.train()
     task.log(rank, f"distill {t_arch} -> {s_ckpt['recipe']['arch']} "
                    f"{'online' if cache is None else 'from ' + cache_dir}: "

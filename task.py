@@ -552,15 +552,22 @@ class Progress:
     """Everything a training loop does besides learning, so each step's loop shows only the lesson.
 
     Resumes from `path` (a resumable state) when asked; after each step `update()` adds the loss on the
-    device (no host sync), and every `save_every` steps, at the end of an epoch of `per_epoch` steps (at
-    most once a minute: few-label epochs last seconds), at the end, or on Ctrl-C/SIGTERM, it syncs once,
+    device (no host sync), and every `save_every` steps, after an epoch of `per_epoch` steps (at most once
+    a minute: few-label epochs last seconds), at the end, or on Ctrl-C/SIGTERM, it syncs once,
     logs, stops on a NaN/inf loss (the last good state stays on disk), and saves the state atomically.
+
+    Under torchrun the ranks decide together: every `agree_every` steps one all-reduce of (loss sum, count,
+    stop, save) gives every rank the same decision at the same step (a signal reaches ranks at different
+    steps; a rank that stopped alone would leave the others waiting in their next all-reduce forever), and
+    the logged loss is the mean over all ranks.
     """
 
     def __init__(self, path, model, optimizer, scaler, total, save_every, rank=0, resume=False,
-                 per_epoch=0):
+                 per_epoch=0, agree_every=20):
         self.path, self.model, self.opt, self.scaler = path, model, optimizer, scaler
         self.total, self.save_every, self.rank, self.per_epoch = total, save_every, rank, per_epoch
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.agree_every = min(agree_every, save_every) if self.world > 1 else 1
         self.step, self.images, self.wall, self.loss = 0, 0, 0.0, float("nan")
         if resume and os.path.exists(path):
             state = load_state(path, model, optimizer, scaler)
@@ -569,7 +576,7 @@ class Progress:
 
     def __enter__(self):
         self.stop, self.t0, self.running, self.count = False, time.time() - self.wall, 0.0, 0
-        self.saved = time.time()
+        self.saved, self.saved_step = time.time(), self.step
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -586,11 +593,23 @@ class Progress:
 
     def update(self, loss, images):
         self.step, self.images, self.count = self.step + 1, self.images + images, self.count + 1
-        self.running = self.running + loss.detach()
-        epoch_end = self.per_epoch and self.step % self.per_epoch == 0 and time.time() - self.saved > 60
-        if self.step % self.save_every and not epoch_end and not self.done and not self.stop:
+        self.running = self.running + loss.detach().float()
+        if self.step % self.agree_every and not self.done:
+            return  # torchrun: ranks decide only together
+        since = self.step - self.saved_step  # steps since the last save
+        epoch = self.per_epoch and since >= self.per_epoch and time.time() - self.saved > 60
+        save = since >= self.save_every or epoch or self.done
+        if self.world > 1:  # the one collective per agree_every steps: sums over ranks
+            v = torch.stack([torch.as_tensor(self.running, device=loss.device), *(torch.tensor(
+                float(f), device=loss.device) for f in (self.count, self.stop, save))])
+            torch.distributed.all_reduce(v)
+            running, count, stop, save = v.tolist()  # the host waits here, every agree_every steps
+            self.stop, save = stop > 0, save > 0
+        else:
+            running, count = self.running, self.count
+        if not (save or self.stop):
             return
-        self.loss = float(self.running / self.count)  # the one host-device sync per interval
+        self.loss = float(running / count)  # the one host-device sync per interval
         self.running, self.count = 0.0, 0
         if not math.isfinite(self.loss):
             fail(f"loss is {self.loss} at step {self.step}; the last good state is {self.path}; lower --lr")
@@ -598,7 +617,7 @@ class Progress:
         if self.rank == 0:
             save_state(self.path, self.model, self.opt, self.scaler, self.step, images=self.images,
                        wall_s=time.time() - self.t0)
-            self.saved = time.time()
+        self.saved, self.saved_step = time.time(), self.step
         if self.stop:
             fail(f"interrupted at step {self.step}: saved {self.path}; rerun with --resume to continue")
 

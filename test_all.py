@@ -7,6 +7,7 @@ Run: python -m pytest -q test_all.py
 """
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -611,22 +612,73 @@ def test_distill_from_cache_needs_no_teacher_and_is_deterministic(tiny, tmp_path
 
 
 # ----------------------------------------------------------------------------------- scale: torchrun
-def test_distill_runs_under_torchrun_with_two_gloo_processes(tiny, tmp_path):
-    out = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "distill.py", "--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt",
-           "--transfer", tiny / "transfer.txt", "--epochs", 2, "--batch-size", 4, "--workers", 0,
-           "--save-every", 2, "--out", out]
+def torchrun(script, *argv):
+    """Run a step under torchrun with 2 CPU processes (gloo); returns its stderr, failing on a non-zero exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(list(map(str, cmd)), cwd=HERE, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stderr.count("wrote") == 1  # rank 0 alone logs and writes
+    return r.stderr
+
+
+def test_distill_runs_under_torchrun_with_two_gloo_processes(tiny, tmp_path):
+    out = tmp_path / "ddp.pt"
+    torchrun("distill.py", "--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt",
+             "--transfer", tiny / "transfer.txt", "--epochs", 2, "--batch-size", 4, "--workers", 0,
+             "--save-every", 2, "--out", out)
     ckpt = task.load_checkpoint(out, kinds=("student",))
     cost = ckpt["cost"][-1]
     assert cost["steps"] == 2 * 3 and cost["batch"] == 8 and cost["images"] == 2 * 24  # 24 images / 2 ranks / 4
     model = task.load_model(ckpt).eval()
     assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
     assert not list(tmp_path.glob("*.state"))
+
+
+def test_teacher_and_finetune_run_under_torchrun(pipeline, tmp_path):
+    shutil.copy(pipeline / "split.json", tmp_path / "split.json")  # the same 40 labeled demo images
+    torchrun("teacher.py", *task_args(tmp_path), "--model", "test_vit", *TINY, "--weights", "none",
+             "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "teacher.pt")
+    torchrun("finetune.py", *task_args(tmp_path), "--student", pipeline / "student.pt", "--epochs", 1,
+             "--batch-size", 8, "--workers", 0, "--out", tmp_path / "ft.pt")
+    for name in ("teacher", "ft"):  # 40 images / 2 ranks / 8 per step = 3 steps of 16 images
+        ckpt = task.load_checkpoint(tmp_path / f"{name}.pt")
+        assert {k: ckpt["cost"][-1][k] for k in ("steps", "batch")} == dict(steps=3, batch=16)
+        assert math.isfinite(ckpt["metrics"]["train_loss"])
+    assert not list(tmp_path.glob("*.state"))
+
+
+def _progress_rank(rank, port, d):
+    """One of two gloo ranks: a signal reaches rank 1 alone, before its step 6 (see the test below)."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    progress = task.Progress(os.path.join(d, "run.state"), model, opt, torch.amp.GradScaler("cpu", enabled=False),
+                             total=100, save_every=50, rank=rank, agree_every=4)
+    result = dict(step=None)
+    try:
+        with progress:
+            while not progress.done:
+                progress.stop |= rank == 1 and progress.step == 5
+                progress.update(torch.tensor(rank + 1.0), 2)  # rank 0's loss is 1, rank 1's is 2
+    except SystemExit as e:
+        result = dict(step=progress.step, loss=progress.loss, error=str(e))
+    with open(os.path.join(d, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_stop_together_and_log_the_mean_loss(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_progress_rank, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # both stop at the next agreement step (8), not rank 1 alone at 6 with rank 0 hung in its next all-reduce
+    assert [r["step"] for r in ranks] == [8, 8] and all("interrupted at step 8" in r["error"] for r in ranks)
+    assert [r["loss"] for r in ranks] == [1.5, 1.5]  # the mean over ranks, not rank 0's own
+    assert task.load_checkpoint(tmp_path / "run.state", kinds=("resume",))["step"] == 8
 
 
 # -------------------------------------------------------------------------------------- bench.py
@@ -637,6 +689,29 @@ def test_bench_runs_every_mode_on_the_cpu(capsys):
     assert all(v > 0 for v in table.values())
     out = capsys.readouterr().out
     assert "d/a" in out and "d/c" in out and "e/b" in out
+
+
+def test_step_loop_reads_nothing_back_between_logging_intervals(tmp_path, monkeypatch):
+    """The CPU stand-in for the CUDA sync check below: every Python-level way to read a tensor back to
+    the host raises, through online and cached steps with a loss-scaled fused AdamW (fp16's path)."""
+    teacher, _, t_cfg = task.create_model("test_vit", 10, img_size=32)
+    student, _, s_cfg = task.create_model("test_resnet", 10, img_size=32)
+    student, teacher, cl = distill.prepare(student, teacher.eval().requires_grad_(False), torch.device("cpu"))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)  # no per-step .item() on the step count
+    scaler, autocast = torch.amp.GradScaler("cpu"), task.amp(torch.device("cpu"))[0]
+    progress = task.Progress(str(tmp_path / "s.state"), student, opt, scaler, total=10, save_every=3)
+    x, prob, cls = torch.rand(8, 3, 32, 32), torch.rand(8, 4).softmax(-1).half(), torch.randint(0, 10, (8, 4))
+
+    def host_read(*args, **kwargs):
+        raise RuntimeError("host read")
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with progress:
+        for target in (distill.teacher_logits(teacher, x, t_cfg, autocast), (prob, cls)):
+            loss = distill.student_step(student, opt, scaler, autocast, x, s_cfg, target, 2.0, cl)
+            progress.update(loss, len(x))
+        with pytest.raises(RuntimeError, match="host read"):  # the logging interval reads the loss: once
+            progress.update(loss, len(x))
 
 
 # ------------------------------------------------------------------------------------ CUDA only
@@ -677,6 +752,17 @@ def test_cuda_step_loop_never_waits_for_the_gpu():
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+@cuda
+def test_cuda_distill_compiled_runs_and_resumes(tiny, tmp_path):
+    out = tmp_path / "kt.pt"
+    args = ["--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer", tiny / "transfer.txt",
+            "--epochs", 4, "--batch-size", 8, "--workers", 2, "--compile", "--out", out]
+    run(distill, *args)
+    ckpt = task.load_checkpoint(out, kinds=("student",))  # compiled weights save under their plain names
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
+    assert math.isfinite(ckpt["metrics"]["distill_loss"]) and ckpt["cost"][-1]["steps"] == 12
 
 
 # ====================================================================================================
