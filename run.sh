@@ -16,7 +16,7 @@
 #
 # Usage: bash run.sh [DATASET] [--shots N] [--seed S] [--seeds "0 1 2"] [--teacher MODEL]
 #                    [--student MODEL] [--img-size N] [--pool POOL] [--force]
-#   DATASET  demo (default: offline, generated images, a stand-in VFM pretrained on the CPU, < 5 minutes
+#   DATASET  demo (default: offline, generated images, a stand-in VFM pretrained on the CPU, 5-6 minutes
 #            on 2 cores; it sets its own tiny models and schedules),
 #            eurosat, flowers102, dtd, pets, food101, cifar10, cifar100, stl10, or folder:PATH.
 #   --seed   the label budget (which images are labeled) and the teacher's seed.

@@ -755,7 +755,7 @@ def test_cuda_step_loop_never_waits_for_the_gpu():
 
 
 @cuda
-def test_cuda_distill_compiled_runs_and_resumes(tiny, tmp_path):
+def test_cuda_compiled_distillation_saves_plain_weights(tiny, tmp_path):
     out = tmp_path / "kt.pt"
     args = ["--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer", tiny / "transfer.txt",
             "--epochs", 4, "--batch-size", 8, "--workers", 2, "--compile", "--out", out]
