@@ -34,7 +34,7 @@ for mode in eager compile; do
   extra=(); [[ $mode == compile ]] && extra=(--compile --warmup 10)
   timeout 420 $PY bench.py "${BENCH[@]}" "${extra[@]}" --out "$OUT/bench_$mode.json" > "$OUT/bench_$mode.log" 2>&1
   rc=$?
-  { echo; echo "## bench.py ($mode, exit $rc)"; echo '```'; grep -v "^\s*$" "$OUT/bench_$mode.log" | tail -12
+  { echo; echo "## bench.py ($mode, exit $rc)"; echo '```'; grep -v "^\s*$" "$OUT/bench_$mode.log" | tail -14
     echo '```'; } >> "$REPORT"
 done
 cat "$REPORT"
