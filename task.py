@@ -308,6 +308,10 @@ class CLIPClassifier(nn.Module):
                             (r"^backbone\.(ln_post|proj)", (99999,))])
 
 
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}"
+
+
 def create_model(arch, num_classes, pretrained=False, weights=None, img_size=None, **kwargs):
     """Build `arch` with a `num_classes` head. Returns (model, recipe, data_config).
 
@@ -336,10 +340,15 @@ def create_model(arch, num_classes, pretrained=False, weights=None, img_size=Non
         source = weights or (tag if pretrained else None)
         if pretrained and not source:
             fail(f"{arch}: name a pretrained tag (open_clip:MODEL/TAG) or pass --weights PATH")
+        if weights and not os.path.isfile(weights):
+            fail(f"weights file {weights} not found")
         try:
             clip = open_clip.create_model(name, pretrained=source, force_image_size=img_size)
-        except RuntimeError as e:  # a local file of another architecture: name the keys
-            fail(f"{source} does not fit {name}: {' '.join(str(e).split())[:400]}")
+        except (OSError, RuntimeError, ValueError) as e:
+            if weights:  # a local file of another architecture: open_clip's message names the keys
+                fail(f"{weights} does not fit {name}: {' '.join(str(e).split())[:400]}")
+            fail(f"could not get the '{tag}' weights of {name} ({_first_line(e)}); offline? "
+                 "pass --weights PATH (README: Local weight files)")
         model = CLIPClassifier(clip.visual, num_classes)
         pp = clip.visual.preprocess_cfg
         cfg = dict(input_size=(3, *pp["size"]), interpolation=pp["interpolation"], mean=pp["mean"],
@@ -348,8 +357,14 @@ def create_model(arch, num_classes, pretrained=False, weights=None, img_size=Non
         import timm
         if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
             fail(f"unknown model '{arch}'; try a timm name (timm.list_models()) or open_clip:MODEL/TAG")
-        build = lambda **kw: timm.create_model(arch, pretrained=pretrained, num_classes=num_classes,  # noqa
-                                               **kwargs, **kw)
+        def build(**kw):
+            try:
+                return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs, **kw)
+            except (OSError, RuntimeError, ValueError) as e:  # offline, or no such pretrained tag
+                if not pretrained:
+                    raise
+                fail(f"could not get the pretrained weights of {arch} ({_first_line(e)}); offline? "
+                     "pass --weights PATH (README: Local weight files)")
         try:
             model = build(**(dict(img_size=img_size) if img_size else {}))
         except TypeError:  # CNNs take any input size and have no img_size argument

@@ -286,6 +286,27 @@ def test_local_weights_of_another_architecture_name_the_keys(tmp_path):
         task.create_model("test_resnet", 3, weights=str(tmp_path / "vit.pth"))
 
 
+def test_hub_weights_offline_are_one_line_not_a_traceback(tmp_path, monkeypatch):
+    import timm.models._builder
+    import timm.models._hub
+
+    def offline(*args, **kwargs):  # what a machine without internet gets, without touching the network
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", offline)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit, match="pretrained weights of resnet18 .*unreachable.*--weights PATH"):
+        task.create_model("resnet18", 10, pretrained=True)
+    cfg = tmp_path / "tiny-clip.json"
+    cfg.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
+                               "patch_size": 8, "head_width": 16},
+                               "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16,
+                                            "heads": 2, "layers": 1}}))
+    with pytest.raises(SystemExit, match="could not get the 'nosuchtag' weights of tiny-clip.*--weights PATH"):
+        task.create_model(f"open_clip:{cfg}/nosuchtag", 10, pretrained=True)
+    with pytest.raises(SystemExit, match="weights file .*missing.bin not found"):
+        task.create_model(f"open_clip:{cfg}", 10, weights=str(tmp_path / "missing.bin"))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_state(pipeline, tmp_path):
     d = pipeline
     args = ["--student", d / "student.pt", *task_args(d), "--epochs", 3, "--workers", 0, "--save-every", 1,
