@@ -36,6 +36,11 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def _first_line(e):
+    """An exception as one short line, for fail()."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}"
+
+
 # ------------------------------------------------------------------------------------------------ data
 TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10")
 DATASETS = ("demo",) + TORCHVISION  # plus folder:PATH
@@ -108,8 +113,9 @@ def load_dataset(name, split, root="data", download=True):
     elif name in TORCHVISION:
         try:
             ds = _torchvision(name, split, root, download)
-        except RuntimeError as e:  # e.g. offline: "Dataset not found or corrupted"
-            fail(f"could not load {name}/{split} under {root}: {e}")
+        except (RuntimeError, OSError) as e:  # offline, or "Dataset not found or corrupted"
+            fail(f"could not load {name}/{split} under {root} ({_first_line(e)}); offline? copy torchvision's "
+                 f"files for {name} into {root}, or use folder:PATH")
     else:
         fail(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)} or folder:PATH")
     classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
@@ -306,10 +312,6 @@ class CLIPClassifier(nn.Module):
         return dict(stem=r"^backbone\.(class_embedding|positional_embedding|conv1|ln_pre)",
                     blocks=[(r"^backbone\.transformer\.resblocks\.(\d+)", None),
                             (r"^backbone\.(ln_post|proj)", (99999,))])
-
-
-def _first_line(e):
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}"
 
 
 def create_model(arch, num_classes, pretrained=False, weights=None, img_size=None, **kwargs):

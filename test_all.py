@@ -286,7 +286,7 @@ def test_local_weights_of_another_architecture_name_the_keys(tmp_path):
         task.create_model("test_resnet", 3, weights=str(tmp_path / "vit.pth"))
 
 
-def test_hub_weights_offline_are_one_line_not_a_traceback(tmp_path, monkeypatch):
+def test_downloads_offline_are_one_line_not_a_traceback(tmp_path, monkeypatch):
     import timm.models._builder
     import timm.models._hub
 
@@ -305,6 +305,10 @@ def test_hub_weights_offline_are_one_line_not_a_traceback(tmp_path, monkeypatch)
         task.create_model(f"open_clip:{cfg}/nosuchtag", 10, pretrained=True)
     with pytest.raises(SystemExit, match="weights file .*missing.bin not found"):
         task.create_model(f"open_clip:{cfg}", 10, weights=str(tmp_path / "missing.bin"))
+    import torchvision.datasets.cifar
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit, match="could not load cifar10/train .*unreachable.*folder:PATH"):
+        task.load_dataset("cifar10", "train", str(tmp_path / "data"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(pipeline, tmp_path):
