@@ -272,17 +272,17 @@ def get_args_parser():
     p.add_argument("--transfer", default="runs/demo/transfer_target.txt", help="made by transfer_set.py")
     p.add_argument("--data-root", default="data", help="where dataset references in the list resolve")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T; try 1-4")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the transfer set; longer helps "
+    p.add_argument("--epochs", type=task.positive, default=20, help="passes over the transfer set; longer helps "
                    "(the paper trains for many epochs; Beyer et al. 2022: distillation is patient)")
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--batch-size", type=task.positive, default=128, help="per process")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr; scale with the batch size")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with linear lr warmup")
     p.add_argument("--min-scale", type=float, default=0.08, help="smallest RandomResizedCrop area")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher (GPU)")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers decoding images")
+    p.add_argument("--workers", type=task.nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500, help="steps between resumable states")
+    p.add_argument("--save-every", type=task.positive, default=500, help="steps between resumable states")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
     p.add_argument("--out", default="runs/demo/student_kt.pt")
     c = p.add_argument_group("teacher-output cache (FKD; online distillation is the default)")
@@ -292,9 +292,10 @@ def get_args_parser():
     c.add_argument("--cache-only", action="store_true", help="with --cache-teacher: build it, then stop")
     c.add_argument("--cache-part", type=part_of, metavar="I/N", help="build only shards I, I+N, ... "
                    "(independent jobs in parallel; default: this torchrun rank of the world)")
-    c.add_argument("--views", type=int, default=10, help="augmented views kept per image (K); epochs > K repeat")
-    c.add_argument("--topk", type=int, default=10, help="teacher probabilities kept per view (fp16)")
-    c.add_argument("--shard-size", type=int, default=1000, help="images per cache shard")
+    c.add_argument("--views", type=task.positive, default=10,
+                   help="augmented views kept per image (K); epochs > K repeat views")
+    c.add_argument("--topk", type=task.positive, default=10, help="teacher probabilities kept per view (fp16)")
+    c.add_argument("--shard-size", type=task.positive, default=1000, help="images per cache shard")
     return p
 
 

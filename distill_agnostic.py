@@ -75,22 +75,23 @@ def get_args_parser():
     p.add_argument("--vfm", default="vit_large_patch14_dinov2.lvd142m",
                    help="the VFM teacher.py finetunes, here frozen: timm name or open_clip:MODEL/TAG")
     p.add_argument("--vfm-weights", default="hub", help="hub (download) or a local weights file")
-    p.add_argument("--img-size", type=int, default=None, help="the VFM's input resolution (default: its own; "
+    p.add_argument("--img-size", type=task.positive, default=None, help="the VFM's input resolution (default: its own; "
                    "use the one teacher.py used)")
     p.add_argument("--student", default="runs/demo/student_scratch.pt", help="made by student.py")
     p.add_argument("--transfer", default="runs/demo/transfer_target.txt", help="made by transfer_set.py; "
                    "use the list distill.py got, for a fair comparison")
     p.add_argument("--data-root", default="data", help="where dataset references in the list resolve")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the transfer set; give it distill.py's")
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--epochs", type=task.positive, default=20,
+                   help="passes over the transfer set; give it distill.py's")
+    p.add_argument("--batch-size", type=task.positive, default=128, help="per process")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr; scale with the batch size")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with linear lr warmup")
     p.add_argument("--min-scale", type=float, default=0.08, help="smallest RandomResizedCrop area")
     p.add_argument("--compile", action="store_true", help="torch.compile student and VFM (GPU)")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers decoding images")
+    p.add_argument("--workers", type=task.nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500, help="steps between resumable states")
+    p.add_argument("--save-every", type=task.positive, default=500, help="steps between resumable states")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
     p.add_argument("--out", default="runs/demo/student_agnostic.pt")
     return p

@@ -110,8 +110,8 @@ def get_args_parser():
                    "kt@0=... kt@1=... are seeds of one row")
     p.add_argument("--dataset", default="demo", help="see teacher.py --help")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--batch-size", type=task.positive, default=128)
+    p.add_argument("--workers", type=task.nonnegative, default=4)
     p.add_argument("--out", default="runs/demo/results.json", help="also writes the .md table beside it")
     return p
 

@@ -24,7 +24,7 @@ def get_args_parser():
     p.add_argument("--model", default="fastvit_t8", help="any timm model: fastvit_t8, mobilevitv2_100, "
                    "mobilenetv3_large_100, resnet18, resnet50, convnext_atto, ...")
     p.add_argument("--weights", default="none", help="none (random init), hub (ImageNet), or a local file")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--img-size", type=task.positive, default=None, help="input resolution (default: the model's)")
     p.add_argument("--out", default="runs/demo/student_scratch.pt")
     return p
 

@@ -186,12 +186,26 @@ def load_split(path, dataset, shots, seed, root="data"):
     return split
 
 
+def positive(s):
+    """argparse type for a count >= 1 (--shots, --epochs, ...): a bad one is a usage error, not a traceback."""
+    if int(s) < 1:
+        raise ValueError(s)
+    return int(s)
+
+
+def nonnegative(s):
+    """argparse type for a count >= 0 (--workers)."""
+    if int(s) < 0:
+        raise ValueError(s)
+    return int(s)
+
+
 def add_task_args(parser):
     """The flags that name the task and its label budget, the same in every step that reads split.json."""
     parser.add_argument("--dataset", default="demo", help="demo, eurosat, flowers102, dtd, pets, food101, "
                         "cifar10, cifar100, stl10, or folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)")
     parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
-    parser.add_argument("--shots", type=int, default=10, help="labeled images per class: the label budget")
+    parser.add_argument("--shots", type=positive, default=10, help="labeled images per class: the label budget")
     parser.add_argument("--seed", type=int, default=0, help="picks the labeled images; seeds training")
     parser.add_argument("--train-seed", type=int, default=None, help="seeds initialisation and training "
                         "instead of --seed: repeats a run on the same labels (run.sh --seeds)")

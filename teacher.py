@@ -64,20 +64,20 @@ def get_args_parser():
     p.add_argument("--model", default="vit_large_patch14_dinov2.lvd142m",
                    help="timm name, or open_clip:MODEL/TAG e.g. open_clip:ViT-L-14/datacomp_xl_s13b_b90k")
     p.add_argument("--weights", default="hub", help="hub (download), none (random init), or a local file")
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's); "
+    p.add_argument("--img-size", type=task.positive, default=None, help="input resolution (default: the model's); "
                    "224 makes DINOv2-L ~5x cheaper than its native 518")
     p.add_argument("--mode", default="finetune", choices=["finetune", "linear"],
                    help="finetune with layer-wise lr decay, or linear probe (try it with 1-5 shots)")
-    p.add_argument("--epochs", type=int, default=30, help="passes over the labeled images")
-    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--epochs", type=task.positive, default=30, help="passes over the labeled images")
+    p.add_argument("--batch-size", type=task.positive, default=32, help="per process")
     p.add_argument("--lr", type=float, default=5e-5, help="top block's lr (try 1e-5 .. 1e-4)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="the new linear head's lr")
     p.add_argument("--layer-decay", type=float, default=0.75, help="LLRD; try 0.65 for ViT-L, 0.9 for small")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear lr warmup")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding images")
-    p.add_argument("--save-every", type=int, default=200, help="steps between resumable states")
+    p.add_argument("--workers", type=task.nonnegative, default=4, help="DataLoader workers decoding images")
+    p.add_argument("--save-every", type=task.positive, default=200, help="steps between resumable states")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
     p.add_argument("--out", default="runs/demo/teacher.pt")
     return p

@@ -173,6 +173,11 @@ def test_every_step_answers_help(capsys):
         with pytest.raises(SystemExit) as e:
             module.get_args_parser().parse_args(["--help"])
         assert e.value.code == 0 and "usage" in capsys.readouterr().out
+    for module, bad in ((teacher, ["--shots", "-3"]), (finetune, ["--epochs", "0"]), (distill, ["--workers", "-1"]),
+                        (transfer_set, ["--k", "0"]), (evaluate, ["--batch-size", "x"])):
+        with pytest.raises(SystemExit) as e:  # a count out of range is a usage error, before anything runs
+            module.get_args_parser().parse_args(bad)
+        assert e.value.code == 2 and f"argument {bad[0]}: invalid" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- resume and faults

@@ -395,17 +395,17 @@ def get_args_parser():
     p.add_argument("--embed-weights", help="local open_clip weights file (offline) instead of the hub")
     p.add_argument("--embed-pretrained", default="hub", choices=["hub", "none"],
                    help="none: random weights (tests only; the neighbours are then meaningless)")
-    p.add_argument("--k", type=int, default=100,
+    p.add_argument("--k", type=task.positive, default=100,
                    help="neighbours per labeled image (balanced); more: a larger, less on-task set; try 100-1000")
     p.add_argument("--dedup-threshold", type=float, default=0.95,
                    help="drop a retrieved image this cosine-close to a better-ranked one (lower: stricter)")
     p.add_argument("--leak-threshold", type=float, default=0.95,
                    help="drop a retrieved image this cosine-close to a target test image; above 1: no check")
     p.add_argument("--cache-dir", default="runs/embeddings", help="embedding shards, reused across runs")
-    p.add_argument("--shard-size", type=int, default=10000, help="images per cached shard (resume unit)")
-    p.add_argument("--batch-size", type=int, default=256, help="encoder batch")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers decoding images")
-    p.add_argument("--sheet", type=int, default=8, help="queries (and neighbours each) in the contact sheet")
+    p.add_argument("--shard-size", type=task.positive, default=10000, help="images per cached shard (resume unit)")
+    p.add_argument("--batch-size", type=task.positive, default=256, help="encoder batch")
+    p.add_argument("--workers", type=task.nonnegative, default=8, help="DataLoader workers decoding images")
+    p.add_argument("--sheet", type=task.positive, default=8, help="queries (and neighbours each) in the contact sheet")
     return p
 
 
