@@ -15,7 +15,7 @@
 # scratch and imagenet (the student finetuned on the labels from random / ImageNet weights).
 #
 # Usage: bash run.sh [DATASET] [--shots N] [--seed S] [--seeds "0 1 2"] [--teacher MODEL]
-#                    [--student MODEL] [--img-size N] [--pool POOL] [--force]
+#                    [--student MODEL] [--img-size N] [--pool POOL] [--out DIR] [--force]
 #   DATASET  demo (default: offline, generated images, a stand-in VFM pretrained on the CPU, 5-6 minutes
 #            on 2 cores; it sets its own tiny models and schedules),
 #            eurosat, flowers102, dtd, pets, food101, cifar10, cifar100, stl10, or folder:PATH.
@@ -25,6 +25,9 @@
 #   --pool   a generic image pool (folder, list file, tar shards, or DATASET:SPLIT such as stl10:unlabeled)
 #            adds the kt_generic and kt_retrieval rows. The demo uses demo:unlabeled for kt_generic by
 #            default; `--pool demo:unlabeled` adds kt_retrieval too (a minute more).
+#   --out    the run's directory (default runs/NAME). It holds one configuration (DIR/run.cfg): asking
+#            for other --shots, --seed, models or pool there is refused, since finished steps would be
+#            skipped and their stale outputs reported; use another --out (or --force).
 #   --force  redo every step. Without it a step whose output exists is skipped, so a rerun continues
 #            (and a step that was killed resumes from its .state file).
 # Outputs go to runs/NAME/ (student runs in runs/NAME/sSEED/); the table to runs/NAME/results.md, .json
@@ -34,7 +37,7 @@ cd "$(dirname "$0")"
 
 DATASET=demo
 if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
-SHOTS=10 SEED=0 SEEDS="" POOL="" FORCE=0 IMG_SIZE="" RETRIEVAL=1 VFM_PID=""
+SHOTS=10 SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 IMG_SIZE="" RETRIEVAL=1 VFM_PID=""
 TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -45,6 +48,7 @@ while [[ $# -gt 0 ]]; do
     --student) STUDENT=$2; shift 2 ;;
     --img-size) IMG_SIZE=$2; shift 2 ;;
     --pool) POOL=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
     *) echo "run.sh: unknown argument '$1' (see the header of run.sh)" >&2; exit 2 ;;
   esac
@@ -54,8 +58,32 @@ SEEDS=${SEEDS:-$SEED}
 PY=${PY:-python}
 [[ -x .venv/bin/python && $PY == python ]] && PY=.venv/bin/python
 NAME=${DATASET#folder:}; NAME=$(basename "$NAME")
-OUT=runs/$NAME
+OUT=${OUT:-runs/$NAME}
+for n in $SHOTS $SEED $SEEDS; do
+  [[ $n =~ ^[0-9]+$ ]] || { echo "run.sh: --shots, --seed and --seeds take whole numbers, not '$n'" >&2; exit 2; }
+done
+# One directory, one configuration: a finished step is skipped, so other settings would be answered
+# with the old outputs. (--seeds may change: each seed has its own sSEED/ directory.)
+CONFIG="dataset=$DATASET shots=$SHOTS seed=$SEED teacher=$TEACHER student=$STUDENT img_size=$IMG_SIZE pool=$POOL"
+[[ $DATASET == demo ]] && CONFIG="dataset=demo shots=$SHOTS seed=$SEED pool=${POOL:-demo:unlabeled}"
+HAVE=""
+if [[ -e $OUT/run.cfg ]]; then
+  HAVE=$(cat "$OUT/run.cfg")
+elif [[ -e $OUT/split.json ]]; then  # a directory from before run.cfg: its label budget at least
+  HAVE=$($PY -c 'import json, sys; s = json.load(open(sys.argv[1]))
+print("dataset=%s shots=%s seed=%s" % (s["dataset"], s["shots"], s["seed"]))' "$OUT/split.json")
+  [[ $HAVE == "dataset=$DATASET shots=$SHOTS seed=$SEED" ]] && HAVE=$CONFIG
+fi
+if [[ -n $HAVE && $HAVE != "$CONFIG" ]]; then
+  if [[ $FORCE == 0 ]]; then
+    echo "run.sh: $OUT holds a run of: $HAVE" >&2
+    echo "run.sh: this one asks for:    $CONFIG; use --out DIR for it, or --force to redo $OUT" >&2
+    exit 2
+  fi
+  rm -f "$OUT/split.json"  # --force: the label budget is made again too
+fi
 mkdir -p "$OUT"
+echo "$CONFIG" > "$OUT/run.cfg"
 TASK=(--dataset "$DATASET" --shots "$SHOTS" --seed "$SEED" --split "$OUT/split.json"
       --data-root "${DATA_ROOT:-data}")
 

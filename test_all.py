@@ -876,15 +876,20 @@ done
 """
 
 
-def run_stubbed(tmp_path, *args):
+def run_sh(tmp_path, *args):
+    """run.sh in tmp_path with the stand-in python; returns the finished process."""
     shutil.copy(os.path.join(HERE, "run.sh"), tmp_path / "run.sh")
     stub = tmp_path / "fakepy"
     stub.write_text(STUB)
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    calls = tmp_path / "calls.txt"
-    env = dict(os.environ, PY=str(stub), CALLS=str(calls))
-    subprocess.run(["bash", str(tmp_path / "run.sh"), *args], env=env, check=True, capture_output=True)
-    return [line.split() for line in calls.read_text().splitlines()]
+    env = dict(os.environ, PY=str(stub), CALLS=str(tmp_path / "calls.txt"))
+    return subprocess.run(["bash", str(tmp_path / "run.sh"), *args], env=env, capture_output=True, text=True)
+
+
+def run_stubbed(tmp_path, *args):
+    """The commands run.sh ran, each split into words (all runs so far in tmp_path)."""
+    assert run_sh(tmp_path, *args).returncode == 0
+    return [line.split() for line in (tmp_path / "calls.txt").read_text().splitlines()]
 
 
 def rows_of(calls):
@@ -915,3 +920,14 @@ def test_demo_table_repeats_student_rows_per_seed(tmp_path):
     # a rerun skips every step whose output exists: only the evaluation runs again
     again = run_stubbed(tmp_path, "--seeds", "0 1 2", "--pool", "demo:unlabeled")
     assert [c[0] for c in again[len(calls):]] == ["evaluate.py"]
+
+
+def test_run_sh_keeps_one_configuration_per_directory(tmp_path):
+    n = len(run_stubbed(tmp_path))
+    r = run_sh(tmp_path, "--shots", "5")  # would otherwise skip every step and report the 10-shot table
+    assert r.returncode == 2 and "runs/demo holds a run of: dataset=demo shots=10 seed=0" in r.stderr
+    assert len(run_stubbed(tmp_path, "--seeds", "0 1")) > n  # more seeds: the same configuration
+    calls = run_stubbed(tmp_path, "--shots", "5", "--out", "runs/demo5")
+    assert ["teacher.py", "runs/demo5/teacher.pt"] in [[c[0], c[-2]] for c in calls]  # ... --out PATH --resume
+    assert (tmp_path / "runs/demo5/run.cfg").read_text().startswith("dataset=demo shots=5 ")
+    assert run_sh(tmp_path, "--seed", "x").returncode == 2
