@@ -196,8 +196,11 @@ def cache_meta(d, meta):
     """Write DIR/meta.json, or check that an existing one records the same settings (resume)."""
     path = os.path.join(d, "meta.json")
     if os.path.exists(path):
-        with open(path) as f:
-            have = json.load(f)
+        try:
+            with open(path) as f:
+                have = dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            task.fail(f"{path} is not readable ({type(e).__name__}); use another --cache-teacher directory")
         diff = [k for k in meta if k != "teacher_cost" and have.get(k) != meta[k]]
         if diff:
             task.fail(f"{d} was built with other {', '.join(diff)}; use another --cache-teacher directory")
@@ -242,9 +245,12 @@ def load_cache(d):
     path = os.path.join(d, "meta.json")
     if not os.path.exists(path):
         task.fail(f"{d} holds no teacher cache (no meta.json): build it with --cache-teacher {d}")
-    with open(path) as f:
-        meta = json.load(f)
-    n = math.ceil(len(meta["refs"]) / meta["shard_size"])
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        n = math.ceil(len(meta["refs"]) / meta["shard_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        task.fail(f"{path} is not a teacher cache's meta.json ({type(e).__name__}: {e}); rebuild the cache")
     missing = [s for s in range(n) if not os.path.exists(shard_path(d, s))]
     if missing:
         task.fail(f"{d} has {n - len(missing)} of {n} shards (missing {shard_path(d, missing[0])}): "

@@ -171,8 +171,12 @@ def label_budget(labels, shots, seed):
 def load_split(path, dataset, shots, seed, root="data"):
     """The label budget recorded in split.json: made on first use, then read by every later step."""
     if os.path.exists(path):
-        with open(path) as f:
-            split = json.load(f)
+        try:
+            with open(path) as f:
+                split = json.load(f)
+            split["labeled"], split["classes"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail(f"{path} is not a split file ({_first_line(e)}); delete it or use another --split path")
         want = {"dataset": dataset, "shots": shots, "seed": seed}
         have = {k: split.get(k) for k in want}
         if have != want:
@@ -486,7 +490,8 @@ def load_checkpoint(path, kinds=None, made_by=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        fail(f"{path} is not a readable checkpoint ({type(e).__name__}): checkpoints here are plain dicts "
+             "that torch.load(weights_only=True) reads")
     if kinds and ckpt.get("kind") not in kinds:
         fail(f"{path} is a '{ckpt.get('kind')}' checkpoint, expected one of {list(kinds)}")
     return ckpt

@@ -239,6 +239,13 @@ def test_bad_inputs_fail_with_one_line_and_keep_files(pipeline, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((d / "teacher.pt").read_bytes()[:1000])
     cases.append((evaluate, ["--dataset", "demo", f"t={truncated}", "--out", keep], "not a readable"))
+    (tmp_path / "bad_split.json").write_text("{not json")
+    cases.append((student, ["--split", tmp_path / "bad_split.json", "--model", "test_resnet", "--out", keep],
+                  "bad_split.json is not a split file \\(JSONDecodeError"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache/meta.json").write_text("{}")
+    cases.append((distill, ["--from-cache", tmp_path / "cache", "--student", d / "student.pt", "--out", keep],
+                  "not a teacher cache's meta.json \\(KeyError"))
     for module, argv, message in cases:
         with pytest.raises(SystemExit, match=message) as e:
             run(module, *argv)
