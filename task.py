@@ -510,6 +510,8 @@ def setup(seed):
     rank = int(os.environ.get("RANK", 0))
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            fail(f"local rank {local} but {torch.cuda.device_count()} GPU(s) on this node: lower --nproc_per_node")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

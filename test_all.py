@@ -550,6 +550,13 @@ def test_empty_transfer_set_fails_and_keeps_out(tmp_path):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def cpu(monkeypatch):
+    """Run in-process steps on the CPU even on a GPU machine: the test's claims (bitwise equality, fp32
+    tolerances) are CPU claims. The CUDA paths have their own tests below."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -596,7 +603,7 @@ def test_topk_loss_is_kl_to_the_renormalised_top_k_and_zero_at_the_match():
 
 
 # ---------------------------------------------------------------------------- the teacher cache
-def test_cached_replay_reproduces_the_teachers_view(tiny, tmp_path):
+def test_cached_replay_reproduces_the_teachers_view(tiny, tmp_path, cpu):
     cache = tmp_path / "cache"
     run(distill, *cache_args(tiny, cache, "--cache-only"))
     meta, c, cost = distill.load_cache(cache)
@@ -617,7 +624,7 @@ def test_cached_replay_reproduces_the_teachers_view(tiny, tmp_path):
     assert not torch.equal(x[0], x[1]) and (c["box"][..., 0] + c["box"][..., 2] <= 32).all()
 
 
-def test_cache_resumes_at_the_missing_shard_and_refuses_other_settings(tiny, tmp_path):
+def test_cache_resumes_at_the_missing_shard_and_refuses_other_settings(tiny, tmp_path, cpu):
     cache = tmp_path / "cache"
     run(distill, *cache_args(tiny, cache, "--cache-only", "--cache-part", "0/2"))  # one of two jobs
     assert sorted(os.listdir(cache)) == ["meta.json", "shard_00000.pt", "shard_00002.pt"]
@@ -634,7 +641,7 @@ def test_cache_resumes_at_the_missing_shard_and_refuses_other_settings(tiny, tmp
         run(distill, "--student", tiny / "student.pt", "--from-cache", tmp_path / "nothing", "--out", tmp_path / "x.pt")
 
 
-def test_distill_from_cache_needs_no_teacher_and_is_deterministic(tiny, tmp_path):
+def test_distill_from_cache_needs_no_teacher_and_is_deterministic(tiny, tmp_path, cpu):
     cache = tmp_path / "cache"
     run(distill, *cache_args(tiny, cache, "--cache-only"))
     (tiny / "teacher_gone.pt").write_bytes(b"")  # --teacher is ignored: replay never reads it
@@ -652,7 +659,7 @@ def test_distill_from_cache_needs_no_teacher_and_is_deterministic(tiny, tmp_path
 def torchrun(script, *argv):
     """Run a step under torchrun with 2 CPU processes (gloo); returns its stderr, failing on a non-zero exit."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *argv]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU + gloo, also on a 1-GPU machine
     r = subprocess.run(list(map(str, cmd)), cwd=HERE, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stderr.count("wrote") == 1  # rank 0 alone logs and writes
@@ -800,6 +807,19 @@ def test_cuda_compiled_distillation_saves_plain_weights(tiny, tmp_path):
     ckpt = task.load_checkpoint(out, kinds=("student",))  # compiled weights save under their plain names
     assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
     assert math.isfinite(ckpt["metrics"]["distill_loss"]) and ckpt["cost"][-1]["steps"] == 12
+
+
+@cuda
+def test_cuda_cache_is_built_and_replayed_on_the_gpu(tiny, tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "kt.pt"
+    run(distill, *cache_args(tiny, cache, "--cache-only"))
+    meta, c, cost = distill.load_cache(cache)
+    assert c["prob"].dtype == torch.float16 and torch.isfinite(c["prob"].float()).all()
+    assert (c["prob"].float().sum(-1) <= 1.01).all() and cost["images"] == 24 * 3
+    run(distill, "--student", tiny / "student.pt", "--from-cache", cache, "--epochs", 3, "--batch-size", 8,
+        "--workers", 2, "--out", out)
+    ckpt = task.load_checkpoint(out, kinds=("student",))
+    assert math.isfinite(ckpt["metrics"]["distill_loss"]) and ckpt["cost"][-1]["teacher_images"] == 0
 
 
 # ====================================================================================================
