@@ -66,14 +66,7 @@ done
 # with the old outputs. (--seeds may change: each seed has its own sSEED/ directory.)
 CONFIG="dataset=$DATASET shots=$SHOTS seed=$SEED teacher=$TEACHER student=$STUDENT img_size=$IMG_SIZE pool=$POOL"
 [[ $DATASET == demo ]] && CONFIG="dataset=demo shots=$SHOTS seed=$SEED pool=${POOL:-demo:unlabeled}"
-HAVE=""
-if [[ -e $OUT/run.cfg ]]; then
-  HAVE=$(cat "$OUT/run.cfg")
-elif [[ -e $OUT/split.json ]]; then  # a directory from before run.cfg: its label budget at least
-  HAVE=$($PY -c 'import json, sys; s = json.load(open(sys.argv[1]))
-print("dataset=%s shots=%s seed=%s" % (s["dataset"], s["shots"], s["seed"]))' "$OUT/split.json")
-  [[ $HAVE == "dataset=$DATASET shots=$SHOTS seed=$SEED" ]] && HAVE=$CONFIG
-fi
+HAVE=$(cat "$OUT/run.cfg" 2>/dev/null || true)
 if [[ -n $HAVE && $HAVE != "$CONFIG" ]]; then
   if [[ $FORCE == 0 ]]; then
     echo "run.sh: $OUT holds a run of: $HAVE" >&2

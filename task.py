@@ -79,35 +79,28 @@ def _labels(ds):
     return [int(ds[i][1]) for i in range(len(ds))]
 
 
-class ImageFolderChecked:
+def _folder(root, split):
     """`folder:PATH` datasets: PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/."""
-
-    def __new__(cls, root, split):
-        from torchvision.datasets import ImageFolder
-        path = os.path.join(root, split)
-        if not os.path.isdir(path):
-            fail(f"folder dataset {root} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
-        try:
-            return ImageFolder(path)
-        except (FileNotFoundError, RuntimeError) as e:
-            fail(f"folder dataset {path}: {e}")
+    from torchvision.datasets import ImageFolder
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        fail(f"folder dataset {root} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
+    try:
+        return ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        fail(f"folder dataset {path}: {e}")
 
 
-_CACHE = {}
-
-
+@functools.lru_cache(maxsize=None)
 def load_dataset(name, split, root="data", download=True):
     """(dataset, labels, classes) for one split; dataset[i] -> (PIL RGB image, int label). Cached."""
-    key = (name, split, root)
-    if key in _CACHE:
-        return _CACHE[key]
     if name == "demo":
         import demo
         ds = demo.Shapes(split)
     elif name.startswith("folder:"):
-        ds = ImageFolderChecked(name[len("folder:"):], split)
+        ds = _folder(name[len("folder:"):], split)
         if split != "train":
-            train_classes = ImageFolderChecked(name[len("folder:"):], "train").classes
+            train_classes = _folder(name[len("folder:"):], "train").classes
             if ds.classes != train_classes:
                 fail(f"{name}: {split}/ classes {ds.classes} differ from train/ classes {train_classes}")
     elif name in TORCHVISION:
@@ -119,8 +112,7 @@ def load_dataset(name, split, root="data", download=True):
     else:
         fail(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)} or folder:PATH")
     classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
-    _CACHE[key] = (ds, _labels(ds), [str(c) for c in classes])
-    return _CACHE[key]
+    return ds, _labels(ds), [str(c) for c in classes]
 
 
 def open_image(ref, root="data"):

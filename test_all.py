@@ -1,7 +1,12 @@
-"""Tests: the concepts (KD loss, label budget, checkpoints, transforms), the pipeline end to end on the
-generated demo data with tiny random models, resume after a kill, bad inputs; then transfer sets and
-retrieval, speed and scale (cache, torchrun; CUDA checks skip without a GPU), and the paper's comparison
-(task-agnostic loss, demo stand-in, run.sh's table). Offline; CPU only here.
+"""Tests, offline, on generated demo data and tiny random models (CUDA tests skip without a GPU).
+
+Read a section at a time; each opens with a banner:
+  1. the method and the pipeline: KD loss, label budget, checkpoints, transforms; the five steps end to
+     end; SIGKILL and resume; bad input (one line, nothing lost)
+  2. transfer sets and retrieval (transfer_set.py): exact top-k, resumable embedding cache, filters, pools
+  3. speed and scale: the top-k cache loss and replay, torchrun (2 gloo processes), ranks stopping
+     together, no host reads in the step, bench.py, then the CUDA-only checks
+  4. the paper's comparison: the task-agnostic loss, the demo's stand-in VFM, run.sh's table and run.cfg
 
 Run: python -m pytest -q test_all.py
 """
@@ -46,6 +51,27 @@ def task_args(d):
     return ["--dataset", "demo", "--shots", 4, "--seed", 0, "--split", d / "split.json"]
 
 
+def random_checkpoint(path, kind, arch, classes):
+    """A step's checkpoint of a random tiny timm model at 32 px (classes: the task's class names)."""
+    model, recipe, cfg = task.create_model(arch, len(classes), img_size=32)
+    task.save_checkpoint(dict(kind=kind, recipe=recipe, data_config=cfg, classes=classes,
+                              model=model.state_dict(), cost=[]), path)
+
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                              "head_width": 32},
+             "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+
+
+def tiny_clip(d):
+    """A tiny random OpenCLIP config file, d/tiny-clip.json: `open_clip:d/tiny-clip.json` names it."""
+    (d / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    return d / "tiny-clip.json"
+
+
+# ====================================================================================================
+# the method and the pipeline
+# ====================================================================================================
 # ------------------------------------------------------------------------------------------ concepts
 def test_kd_loss_is_zero_when_logits_match_and_positive_otherwise():
     t = torch.randn(8, 5)
@@ -111,12 +137,7 @@ def test_transforms_follow_each_models_data_config():
 
 
 def test_open_clip_tower_uses_its_own_preprocessing(tmp_path):
-    path = tmp_path / "tiny-clip.json"
-    path.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32,
-                                "patch_size": 8, "head_width": 16},
-                                "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16,
-                                             "heads": 2, "layers": 1}}))
-    model, recipe, cfg = task.create_model(f"open_clip:{path}", 4)
+    model, recipe, cfg = task.create_model(f"open_clip:{tiny_clip(tmp_path)}", 4)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     assert cfg["input_size"] == [3, 32, 32] and abs(cfg["mean"][0] - 0.4815) < 1e-3  # OpenAI CLIP mean
     ckpt = dict(recipe=recipe, model=model.state_dict())
@@ -231,9 +252,7 @@ def test_bad_inputs_fail_with_one_line_and_keep_files(pipeline, tmp_path):
     cases.append((distill, ["--teacher", d / "teacher.pt", "--student", d / "student.pt", "--transfer", empty,
                             "--out", keep], "is empty"))
     other = tmp_path / "other.pt"  # a student for a 3-class task given to the 10-class demo teacher
-    model, recipe, cfg = task.create_model("test_resnet", 3, img_size=32)
-    task.save_checkpoint(dict(kind="student", recipe=recipe, data_config=cfg, classes=["a", "b", "c"],
-                              model=model.state_dict(), cost=[]), other)
+    random_checkpoint(other, "student", "test_resnet", ["a", "b", "c"])
     cases.append((distill, ["--teacher", d / "teacher.pt", "--student", other, "--transfer",
                             d / "transfer.txt", "--out", keep], "teacher has 10 classes, student 3"))
     truncated = tmp_path / "truncated.pt"
@@ -308,11 +327,7 @@ def test_downloads_offline_are_one_line_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit, match="pretrained weights of resnet18 .*unreachable.*--weights PATH"):
         task.create_model("resnet18", 10, pretrained=True)
-    cfg = tmp_path / "tiny-clip.json"
-    cfg.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
-                               "patch_size": 8, "head_width": 16},
-                               "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16,
-                                            "heads": 2, "layers": 1}}))
+    cfg = tiny_clip(tmp_path)
     with pytest.raises(SystemExit, match="could not get the 'nosuchtag' weights of tiny-clip.*--weights PATH"):
         task.create_model(f"open_clip:{cfg}/nosuchtag", 10, pretrained=True)
     with pytest.raises(SystemExit, match="weights file .*missing.bin not found"):
@@ -352,18 +367,12 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
 # ====================================================================================================
 # transfer sets and retrieval (transfer_set.py)
 # ====================================================================================================
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
-                                              "head_width": 32},
-             "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
-
-
 def run_ts(tmp_path, *extra, cache=None, out="out/transfer.txt"):
     """Run the step in-process on demo (1 shot: 10 queries) -> (transfer list lines, report or None).
 
     The embedding cache is shared by the tests of a session (the queries and the 400 test images are
     embedded once), except where a test names its own."""
-    cfg = tmp_path / "tiny-clip.json"
-    cfg.write_text(json.dumps(TINY_CLIP))
+    cfg = tiny_clip(tmp_path)
     out = tmp_path / out
     # random embeddings of a random net are all alike (cos ~0.9): only true copies pass 0.999
     argv = ["--dataset", "demo", "--shots", "1", "--split", str(tmp_path / "split.json"),
@@ -520,9 +529,7 @@ def test_target_and_generic_sources_on_demo(tmp_path):
 
 
 def test_teacher_backbone_embedding(tmp_path):
-    model, recipe, cfg = task.create_model("test_vit", 10, img_size=32)
-    task.save_checkpoint(dict(kind="teacher", recipe=recipe, model=model.state_dict(), data_config=cfg),
-                         tmp_path / "teacher.pt")
+    random_checkpoint(tmp_path / "teacher.pt", "teacher", "test_vit", [str(c) for c in range(10)])
     demo_pool(tmp_path / "pool", 6)
     lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", str(tmp_path / "pool"), "--k", "2",
                         "--embed", f"teacher:{tmp_path / 'teacher.pt'}", "--leak-threshold", "2")
@@ -562,12 +569,9 @@ def cpu(monkeypatch):
 def tiny(tmp_path_factory):
     """A random 10-class test_vit teacher, a test_resnet student (32 px) and 24 demo transfer images."""
     d = tmp_path_factory.mktemp("speed")
-    classes = [str(c) for c in range(10)]
     for kind, arch in (("teacher", "test_vit"), ("student", "test_resnet")):
         torch.manual_seed(0)
-        model, recipe, cfg = task.create_model(arch, 10, img_size=32)
-        task.save_checkpoint(dict(kind=kind, recipe=recipe, data_config=cfg, classes=classes,
-                                  model=model.state_dict(), cost=[]), d / f"{kind}.pt")
+        random_checkpoint(d / f"{kind}.pt", kind, arch, [str(c) for c in range(10)])
     (d / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(24)))
     return d
 
