@@ -6,11 +6,11 @@ forward throughput alone. This script measures, for one teacher, one student and
 images per second of:
 
   (a) teacher forward alone        inference mode + autocast, as distill.py runs it
-  (b) student training step alone  cross-entropy on labels (= the top-1 sparse loss), as shipped
+  (b) student training step alone  distill_cached.student_step on one-hot labels (top-1 = cross-entropy)
   (c) distillation, naive          fp32 (TF32 off: PyTorch's defaults), NCHW, no compile, foreach AdamW
   (d) distillation, as shipped     distill.teacher_logits + distill.student_step: bf16/fp16 autocast,
                                    channels_last for a conv student, fused AdamW, --compile if given
-  (e) distillation from the cache  distill.student_step on cached top-k targets (copied host -> device)
+  (e) distillation from the cache  distill_cached.student_step on cached top-k (copied host -> device)
 
 and prints the ratios d/a (target >= 0.70 on an H100), d/c (>= 3) and e/b (>= 0.80), and the serial
 bound 1 / (1/a + 1/b) that online distillation cannot beat while teacher and student take turns.
@@ -30,8 +30,11 @@ from contextlib import nullcontext
 
 import torch
 
+import checkpoints
 import distill
-import task
+import distill_cached
+import models
+import training
 
 
 def measure(step, steps, warmup, batch, device):
@@ -65,21 +68,21 @@ def get_args_parser():
 
 
 def main(args):
-    device, _, _ = task.setup(0)  # as distill.py: TF32 on for any fp32 matmul on a GPU
-    autocast, scaler = task.amp(device)
+    device, _, _ = training.setup(0)  # as distill.py: TF32 on for any fp32 matmul on a GPU
+    autocast, scaler = training.amp(device)
     B, S, C = args.batch_size, args.img_size, args.classes
-    teacher, _, t_cfg = task.create_model(args.teacher, C, img_size=S)
-    student, _, s_cfg = task.create_model(args.student, C, img_size=S)
+    teacher, _, t_cfg = models.create_model(args.teacher, C, img_size=S)
+    student, _, s_cfg = models.create_model(args.student, C, img_size=S)
     teacher = teacher.to(device).eval().requires_grad_(False)
     naive_student = copy.deepcopy(student).to(device).train()
-    student, fast_teacher, channels_last = distill.prepare(student.to(device).train(), teacher, device,
-                                                           args.compile)
+    student, channels_last = training.prepare(student.to(device).train(), device, compile=args.compile)
+    fast_teacher = torch.compile(teacher) if args.compile else teacher
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
     naive_opt = torch.optim.AdamW(naive_student.parameters(), lr=1e-4)
     fp32 = torch.amp.GradScaler(device.type, enabled=False)
 
     x = torch.rand(B, 3, S, S, device=device)  # views in [0, 1], as the loader delivers them
-    labels = (torch.ones(B, 1, device=device), torch.randint(0, C, (B, 1), device=device))  # one-hot top-1
+    one, top1 = torch.ones(B, 1, device=device), torch.randint(0, C, (B, 1), device=device)  # one-hot labels
     k = min(args.topk, C)
     pin = device.type == "cuda"
     prob = torch.rand(B, k).softmax(-1).half().pin_memory() if pin else torch.rand(B, k).softmax(-1).half()
@@ -90,7 +93,7 @@ def main(args):
         distill.teacher_logits(fast_teacher, x, t_cfg, autocast)
 
     def student_alone():
-        distill.student_step(student, opt, scaler, autocast, x, s_cfg, labels, 1.0, channels_last)
+        distill_cached.student_step(student, opt, scaler, autocast, x, s_cfg, one, top1, 1.0, channels_last)
 
     def naive():
         t = distill.teacher_logits(teacher, x, t_cfg, nullcontext)
@@ -101,8 +104,8 @@ def main(args):
         distill.student_step(student, opt, scaler, autocast, x, s_cfg, t, 1.0, channels_last)
 
     def cached():
-        target = [prob.to(device, non_blocking=True), cls.to(device, non_blocking=True)]
-        distill.student_step(student, opt, scaler, autocast, x, s_cfg, target, 1.0, channels_last)
+        p, c = prob.to(device, non_blocking=True), cls.to(device, non_blocking=True)
+        distill_cached.student_step(student, opt, scaler, autocast, x, s_cfg, p, c, 1.0, channels_last)
 
     modes = dict(a_teacher=("(a) teacher forward alone", teacher_alone),
                  b_student=("(b) student training step alone", student_alone),
@@ -137,7 +140,7 @@ def main(args):
     print(f"serial bound 1/(1/a + 1/b) = {serial:.1f} img/s (d/a at most {serial / table['a_teacher']:.2f}); "
           f"d reaches {r['d_over_serial']:.2f} of it")
     if args.out:
-        task.atomic_write(args.out, lambda f: f.write(json.dumps(dict(
+        checkpoints.atomic_write(args.out, lambda f: f.write(json.dumps(dict(
             args=vars(args), device=name, torch=torch.__version__, img_per_s=table, ratios=r), indent=1).encode()))
     return table
 

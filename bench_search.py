@@ -6,7 +6,7 @@ pipeline against the encoder alone.
    pool. Here it runs on the same random unit vectors as faiss.IndexFlatIP (exact inner product, the
    usual reference); we check that both return the same neighbours (an index may differ only where two
    scores tie to float rounding) and time each, best of --repeats, interleaved (a shared machine is noisy).
-2. Embedding throughput. transfer_set.embed (JPEG decoding in DataLoader workers, the encoder, the cached
+2. Embedding throughput. embeddings.embed_shards (JPEG decoding in DataLoader workers, the encoder, the cached
    shards) against the encoder's forward pass alone on the same, already decoded images: a ratio near 1
    means data loading is not the bottleneck. On CPU a small OpenCLIP config stands in for ViT-L-14.
 
@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import task
+import data
+import embeddings
 import transfer_set
 
 BENCH_CLIP = {"embed_dim": 256, "vision_cfg": {"image_size": 96, "layers": 6, "width": 256, "patch_size": 16,
@@ -81,7 +82,7 @@ def bench_search(args):
 def bench_embedding(args):
     from PIL import Image
     tmp = tempfile.mkdtemp(prefix="bench_search_")
-    ds = task.load_dataset("demo", "unlabeled")[0]
+    ds = data.load_dataset("demo", "unlabeled")[0]
     refs = []
     for n in range(args.images):  # JPEGs at a web-like size, so decoding and resizing cost what they do
         refs.append(os.path.join(tmp, f"{n:06d}.jpg"))
@@ -91,7 +92,7 @@ def bench_embedding(args):
     ts_args = transfer_set.get_args_parser().parse_args(
         ["--cache-dir", os.path.join(tmp, "cache"), "--batch-size", str(args.batch_size),
          "--workers", str(args.workers), "--shard-size", str(args.images)])
-    emb = transfer_set.Embedder(f"open_clip:{tmp}/bench-clip.json", pretrained="none")
+    emb = embeddings.Encoder(f"open_clip:{tmp}/bench-clip.json", pretrained="none")
     cpu = torch.device("cpu")
     x = torch.stack([emb.transform(Image.open(r).convert("RGB")) for r in refs])  # decoded beforehand
     with torch.no_grad():
@@ -101,7 +102,7 @@ def bench_embedding(args):
             F.normalize(emb.fn(x[a:a + args.batch_size]).float(), dim=-1).half()
         forward = len(x) / (time.perf_counter() - t)
     t = time.perf_counter()
-    transfer_set.embed(refs, "pool", "bench", emb, ts_args, cpu, 0, 1)
+    embeddings.embed_shards(refs, "pool", "bench", emb, ts_args, cpu, 0, 1)
     pipeline = len(x) / (time.perf_counter() - t)
     print(f"embedding {args.images} JPEGs of {args.image_px}px, encoder {BENCH_CLIP['vision_cfg']}, "
           f"batch {args.batch_size}, {args.workers} workers:")

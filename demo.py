@@ -1,31 +1,17 @@
-"""The offline demo's data and its stand-in foundation model, so `bash run.sh` runs with no download.
+"""The offline demo: its generated dataset, and the stand-in foundation model pretrained on the CPU.
 
-The demo task, `Shapes(split)`: 10 classes of shapes and patterns (circle, square, triangle, ...), drawn
-in a random colour, size and position on a noisy background, 32x32 RGB. Image i of a split is generated
-from (split, i) alone, so every process sees the same images and nothing is stored on disk.
-Splits: train (120 per class; split.json picks the few labeled ones, the rest is the task's own
-unlabeled pool), test (40 per class), unlabeled (a *generic* pool, see `pool_kind`).
+`--dataset demo` (data.py loads it through dataset(split)): 10 classes of shapes and patterns in random
+colours, sizes and positions on a noisy background, 32x32; image i of a split is drawn from (split, i)
+alone. Splits: train (120 per class), test (40 per class), unlabeled (a generic pool, see pool_kind).
+No VFM weights can be downloaded offline, so `python demo.py --out FILE` pretrains a miniature one: a
+small timm network trained with labels on BROAD_CLASSES (stars, arrows, spirals, letters, ...: none a task
+class). Its weights are an ordinary timm file for `teacher.py --weights FILE`. Nothing else needs this file.
 
-The stand-in VFM. Vemulapalli et al. (ICML 2024, arXiv 2311.18237) transfer knowledge from a vision
-foundation model: a large network pretrained on a broad image collection, never on the target task.
-No such weights can be downloaded offline, so `python demo.py --out FILE` makes a miniature one: it
-pretrains a small timm network (test_resnet, 0.37M parameters), on one CPU core, in about a minute, with
-labels on the *broad pool*, BROAD_CLASSES: stars, polygons, arrows, crescents, spirals, waves, grids,
-letters, digits, ... none of them a task class.
-What it learns there (edges, corners, curvature, periodic texture) is what finetuning on 10 labels per
-task class then builds on, as a real VFM's features are. The same routine, on a fifth of the images for half
-the epochs, makes the demo's stand-in 'ImageNet' initialisation of the student.
-The file is timm weights: `teacher.py --weights FILE` / `student.py --weights FILE` load it, and timm
-drops its BROAD_CLASSES head because the task has another number of classes.
-
-Only task.load_dataset('demo', ...) and run.sh's demo branch use this file; the real pipeline never does.
-Run:    python demo.py --arch test_resnet --img-size 32 --per-class 100 --epochs 15 \
-            --out runs/demo/standin_vfm.pth
+Run:    python demo.py --arch test_resnet --img-size 32 --per-class 100 --epochs 15 --out runs/demo/standin_vfm.pth
         python demo.py --preview runs/demo/preview.png   (a grid: task classes, broad pool, generic pool)
 """
 import argparse
 import math
-import string
 import time
 
 import numpy as np
@@ -210,6 +196,11 @@ class Shapes:
         return draw(kind, rng), self.targets[i]
 
 
+def dataset(split):
+    """The demo's split for data.load_dataset('demo', split)."""
+    return Shapes(split)
+
+
 def broad_pool(per_class, offset=0):
     """The labeled broad pool, BROAD_CLASSES x per_class images: uint8 (N, 32, 32, 3) and labels (N,).
     Seeds 4e7 + offset + i: disjoint from every task split and from the generic pool."""
@@ -242,10 +233,11 @@ def pretrain(arch, img_size, per_class, epochs, batch_size, lr, seed, log=print)
     DataLoader, no PIL per step, so a few thousand images x tens of epochs fit in about a minute."""
     import torch
     import torch.nn.functional as F
-    import task
+    import models
+    import training
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model, _, cfg = task.create_model(arch, len(BROAD_CLASSES), img_size=img_size)
+    model, _, cfg = models.create_model(arch, len(BROAD_CLASSES), img_size=img_size)
     images, labels = broad_pool(per_class)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (N, 3, 32, 32)
     y_all = torch.from_numpy(labels)
@@ -263,8 +255,8 @@ def pretrain(arch, img_size, per_class, epochs, batch_size, lr, seed, log=print)
             order = torch.randperm(len(x_all), generator=gen)
         idx = order[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
         for g in opt.param_groups:
-            g["lr"] = lr * task.cosine_lr(step, total, max(1, total // 20))
-        logits = model(task.normalize(augment(x_all[idx], gen), cfg))  # (B, len(BROAD_CLASSES))
+            g["lr"] = lr * training.cosine_lr(step, total, max(1, total // 20))
+        logits = model(models.normalize(augment(x_all[idx], gen), cfg))  # (B, len(BROAD_CLASSES))
         loss = F.cross_entropy(logits, y_all[idx], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -273,7 +265,7 @@ def pretrain(arch, img_size, per_class, epochs, batch_size, lr, seed, log=print)
             log(f"  epoch {(step + 1) // per_epoch}/{epochs} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
     with torch.inference_mode():
-        pred = model(task.normalize(val_x, cfg)).argmax(-1)
+        pred = model(models.normalize(val_x, cfg)).argmax(-1)
     return model.state_dict(), 100 * float((pred == torch.from_numpy(val_y)).float().mean())
 
 
@@ -312,13 +304,14 @@ def main(args):
     if args.preview:
         return preview(args.preview)
     import torch
-    import task
+    import checkpoints
+    import training
     if args.threads:
         torch.set_num_threads(args.threads)
     state, acc = pretrain(args.arch, args.img_size, args.per_class, args.epochs, args.batch_size, args.lr,
-                          args.seed, log=lambda m: task.log(0, m))
-    task.save_checkpoint(state, args.out)
-    task.log(0, f"wrote {args.out}: {args.arch} pretrained on {len(BROAD_CLASSES)} broad classes, "
+                          args.seed, log=lambda m: training.log(0, m))
+    checkpoints.save_checkpoint(state, args.out)
+    training.log(0, f"wrote {args.out}: {args.arch} pretrained on {len(BROAD_CLASSES)} broad classes, "
                 f"held-out top-1 {acc:.1f}% (chance {100 / len(BROAD_CLASSES):.1f}%)")
 
 

@@ -1,16 +1,12 @@
 """Step 6, evaluation: every model on the task's test split, side by side with what it cost.
 
-For each checkpoint: top-1 accuracy, mean per-class accuracy (the paper's metric for unbalanced sets
-such as Flowers102 and Pets), parameters, GFLOPs per image, images/s on this device, and what training
-it took (steps x images per step for each stage, and wall time), so the paper's claims (Vemulapalli et
-al., ICML 2024, arXiv 2311.18237, Sec. 4: task-oriented transfer beats ImageNet, CLIP and DINO
-pretraining and task-agnostic distillation of the student with few labels) can be checked on one's own
-runs and hardware.
+For each checkpoint: top-1 and mean per-class accuracy (the metric for unbalanced test sets), parameters,
+GFLOPs per image, images/s on this device, and the training it took (steps x batch per stage, wall time).
+Runs named NAME@SEED are one row: mean ± std over the seeds.
 
 Reads:  checkpoints (any step's), the dataset's test split.
 Writes: results.json ({rows: {name: metrics}, runs: {...}}), results.md (the table, also printed) and
-        results.png (a bar chart, when matplotlib is installed). Runs named NAME@SEED are one row:
-        mean ± std over the seeds.
+        results.png (a bar chart, when matplotlib is installed).
 Run:    python evaluate.py --dataset eurosat teacher=runs/eurosat/teacher.pt kt=runs/eurosat/student_kt_ft.pt
 """
 import argparse
@@ -22,7 +18,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import task
+import checkpoints
+import data
+import models
+import training
+from checks import fail, nonnegative, positive
 
 
 @torch.inference_mode()
@@ -110,30 +110,30 @@ def get_args_parser():
                    "kt@0=... kt@1=... are seeds of one row")
     p.add_argument("--dataset", default="demo", help="see teacher.py --help")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--batch-size", type=task.positive, default=128)
-    p.add_argument("--workers", type=task.nonnegative, default=4)
+    p.add_argument("--batch-size", type=positive, default=128)
+    p.add_argument("--workers", type=nonnegative, default=4)
     p.add_argument("--out", default="runs/demo/results.json", help="also writes the .md table beside it")
     return p
 
 
 def main(args):
-    device, _, _ = task.setup(0)
-    autocast, _ = task.amp(device)
+    device, _, _ = training.setup(0)
+    autocast, _ = training.amp(device)
     pairs = [c.partition("=") for c in args.checkpoints]
     if any(not name or not sep or not path for name, sep, path in pairs):
-        task.fail("checkpoints are given as NAME=PATH, e.g. kt=runs/demo/student_kt_ft.pt")
+        fail("checkpoints are given as NAME=PATH, e.g. kt=runs/demo/student_kt_ft.pt")
     paths = {name: path for name, _, path in pairs}
-    ckpts = {name: task.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
-    refs, labels = task.split_refs(args.dataset, "test", root=args.data_root)
-    classes = task.load_dataset(args.dataset, "test", args.data_root)[2]
+    ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
+    refs, labels = data.split_refs(args.dataset, "test", root=args.data_root)
+    classes = data.load_dataset(args.dataset, "test", args.data_root)[2]
     results = {}
     for name, ckpt in ckpts.items():
         if ckpt["classes"] != classes:
-            task.fail(f"{name} was trained on {len(ckpt['classes'])} classes, {args.dataset} has "
+            fail(f"{name} was trained on {len(ckpt['classes'])} classes, {args.dataset} has "
                       f"{len(classes)}")
-        model = task.load_model(ckpt).to(device).eval()
-        data = task.Images(refs, labels, task.transform(ckpt["data_config"], train=False), args.data_root)
-        loader = torch.utils.data.DataLoader(data, args.batch_size, num_workers=args.workers)
+        model = models.load_model(ckpt).to(device).eval()
+        images = data.Images(refs, labels, models.transform(ckpt["data_config"], train=False), args.data_root)
+        loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=args.workers)
         top1, mean_class = accuracy(model, loader, len(classes), device, autocast)
         gflops, ips = speed(model, ckpt["data_config"], device, autocast)
         cost = ckpt.get("cost", [])
@@ -143,13 +143,13 @@ def main(args):
             training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in cost) or "none",
             train_images=sum(c["images"] for c in cost), train_wall_s=sum(c["wall_s"] for c in cost),
             device=str(device), checkpoint=paths[name])
-        task.log(0, f"{name}: top-1 {top1:.2f}  mean/class {mean_class:.2f}")
+        training.log(0, f"{name}: top-1 {top1:.2f}  mean/class {mean_class:.2f}")
     table = summarize(results)
     md, stem = markdown(table), os.path.splitext(args.out)[0]
-    task.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))
-    task.atomic_write(stem + ".md", lambda f: f.write(md.encode()))
+    checkpoints.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))
+    checkpoints.atomic_write(stem + ".md", lambda f: f.write(md.encode()))
     if bar_chart(table, stem + ".png"):
-        task.log(0, f"wrote {stem}.png")
+        training.log(0, f"wrote {stem}.png")
     print(md)
     return table
 

@@ -115,8 +115,8 @@ else
   T_ARGS=() D_ARGS=() F_ARGS=() R_ARGS=() E_ARGS=() D_EPOCHS=20 KT_LR=1e-4
 fi
 S_SIZE_ARG=(); [[ -n $S_SIZE ]] && S_SIZE_ARG=(--img-size "$S_SIZE")
-# student.py / finetune.py take the label budget from --seed; --train-seed seeds the init and the
-# training, so that --seeds varies those and nothing else.
+# --seed picks the labeled images in every step; --train-seed seeds initialisation and training, so that
+# --seeds varies those and nothing else.
 
 step "$OUT/transfer_target.txt" $PY transfer_set.py "${TASK[@]}" --source target \
   --out "$OUT/transfer_target.txt"
@@ -152,7 +152,7 @@ done
 if [[ -n $VFM_PID ]] && ! wait "$VFM_PID"; then
   tail -5 "$OUT/standin_vfm.log" >&2; exit 1
 fi
-step "$OUT/teacher.pt" $PY teacher.py "${TASK[@]}" --model "$TEACHER" --img-size "$T_SIZE" \
+step "$OUT/teacher.pt" $PY teacher.py "${TASK[@]}" --train-seed "$SEED" --model "$TEACHER" --img-size "$T_SIZE" \
   --weights "$VFM_WEIGHTS" "${T_ARGS[@]}" --out "$OUT/teacher.pt" --resume
 if [[ -n $POOL && $RETRIEVAL == 1 ]]; then  # the pool's images nearest the labeled ones
   step "$OUT/transfer_retrieval.txt" $PY transfer_set.py "${TASK[@]}" --source retrieval --pool "$POOL" \
@@ -166,7 +166,7 @@ for s in $SEEDS; do
   FT=("${TASK[@]}" --train-seed "$s" "${F_ARGS[@]}")
   for set in "${SETS[@]}"; do  # task-oriented transfer: match the finetuned teacher's predictions
     step "$D/student_kt_$set.pt" $PY distill.py --teacher "$OUT/teacher.pt" --student "$D/student_scratch.pt" \
-      --transfer "$OUT/transfer_$set.txt" --seed "$s" --epochs "$(epochs_for "$set")" "${D_ARGS[@]}" \
+      --transfer "$OUT/transfer_$set.txt" --train-seed "$s" --epochs "$(epochs_for "$set")" "${D_ARGS[@]}" \
       --out "$D/student_kt_$set.pt" --resume
     step "$D/student_kt_${set}_ft.pt" $PY finetune.py "${FT[@]}" --student "$D/student_kt_$set.pt" \
       --lr "$KT_LR" --out "$D/student_kt_${set}_ft.pt" --resume
@@ -175,7 +175,7 @@ for s in $SEEDS; do
   # task-agnostic: match the frozen (not finetuned) VFM's embedding, same transfer set and budget
   step "$D/student_agnostic.pt" $PY distill_agnostic.py --vfm "$TEACHER" --vfm-weights "$VFM_WEIGHTS" \
     --img-size "$T_SIZE" --student "$D/student_scratch.pt" --transfer "$OUT/transfer_target.txt" \
-    --seed "$s" --epochs "$D_EPOCHS" "${D_ARGS[@]}" --out "$D/student_agnostic.pt" --resume
+    --train-seed "$s" --epochs "$D_EPOCHS" "${D_ARGS[@]}" --out "$D/student_agnostic.pt" --resume
   step "$D/student_agnostic_ft.pt" $PY finetune.py "${FT[@]}" --student "$D/student_agnostic.pt" \
     --lr 1e-3 --out "$D/student_agnostic_ft.pt" --resume
   ROWS+=("agnostic@$s=$D/student_agnostic_ft.pt")

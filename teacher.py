@@ -1,27 +1,13 @@
 """Step 1, the teacher: finetune a vision foundation model (VFM) plus a linear head on the few labels.
 
-Task-oriented knowledge transfer (Vemulapalli et al., ICML 2024, arXiv 2311.18237, Sec. 3) starts by
-adapting a large pretrained model to the target task with the small labeled budget: the finetuned VFM is
-far more accurate than any small model trained on those labels, and its class probabilities on unlabeled
-images are what the student later learns from (distill.py).
+The finetuned VFM is far more accurate than a small model trained on the same labels; its class
+probabilities on unlabeled images are what the student learns from (distill.py). `--mode finetune`
+(default) trains every layer with layer-wise lr decay, so the lower blocks keep their general features;
+`--mode linear` trains the head alone (try it with 1-5 labels per class).
 
-Two ways to adapt it:
-  * `--mode finetune` (default): full finetuning with layer-wise learning-rate decay (LLRD, BEiT/MAE
-    recipe): the top block trains at --lr, each block below at 0.75x the one above, the new head at
-    --head-lr. Why the default for few labels: the lower blocks then barely move, so the general features
-    the VFM learned from hundreds of millions of images are kept (a few hundred labels cannot relearn them,
-    and full-lr finetuning distorts them, Kumar et al. 2022), while the top blocks still adapt to the task.
-    With LLRD -> 0 it becomes a linear probe; with LLRD = 1 plain finetuning.
-  * `--mode linear`: a linear probe on the frozen VFM. Cheaper, and what to try with 1-5 labels per class.
-
-Models: any timm name (`vit_large_patch14_dinov2.lvd142m`) or `open_clip:MODEL/TAG`
-(`open_clip:ViT-L-14/datacomp_xl_s13b_b90k`, image tower only). Weights come from the hub (`--weights
-hub`), a local file (`--weights PATH`, offline), or nowhere (`--weights none`, tests). The model's own data
-config (mean, std, resolution; `--img-size` overrides) drives its transforms.
-
-Reads:  the dataset and split.json (made on first use by task.load_split).
+Reads:  the dataset and split.json (made on first use).
 Writes: teacher.pt = {kind: "teacher", recipe, data_config, classes, model, args, split, metrics, cost};
-        teacher.pt.state while training (resumable; deleted when done).
+        teacher.pt.state while training (resumable with --resume).
 Run:    python teacher.py --dataset eurosat --shots 10 --model vit_large_patch14_dinov2.lvd142m \
             --img-size 224 --split runs/eurosat/split.json --out runs/eurosat/teacher.pt
         torchrun --nproc_per_node 8 teacher.py ...   (DDP; the same script runs as one process)
@@ -33,7 +19,11 @@ import torch
 import torch.nn.functional as F
 import timm.optim
 
-import task
+import checkpoints
+import data
+import models
+import training
+from checks import nonnegative, positive
 
 
 def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
@@ -60,52 +50,52 @@ def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
 def get_args_parser():
     p = argparse.ArgumentParser(description="teacher: finetune a VFM + linear head on the labeled images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    task.add_task_args(p)
+    data.add_task_args(p)
     p.add_argument("--model", default="vit_large_patch14_dinov2.lvd142m",
                    help="timm name, or open_clip:MODEL/TAG e.g. open_clip:ViT-L-14/datacomp_xl_s13b_b90k")
     p.add_argument("--weights", default="hub", help="hub (download), none (random init), or a local file")
-    p.add_argument("--img-size", type=task.positive, default=None, help="input resolution (default: the model's); "
+    p.add_argument("--img-size", type=positive, default=None, help="input resolution (default: the model's); "
                    "224 makes DINOv2-L ~5x cheaper than its native 518")
     p.add_argument("--mode", default="finetune", choices=["finetune", "linear"],
                    help="finetune with layer-wise lr decay, or linear probe (try it with 1-5 shots)")
-    p.add_argument("--epochs", type=task.positive, default=30, help="passes over the labeled images")
-    p.add_argument("--batch-size", type=task.positive, default=32, help="per process")
+    p.add_argument("--epochs", type=positive, default=30, help="passes over the labeled images")
+    p.add_argument("--batch-size", type=positive, default=32, help="per process")
     p.add_argument("--lr", type=float, default=5e-5, help="top block's lr (try 1e-5 .. 1e-4)")
     p.add_argument("--head-lr", type=float, default=1e-3, help="the new linear head's lr")
     p.add_argument("--layer-decay", type=float, default=0.75, help="LLRD; try 0.65 for ViT-L, 0.9 for small")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear lr warmup")
-    p.add_argument("--workers", type=task.nonnegative, default=4, help="DataLoader workers decoding images")
-    p.add_argument("--save-every", type=task.positive, default=200, help="steps between resumable states")
+    p.add_argument("--workers", type=nonnegative, default=4, help="DataLoader workers decoding images")
+    p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
     p.add_argument("--out", default="runs/demo/teacher.pt")
     return p
 
 
 def main(args):
-    device, rank, world = task.setup(args.seed)
-    split = task.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
-    model, recipe, cfg = task.create_model(
+    device, rank, world = training.setup(args.train_seed)
+    split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
+    model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
         weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size)
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, args.mode, args.lr, args.head_lr, args.layer_decay,
                                          args.weight_decay), lr=args.lr, fused=device.type == "cuda")
-    autocast, scaler = task.amp(device)
+    autocast, scaler = training.amp(device)
 
-    refs, labels = task.split_refs(args.dataset, "train", split["labeled"], args.data_root)
-    data = task.Images(refs, labels, task.transform(cfg, train=True), args.data_root)
-    sampler = task.EpochSampler(len(data), args.seed, rank=rank, world=world)
-    loader = task.loader(data, args.batch_size, sampler, args.workers, device=device)
+    refs, labels = data.split_refs(args.dataset, "train", split["labeled"], args.data_root)
+    images = data.Images(refs, labels, models.transform(cfg, train=True), args.data_root)
+    sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
+    loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = task.Progress(args.out + ".state", model, opt, scaler, total, args.save_every, rank,
-                             args.resume, per_epoch)
-    model = task.ddp(model, device, world)
+    progress = training.Progress(args.out + ".state", model, opt, scaler, total, args.save_every, rank,
+                                 args.resume, per_epoch)
+    model = training.ddp(model, device, world)
     model.train()
-    task.log(rank, f"teacher {args.model} ({args.mode}): {len(data)} labeled images, {total} steps")
+    training.log(rank, f"teacher {args.model} ({args.mode}): {len(images)} labeled images, {total} steps")
     with progress:
         while not progress.done:
             epoch, k = divmod(progress.step, per_epoch)
@@ -113,7 +103,7 @@ def main(args):
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 for g in opt.param_groups:
-                    g["lr"] = args.lr * g["lr_scale"] * task.cosine_lr(progress.step, total, warmup)
+                    g["lr"] = args.lr * g["lr_scale"] * training.cosine_lr(progress.step, total, warmup)
                 with autocast():
                     loss = F.cross_entropy(model(x), y, label_smoothing=args.smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -125,12 +115,13 @@ def main(args):
                     break
     cost = progress.finish("teacher", args.batch_size * world)
     if rank == 0:
-        task.save_checkpoint(dict(
+        checkpoints.save_checkpoint(dict(
             kind="teacher", recipe=recipe, data_config=cfg, classes=split["classes"],
-            model=task.unwrap(model).state_dict(), args=task.plain(args),
+            model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
             split=dict(dataset=args.dataset, shots=args.shots, seed=args.seed, labeled=split["labeled"]),
             metrics=dict(train_loss=progress.loss), cost=[cost]), args.out)
-        task.log(rank, f"wrote {args.out}")
+        training.log(rank, f"wrote {args.out}")
+
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

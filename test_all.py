@@ -28,14 +28,20 @@ import torch
 import torch.nn as nn
 
 import bench
+import cache_teacher
+import checkpoints
+import data
 import demo
 import distill
 import distill_agnostic
+import distill_cached
+import embeddings
 import evaluate
 import finetune
+import models
 import student
-import task
 import teacher
+import training
 import transfer_set
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,8 +59,8 @@ def task_args(d):
 
 def random_checkpoint(path, kind, arch, classes):
     """A step's checkpoint of a random tiny timm model at 32 px (classes: the task's class names)."""
-    model, recipe, cfg = task.create_model(arch, len(classes), img_size=32)
-    task.save_checkpoint(dict(kind=kind, recipe=recipe, data_config=cfg, classes=classes,
+    model, recipe, cfg = models.create_model(arch, len(classes), img_size=32)
+    checkpoints.save_checkpoint(dict(kind=kind, recipe=recipe, data_config=cfg, classes=classes,
                               model=model.state_dict(), cost=[]), path)
 
 
@@ -75,8 +81,8 @@ def tiny_clip(d):
 # ------------------------------------------------------------------------------------------ concepts
 def test_kd_loss_is_zero_when_logits_match_and_positive_otherwise():
     t = torch.randn(8, 5)
-    assert distill.kd_loss(t.clone(), t, T=2.0).abs() < 1e-6
-    assert distill.kd_loss(torch.randn(8, 5), t, T=2.0) > 0
+    assert distill.kd_loss(t.clone(), t, temperature=2.0).abs() < 1e-6
+    assert distill.kd_loss(torch.randn(8, 5), t, temperature=2.0) > 0
 
 
 def test_kd_loss_t_squared_scaling_matches_the_analytic_gradient():
@@ -102,9 +108,9 @@ def test_kd_gradients_reach_only_the_student():
 
 def test_label_budget_is_deterministic_balanced_and_disjoint():
     labels = np.repeat(np.arange(5), 20).tolist()
-    a, rest = task.label_budget(labels, 3, seed=1)
-    assert (a, rest) == task.label_budget(labels, 3, seed=1)
-    assert a != task.label_budget(labels, 3, seed=2)[0]
+    a, rest = data.label_budget(labels, 3, seed=1)
+    assert (a, rest) == data.label_budget(labels, 3, seed=1)
+    assert a != data.label_budget(labels, 3, seed=2)[0]
     assert np.bincount(np.asarray(labels)[a]).tolist() == [3] * 5
     assert sorted(a + rest) == list(range(100)) and not set(a) & set(rest)
 
@@ -112,46 +118,46 @@ def test_label_budget_is_deterministic_balanced_and_disjoint():
 def test_label_budget_takes_all_of_a_small_class_with_a_warning():
     labels = [0] * 10 + [1] * 2
     with pytest.warns(UserWarning, match="fewer than --shots"):
-        labeled, _ = task.label_budget(labels, 4, seed=0)
+        labeled, _ = data.label_budget(labels, 4, seed=0)
     assert sum(labels[i] == 1 for i in labeled) == 2 and sum(labels[i] == 0 for i in labeled) == 4
 
 
 def test_split_is_recorded_once_and_mismatches_are_refused(tmp_path):
-    s = task.load_split(tmp_path / "split.json", "demo", 3, 0)
-    assert task.load_split(tmp_path / "split.json", "demo", 3, 0) == s
+    s = data.load_split(tmp_path / "split.json", "demo", 3, 0)
+    assert data.load_split(tmp_path / "split.json", "demo", 3, 0) == s
     with pytest.raises(SystemExit, match="records"):
-        task.load_split(tmp_path / "split.json", "demo", 5, 0)
+        data.load_split(tmp_path / "split.json", "demo", 5, 0)
 
 
 def test_transforms_follow_each_models_data_config():
     for arch, size in (("test_vit", 48), ("test_resnet", 40)):
-        _, _, cfg = task.create_model(arch, 3, img_size=size)
+        _, _, cfg = models.create_model(arch, 3, img_size=size)
         gray = __import__("PIL.Image").Image.new("RGB", (70, 90), (128, 128, 128))
-        x = task.transform(cfg, train=False)(gray)
+        x = models.transform(cfg, train=False)(gray)
         assert x.shape == (3, size, size)
         expect = (128 / 255 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
         torch.testing.assert_close(x.mean((1, 2)), expect, atol=1e-2, rtol=0)
     raw = torch.rand(2, 3, 64, 64)
-    y = task.normalize(raw, dict(cfg, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3]))
+    y = models.normalize(raw, dict(cfg, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3]))
     assert y.shape == (2, 3, 40, 40)
 
 
 def test_open_clip_tower_uses_its_own_preprocessing(tmp_path):
-    model, recipe, cfg = task.create_model(f"open_clip:{tiny_clip(tmp_path)}", 4)
+    model, recipe, cfg = models.create_model(f"open_clip:{tiny_clip(tmp_path)}", 4)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     assert cfg["input_size"] == [3, 32, 32] and abs(cfg["mean"][0] - 0.4815) < 1e-3  # OpenAI CLIP mean
     ckpt = dict(recipe=recipe, model=model.state_dict())
-    torch.testing.assert_close(task.load_model(ckpt)(torch.ones(1, 3, 32, 32)), model(torch.ones(1, 3, 32, 32)))
+    torch.testing.assert_close(models.load_model(ckpt)(torch.ones(1, 3, 32, 32)), model(torch.ones(1, 3, 32, 32)))
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     run(student, *task_args(tmp_path), "--model", "test_resnet", *TINY, "--out", tmp_path / "s.pt")
     ckpt = torch.load(tmp_path / "s.pt", weights_only=True)  # plain types only: no pickled objects
     assert ckpt["kind"] == "student" and ckpt["recipe"]["arch"] == "test_resnet"
-    model = task.load_model(ckpt).eval()
-    ref = task.create_model("test_resnet", 10, img_size=32)[0]
+    model = models.load_model(ckpt).eval()
+    ref = models.create_model("test_resnet", 10, img_size=32)[0]
     torch.manual_seed(0)  # student.py seeds its init with --seed 0
-    ref = task.create_model("test_resnet", 10, img_size=32)[0].eval()
+    ref = models.create_model("test_resnet", 10, img_size=32)[0].eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), ref(x))
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic write left no temp file
@@ -190,7 +196,8 @@ def test_pipeline_end_to_end(pipeline):
 
 
 def test_every_step_answers_help(capsys):
-    for module in (teacher, student, transfer_set, distill, finetune, evaluate):
+    for module in (teacher, student, transfer_set, distill, cache_teacher, distill_cached, distill_agnostic,
+                   finetune, evaluate):
         with pytest.raises(SystemExit) as e:
             module.get_args_parser().parse_args(["--help"])
         assert e.value.code == 0 and "usage" in capsys.readouterr().out
@@ -263,7 +270,7 @@ def test_bad_inputs_fail_with_one_line_and_keep_files(pipeline, tmp_path):
                   "bad_split.json is not a split file \\(JSONDecodeError"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache/meta.json").write_text("{}")
-    cases.append((distill, ["--from-cache", tmp_path / "cache", "--student", d / "student.pt", "--out", keep],
+    cases.append((distill_cached, ["--cache", tmp_path / "cache", "--student", d / "student.pt", "--out", keep],
                   "not a teacher cache's meta.json \\(KeyError"))
     for module, argv, message in cases:
         with pytest.raises(SystemExit, match=message) as e:
@@ -284,37 +291,37 @@ def _folder_dataset(root, train_classes=("cat", "dog"), test_classes=("cat", "do
 
 def test_folder_datasets_with_a_wrong_layout_are_refused(tmp_path):
     ok = _folder_dataset(tmp_path / "ok")
-    assert task.load_dataset(ok, "train")[2] == ["cat", "dog"]
+    assert data.load_dataset(ok, "train")[2] == ["cat", "dog"]
     with pytest.raises(SystemExit, match="has no test/ folder"):
-        task.load_dataset(f"folder:{tmp_path / 'ok' / 'train'}", "test")
+        data.load_dataset(f"folder:{tmp_path / 'ok' / 'train'}", "test")
     os.makedirs(tmp_path / "empty" / "train" / "cat")  # an empty class
     _folder_dataset(tmp_path / "empty", train_classes=("dog",))
     with pytest.raises(SystemExit, match="cat"):
-        task.load_dataset(f"folder:{tmp_path / 'empty'}", "train")
+        data.load_dataset(f"folder:{tmp_path / 'empty'}", "train")
     bad = _folder_dataset(tmp_path / "differ", test_classes=("cat", "cow"))
     with pytest.raises(SystemExit, match="differ from train/ classes"):
-        task.load_dataset(bad, "test")
+        data.load_dataset(bad, "test")
 
 
 def test_unreadable_images_are_skipped_not_fatal(tmp_path, capsys):
     root = tmp_path / "imgs"
     dataset = _folder_dataset(root, n=2)
-    good = task.split_refs(dataset, "train")[0]
+    good = data.split_refs(dataset, "train")[0]
     (root / "zero.jpg").write_bytes(b"")
     (root / "text.jpg").write_text("not an image")
     (root / "cut.png").write_bytes(open(good[0], "rb").read()[:40])
     refs = [str(root / "zero.jpg"), good[0], str(root / "text.jpg"), str(root / "cut.png"), good[1]]
-    data = task.Images(refs, None, task.transform(task.create_model("test_resnet", 2, img_size=16)[2], False))
-    shapes = [data[i][0].shape for i in range(len(data))]
+    images = data.Images(refs, None, models.transform(models.create_model("test_resnet", 2, img_size=16)[2], False))
+    shapes = [images[i][0].shape for i in range(len(images))]
     assert shapes == [(3, 16, 16)] * 5
     assert capsys.readouterr().err.count("skipped unreadable image") == 3 + 1  # zero.jpg is met twice
 
 
 def test_local_weights_of_another_architecture_name_the_keys(tmp_path):
-    torch.save(task.create_model("test_vit", 5)[0].state_dict(), tmp_path / "vit.pth")
-    assert task.create_model("test_vit", 3, weights=str(tmp_path / "vit.pth"), img_size=32)[0]  # new head
+    torch.save(models.create_model("test_vit", 5)[0].state_dict(), tmp_path / "vit.pth")
+    assert models.create_model("test_vit", 3, weights=str(tmp_path / "vit.pth"), img_size=32)[0]  # new head
     with pytest.raises(SystemExit, match="does not fit ResNet .*missing"):
-        task.create_model("test_resnet", 3, weights=str(tmp_path / "vit.pth"))
+        models.create_model("test_resnet", 3, weights=str(tmp_path / "vit.pth"))
 
 
 def test_downloads_offline_are_one_line_not_a_traceback(tmp_path, monkeypatch):
@@ -326,16 +333,16 @@ def test_downloads_offline_are_one_line_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", offline)
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit, match="pretrained weights of resnet18 .*unreachable.*--weights PATH"):
-        task.create_model("resnet18", 10, pretrained=True)
+        models.create_model("resnet18", 10, pretrained=True)
     cfg = tiny_clip(tmp_path)
     with pytest.raises(SystemExit, match="could not get the 'nosuchtag' weights of tiny-clip.*--weights PATH"):
-        task.create_model(f"open_clip:{cfg}/nosuchtag", 10, pretrained=True)
+        models.create_model(f"open_clip:{cfg}/nosuchtag", 10, pretrained=True)
     with pytest.raises(SystemExit, match="weights file .*missing.bin not found"):
-        task.create_model(f"open_clip:{cfg}", 10, weights=str(tmp_path / "missing.bin"))
+        models.create_model(f"open_clip:{cfg}", 10, weights=str(tmp_path / "missing.bin"))
     import torchvision.datasets.cifar
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     with pytest.raises(SystemExit, match="could not load cifar10/train .*unreachable.*folder:PATH"):
-        task.load_dataset("cifar10", "train", str(tmp_path / "data"))
+        data.load_dataset("cifar10", "train", str(tmp_path / "data"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(pipeline, tmp_path):
@@ -351,16 +358,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(pipeline, tmp_path):
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    task.save_checkpoint({"kind": "student", "v": torch.ones(3)}, path)
+    checkpoints.save_checkpoint({"kind": "student", "v": torch.ones(3)}, path)
 
     def full_disk(obj, f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError):
-        task.save_checkpoint({"kind": "student", "v": torch.zeros(3)}, path)
+        checkpoints.save_checkpoint({"kind": "student", "v": torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert torch.equal(task.load_checkpoint(path)["v"], torch.ones(3))
+    assert torch.equal(checkpoints.load_checkpoint(path)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -387,7 +394,7 @@ def run_ts(tmp_path, *extra, cache=None, out="out/transfer.txt"):
 def demo_pool(folder, n, split="unlabeled", start=0):
     """n demo images saved as PNG files (lossless: a saved test image is a pixel-exact copy)."""
     os.makedirs(folder, exist_ok=True)
-    ds = task.load_dataset("demo", split)[0]
+    ds = data.load_dataset("demo", split)[0]
     paths = []
     for i in range(start, start + n):
         paths.append(os.path.join(folder, f"{split}_{i:04d}.png"))
@@ -428,7 +435,7 @@ def test_resume_after_kill_matches_clean_run(tmp_path, monkeypatch):
     demo_pool(tmp_path / "pool", 40)
     args = ["--source", "retrieval", "--pool", str(tmp_path / "pool"), "--k", "5", "--shard-size", "16",
             "--leak-threshold", "2"]  # no leak check: no test split to embed in each of three caches
-    real_save, saved = transfer_set.save_shard, []
+    real_save, saved = embeddings.save_shard, []
 
     def dying_save(d, s, z, meta):  # the "kill": dies after two finished pool shards
         if os.path.basename(d).startswith("pool-") and sum(x[0] == "pool" for x in saved) == 2:
@@ -436,7 +443,7 @@ def test_resume_after_kill_matches_clean_run(tmp_path, monkeypatch):
         saved.append((os.path.basename(d).split("-")[0], s))
         real_save(d, s, z, meta)
 
-    monkeypatch.setattr(transfer_set, "save_shard", dying_save)
+    monkeypatch.setattr(embeddings, "save_shard", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run_ts(tmp_path, *args, cache="cache")
     assert not (tmp_path / "out/transfer.txt").exists()
@@ -445,7 +452,7 @@ def test_resume_after_kill_matches_clean_run(tmp_path, monkeypatch):
     assert len(stamps) == 4  # shards 0 and 1: .npy + .json each
 
     saved.clear()
-    monkeypatch.setattr(transfer_set, "save_shard", lambda d, s, z, m: (saved.append(s), real_save(d, s, z, m)))
+    monkeypatch.setattr(embeddings, "save_shard", lambda d, s, z, m: (saved.append(s), real_save(d, s, z, m)))
     lines, rep = run_ts(tmp_path, *args, cache="cache")
     assert saved == [2]  # queries, test split and pool shards 0-1 were not recomputed
     assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())
@@ -478,7 +485,7 @@ def test_bad_files_are_skipped_counted_listed(tmp_path):
     pool = tmp_path / "pool"
     good = demo_pool(pool, 6)
     buf = io.BytesIO()
-    task.load_dataset("demo", "unlabeled")[0][7][0].resize((128, 128)).save(buf, format="JPEG")
+    data.load_dataset("demo", "unlabeled")[0][7][0].resize((128, 128)).save(buf, format="JPEG")
     (pool / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (pool / "zero.jpg").write_bytes(b"")
     (pool / "notes.jpg").write_text("not an image")
@@ -495,7 +502,7 @@ def test_bad_files_are_skipped_counted_listed(tmp_path):
 
 
 def test_tar_shard_pool(tmp_path):
-    imgs = [im for im, _ in (task.load_dataset("demo", "unlabeled")[0][i] for i in range(6))]
+    imgs = [im for im, _ in (data.load_dataset("demo", "unlabeled")[0][i] for i in range(6))]
     os.makedirs(tmp_path / "shards")
 
     def add(tf, name, data):
@@ -515,7 +522,7 @@ def test_tar_shard_pool(tmp_path):
     lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", str(tmp_path / "shards"), "--k", "10")
     assert len(lines) == 6 and all(".tar::" in r and r.endswith(".jpg") for r in lines)
     assert rep["dropped"]["unreadable"] == 1 and rep["unreadable_files"][0][0].endswith("00001.tar::10002x.jpg")
-    assert task.open_image(lines[0]).size == (32, 32)
+    assert data.open_image(lines[0]).size == (32, 32)
     globbed, _ = run_ts(tmp_path, "--source", "generic", "--pool", str(tmp_path / "shards/*.tar"))
     assert sorted(globbed) == sorted(lines)
 
@@ -578,7 +585,7 @@ def tiny(tmp_path_factory):
 
 def cache_args(d, cache, *extra):
     return ["--teacher", d / "teacher.pt", "--student", d / "student.pt", "--transfer", d / "transfer.txt",
-            "--cache-teacher", cache, "--views", 3, "--topk", 4, "--shard-size", 10, "--workers", 0,
+            "--out", cache, "--views", 3, "--topk", 4, "--shard-size", 10, "--workers", 0,
             "--batch-size", 8, *extra]
 
 
@@ -587,7 +594,7 @@ def test_topk_loss_equals_the_dense_loss_when_k_is_all_classes():
     s, t = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
     for T in (1.0, 3.0):
         prob, cls = t.softmax(-1).topk(5, dim=-1)
-        dense, sparse = distill.kd_loss(s, t, T), distill.kd_loss_topk(s, prob, cls, T)
+        dense, sparse = distill.kd_loss(s, t, T), distill_cached.kd_loss_topk(s, prob, cls, T)
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
         g_dense, = torch.autograd.grad(dense, s)
         g_sparse, = torch.autograd.grad(sparse, s)
@@ -600,59 +607,60 @@ def test_topk_loss_is_kl_to_the_renormalised_top_k_and_zero_at_the_match():
     q = torch.zeros(4, 8).scatter(1, cls, prob / prob.sum(-1, keepdim=True))  # sparse target, sums to 1
     s = torch.randn(4, 8)
     expect = (torch.special.xlogy(q, q) - q * s.log_softmax(-1)).sum(-1).mean()
-    torch.testing.assert_close(distill.kd_loss_topk(s, prob.half(), cls.short()), expect, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(distill_cached.kd_loss_topk(s, prob.half(), cls.short()), expect, rtol=1e-3, atol=1e-3)
     matching = torch.full((4, 8), -30.0).scatter(1, cls, q.gather(1, cls).log())  # student = q
-    assert distill.kd_loss_topk(matching, prob, cls).abs() < 1e-4
-    assert torch.isfinite(distill.kd_loss_topk(s, torch.tensor([[1.0, 0.0, 0.0]] * 4).half(), cls))
+    assert distill_cached.kd_loss_topk(matching, prob, cls).abs() < 1e-4
+    assert torch.isfinite(distill_cached.kd_loss_topk(s, torch.tensor([[1.0, 0.0, 0.0]] * 4).half(), cls))
 
 
 # ---------------------------------------------------------------------------- the teacher cache
 def test_cached_replay_reproduces_the_teachers_view(tiny, tmp_path, cpu):
     cache = tmp_path / "cache"
-    run(distill, *cache_args(tiny, cache, "--cache-only"))
-    meta, c, cost = distill.load_cache(cache)
+    run(cache_teacher, *cache_args(tiny, cache))
+    meta, c, cost = distill_cached.load_cache(cache)
     assert sorted(os.listdir(cache)) == ["meta.json"] + [f"shard_0000{s}.pt" for s in range(3)]
     assert c["box"].shape == (24, 3, 4) and c["prob"].dtype == torch.float16 and c["cls"].shape == (24, 3, 4)
     assert cost["images"] == 24 * 3 and not any(k in meta for k in ("model", "weights"))
     assert c["flip"].any() and not c["flip"].all()  # both flips occur among 72 views
-    t_ckpt = task.load_checkpoint(tiny / "teacher.pt")
-    teacher = task.load_model(t_ckpt).eval()
-    data = distill.CachedViews(meta["refs"], c, meta["view_size"], meta["interpolation"], "data")
+    t_ckpt = checkpoints.load_checkpoint(tiny / "teacher.pt")
+    teacher = models.load_model(t_ckpt).eval()
+    views = distill_cached.CachedViews(meta["refs"], c, meta["view_size"], meta["interpolation"], "data")
     items = [(i, v) for i in (0, 11, 23) for v in range(3)]
-    x = torch.stack([data[it][0] for it in items])  # the replayed views, rebuilt from box + flip alone
-    logits = distill.teacher_logits(teacher, x, t_ckpt["data_config"], task.amp(torch.device("cpu"))[0])
+    x = torch.stack([views[it][0] for it in items])  # the replayed views, rebuilt from box + flip alone
+    logits = distill.teacher_logits(teacher, x, t_ckpt["data_config"], training.amp(torch.device("cpu"))[0])
     prob, cls = logits.softmax(-1).topk(4, dim=-1)
-    torch.testing.assert_close(prob.half(), torch.stack([data[it][1][0] for it in items]), atol=2e-3, rtol=0)
-    assert torch.equal(cls, torch.stack([data[it][1][1] for it in items]).long())
+    torch.testing.assert_close(prob.half(), torch.stack([views[it][1][0] for it in items]), atol=2e-3, rtol=0)
+    assert torch.equal(cls, torch.stack([views[it][1][1] for it in items]).long())
     # the three views of one image differ, and the box is in source-image pixels
     assert not torch.equal(x[0], x[1]) and (c["box"][..., 0] + c["box"][..., 2] <= 32).all()
 
 
 def test_cache_resumes_at_the_missing_shard_and_refuses_other_settings(tiny, tmp_path, cpu):
     cache = tmp_path / "cache"
-    run(distill, *cache_args(tiny, cache, "--cache-only", "--cache-part", "0/2"))  # one of two jobs
+    run(cache_teacher, *cache_args(tiny, cache, "--part", "0/2"))  # one of two jobs
     assert sorted(os.listdir(cache)) == ["meta.json", "shard_00000.pt", "shard_00002.pt"]
     with pytest.raises(SystemExit, match="has 2 of 3 shards"):
-        distill.load_cache(cache)
+        distill_cached.load_cache(cache)
     first = (cache / "shard_00000.pt").stat().st_mtime_ns
-    run(distill, *cache_args(tiny, cache, "--epochs", 1, "--out", tmp_path / "kt.pt"))  # the rest, then train
+    run(cache_teacher, *cache_args(tiny, cache))  # the rest, then train
+    run(distill_cached, "--cache", cache, "--student", tiny / "student.pt", "--batch-size", 8, "--workers", 0,
+        "--epochs", 1, "--out", tmp_path / "kt.pt")
     assert (cache / "shard_00000.pt").stat().st_mtime_ns == first  # done shards are not redone
     ckpt = torch.load(tmp_path / "kt.pt", weights_only=True)
     assert [c["step"] for c in ckpt["cost"]] == ["cache_teacher", "distill"] and ckpt["cost"][1]["teacher_images"] == 0
     with pytest.raises(SystemExit, match="built with other views"):
-        run(distill, *cache_args(tiny, cache, "--views", 5, "--cache-only"))
+        run(cache_teacher, *cache_args(tiny, cache, "--views", 5))
     with pytest.raises(SystemExit, match="no teacher cache"):
-        run(distill, "--student", tiny / "student.pt", "--from-cache", tmp_path / "nothing", "--out", tmp_path / "x.pt")
+        run(distill_cached, "--student", tiny / "student.pt", "--cache", tmp_path / "nothing", "--out", tmp_path / "x.pt")
 
 
 def test_distill_from_cache_needs_no_teacher_and_is_deterministic(tiny, tmp_path, cpu):
     cache = tmp_path / "cache"
-    run(distill, *cache_args(tiny, cache, "--cache-only"))
-    (tiny / "teacher_gone.pt").write_bytes(b"")  # --teacher is ignored: replay never reads it
-    outs = []
+    run(cache_teacher, *cache_args(tiny, cache))
+    outs = []  # distill_cached.py takes no teacher: replay never reads it
     for workers in (0, 1):
         out = tmp_path / f"kt{workers}.pt"
-        run(distill, "--student", tiny / "student.pt", "--from-cache", cache, "--teacher", tiny / "teacher_gone.pt",
+        run(distill_cached, "--student", tiny / "student.pt", "--cache", cache,
             "--epochs", 2, "--batch-size", 8, "--workers", workers, "--out", out)
         outs.append(torch.load(out, weights_only=True))
     assert outs[0]["lineage"]["cache"] == str(cache) and outs[0]["lineage"]["transfer_images"] == 24
@@ -675,10 +683,10 @@ def test_distill_runs_under_torchrun_with_two_gloo_processes(tiny, tmp_path):
     torchrun("distill.py", "--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt",
              "--transfer", tiny / "transfer.txt", "--epochs", 2, "--batch-size", 4, "--workers", 0,
              "--save-every", 2, "--out", out)
-    ckpt = task.load_checkpoint(out, kinds=("student",))
+    ckpt = checkpoints.load_checkpoint(out, kinds=("student",))
     cost = ckpt["cost"][-1]
     assert cost["steps"] == 2 * 3 and cost["batch"] == 8 and cost["images"] == 2 * 24  # 24 images / 2 ranks / 4
-    model = task.load_model(ckpt).eval()
+    model = models.load_model(ckpt).eval()
     assert torch.isfinite(model(torch.rand(2, 3, 32, 32))).all()
     assert not list(tmp_path.glob("*.state"))
 
@@ -690,7 +698,7 @@ def test_teacher_and_finetune_run_under_torchrun(pipeline, tmp_path):
     torchrun("finetune.py", *task_args(tmp_path), "--student", pipeline / "student.pt", "--epochs", 1,
              "--batch-size", 8, "--workers", 0, "--out", tmp_path / "ft.pt")
     for name in ("teacher", "ft"):  # 40 images / 2 ranks / 8 per step = 3 steps of 16 images
-        ckpt = task.load_checkpoint(tmp_path / f"{name}.pt")
+        ckpt = checkpoints.load_checkpoint(tmp_path / f"{name}.pt")
         assert {k: ckpt["cost"][-1][k] for k in ("steps", "batch")} == dict(steps=3, batch=16)
         assert math.isfinite(ckpt["metrics"]["train_loss"])
     assert not list(tmp_path.glob("*.state"))
@@ -701,7 +709,7 @@ def _progress_rank(rank, port, d):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
-    progress = task.Progress(os.path.join(d, "run.state"), model, opt, torch.amp.GradScaler("cpu", enabled=False),
+    progress = training.Progress(os.path.join(d, "run.state"), model, opt, torch.amp.GradScaler("cpu", enabled=False),
                              total=100, save_every=50, rank=rank, agree_every=4)
     result = dict(step=None)
     try:
@@ -726,7 +734,7 @@ def test_ranks_stop_together_and_log_the_mean_loss(tmp_path):
     # both stop at the next agreement step (8), not rank 1 alone at 6 with rank 0 hung in its next all-reduce
     assert [r["step"] for r in ranks] == [8, 8] and all("interrupted at step 8" in r["error"] for r in ranks)
     assert [r["loss"] for r in ranks] == [1.5, 1.5]  # the mean over ranks, not rank 0's own
-    assert task.load_checkpoint(tmp_path / "run.state", kinds=("resume",))["step"] == 8
+    assert checkpoints.load_checkpoint(tmp_path / "run.state", kinds=("resume",))["step"] == 8
 
 
 # -------------------------------------------------------------------------------------- bench.py
@@ -742,12 +750,13 @@ def test_bench_runs_every_mode_on_the_cpu(capsys):
 def test_step_loop_reads_nothing_back_between_logging_intervals(tmp_path, monkeypatch):
     """The CPU stand-in for the CUDA sync check below: every Python-level way to read a tensor back to
     the host raises, through online and cached steps with a loss-scaled fused AdamW (fp16's path)."""
-    teacher, _, t_cfg = task.create_model("test_vit", 10, img_size=32)
-    student, _, s_cfg = task.create_model("test_resnet", 10, img_size=32)
-    student, teacher, cl = distill.prepare(student, teacher.eval().requires_grad_(False), torch.device("cpu"))
+    teacher, _, t_cfg = models.create_model("test_vit", 10, img_size=32)
+    student, _, s_cfg = models.create_model("test_resnet", 10, img_size=32)
+    student, cl = training.prepare(student, torch.device("cpu"))
+    teacher = teacher.eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)  # no per-step .item() on the step count
-    scaler, autocast = torch.amp.GradScaler("cpu"), task.amp(torch.device("cpu"))[0]
-    progress = task.Progress(str(tmp_path / "s.state"), student, opt, scaler, total=10, save_every=3)
+    scaler, autocast = torch.amp.GradScaler("cpu"), training.amp(torch.device("cpu"))[0]
+    progress = training.Progress(str(tmp_path / "s.state"), student, opt, scaler, total=10, save_every=3)
     x, prob, cls = torch.rand(8, 3, 32, 32), torch.rand(8, 4).softmax(-1).half(), torch.randint(0, 10, (8, 4))
 
     def host_read(*args, **kwargs):
@@ -755,9 +764,11 @@ def test_step_loop_reads_nothing_back_between_logging_intervals(tmp_path, monkey
     for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
     with progress:
-        for target in (distill.teacher_logits(teacher, x, t_cfg, autocast), (prob, cls)):
-            loss = distill.student_step(student, opt, scaler, autocast, x, s_cfg, target, 2.0, cl)
-            progress.update(loss, len(x))
+        t_logits = distill.teacher_logits(teacher, x, t_cfg, autocast)
+        loss = distill.student_step(student, opt, scaler, autocast, x, s_cfg, t_logits, 2.0, cl)  # online
+        progress.update(loss, len(x))
+        loss = distill_cached.student_step(student, opt, scaler, autocast, x, s_cfg, prob, cls, 2.0, cl)  # cached
+        progress.update(loss, len(x))
         with pytest.raises(RuntimeError, match="host read"):  # the logging interval reads the loss: once
             progress.update(loss, len(x))
 
@@ -766,16 +777,16 @@ def test_step_loop_reads_nothing_back_between_logging_intervals(tmp_path, monkey
 @cuda
 def test_cuda_precision_and_kernel_choices():
     device = torch.device("cuda")
-    autocast, scaler = task.amp(device)
+    autocast, scaler = training.amp(device)
     with autocast():
         y = torch.nn.Linear(8, 8).cuda()(torch.randn(2, 8, device=device))
     assert y.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     assert scaler.is_enabled() == (not torch.cuda.is_bf16_supported())
-    student = task.create_model("test_resnet", 10, img_size=32)[0].cuda()
-    student, _, channels_last = distill.prepare(student, None, device)
+    student = models.create_model("test_resnet", 10, img_size=32)[0].cuda()
+    student, channels_last = training.prepare(student, device)
     conv = next(m for m in student.modules() if isinstance(m, torch.nn.Conv2d))
     assert channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
-    vit = distill.prepare(task.create_model("test_vit", 10, img_size=32)[0].cuda(), None, device)[2]
+    vit = training.prepare(models.create_model("test_vit", 10, img_size=32)[0].cuda(), device)[1]
     assert not vit  # a ViT student stays NCHW
     import timm.layers
     assert timm.layers.use_fused_attn()  # timm ViTs call F.scaled_dot_product_attention
@@ -784,11 +795,11 @@ def test_cuda_precision_and_kernel_choices():
 @cuda
 def test_cuda_step_loop_never_waits_for_the_gpu():
     device = torch.device("cuda")
-    autocast, scaler = task.amp(device)
-    teacher, t_recipe, t_cfg = task.create_model("test_vit", 10, img_size=32)
-    student, _, s_cfg = task.create_model("test_resnet", 10, img_size=32)
+    autocast, scaler = training.amp(device)
+    teacher, t_recipe, t_cfg = models.create_model("test_vit", 10, img_size=32)
+    student, _, s_cfg = models.create_model("test_resnet", 10, img_size=32)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    student, teacher, cl = distill.prepare(student.to(device), teacher, device)
+    student, cl = training.prepare(student.to(device), device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
     x = torch.rand(16, 3, 32, 32, device=device)
     for sync_mode in (0, "error"):  # the first pass warms up lazy inits (cuBLAS handles, etc.)
@@ -808,7 +819,7 @@ def test_cuda_compiled_distillation_saves_plain_weights(tiny, tmp_path):
     args = ["--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer", tiny / "transfer.txt",
             "--epochs", 4, "--batch-size", 8, "--workers", 2, "--compile", "--out", out]
     run(distill, *args)
-    ckpt = task.load_checkpoint(out, kinds=("student",))  # compiled weights save under their plain names
+    ckpt = checkpoints.load_checkpoint(out, kinds=("student",))  # compiled weights save under their plain names
     assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
     assert math.isfinite(ckpt["metrics"]["distill_loss"]) and ckpt["cost"][-1]["steps"] == 12
 
@@ -816,13 +827,13 @@ def test_cuda_compiled_distillation_saves_plain_weights(tiny, tmp_path):
 @cuda
 def test_cuda_cache_is_built_and_replayed_on_the_gpu(tiny, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "kt.pt"
-    run(distill, *cache_args(tiny, cache, "--cache-only"))
-    meta, c, cost = distill.load_cache(cache)
+    run(cache_teacher, *cache_args(tiny, cache))
+    meta, c, cost = distill_cached.load_cache(cache)
     assert c["prob"].dtype == torch.float16 and torch.isfinite(c["prob"].float()).all()
     assert (c["prob"].float().sum(-1) <= 1.01).all() and cost["images"] == 24 * 3
-    run(distill, "--student", tiny / "student.pt", "--from-cache", cache, "--epochs", 3, "--batch-size", 8,
+    run(distill_cached, "--student", tiny / "student.pt", "--cache", cache, "--epochs", 3, "--batch-size", 8,
         "--workers", 2, "--out", out)
-    ckpt = task.load_checkpoint(out, kinds=("student",))
+    ckpt = checkpoints.load_checkpoint(out, kinds=("student",))
     assert math.isfinite(ckpt["metrics"]["distill_loss"]) and ckpt["cost"][-1]["teacher_images"] == 0
 
 
@@ -837,17 +848,17 @@ def test_agnostic_loss_zero_for_identical_normalised_features():
     with torch.no_grad():
         identity.weight.copy_(torch.eye(16))
         identity.bias.zero_()
-    assert abs(distill_agnostic.agnostic_loss(feats, identity, feats).item()) < 1e-6
+    assert abs(distill_agnostic.agnostic_loss(identity(feats), feats).item()) < 1e-6
     # cosine: the scale of either side does not matter, the direction does
-    assert abs(distill_agnostic.agnostic_loss(feats, identity, 3 * feats).item()) < 1e-6
-    assert distill_agnostic.agnostic_loss(feats, identity, -feats).item() == pytest.approx(2.0, abs=1e-5)
+    assert abs(distill_agnostic.agnostic_loss(identity(feats), 3 * feats).item()) < 1e-6
+    assert distill_agnostic.agnostic_loss(identity(feats), -feats).item() == pytest.approx(2.0, abs=1e-5)
 
 
 def test_agnostic_loss_gradients_reach_only_student_and_projection():
     torch.manual_seed(0)
     student, vfm, projection = nn.Linear(5, 4), nn.Linear(5, 6), nn.Linear(4, 6)
     x = torch.randn(3, 5)
-    loss = distill_agnostic.agnostic_loss(student(x), projection, vfm(x))  # vfm left with grads on
+    loss = distill_agnostic.agnostic_loss(projection(student(x)), vfm(x))  # vfm left with grads on
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection.parameters())
@@ -870,7 +881,7 @@ def test_standin_weights_feed_teacher_and_agnostic_distillation(tmp_path):
     vfm = str(tmp_path / "vfm.pth")
     demo.main(demo.get_args_parser().parse_args(
         ["--arch", "test_vit", "--img-size", "32", "--per-class", "2", "--epochs", "1", "--out", vfm]))
-    model, _, _ = task.create_model("test_vit", len(demo.CLASSES), weights=vfm, img_size=32)
+    model, _, _ = models.create_model("test_vit", len(demo.CLASSES), weights=vfm, img_size=32)
     stored = torch.load(vfm, weights_only=True)
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], stored["blocks.0.attn.qkv.weight"])
     assert model.get_classifier().out_features == len(demo.CLASSES)
@@ -880,7 +891,7 @@ def test_standin_weights_feed_teacher_and_agnostic_distillation(tmp_path):
     s_path = str(tmp_path / "student.pt")
     student.main(student.get_args_parser().parse_args(
         ["--model", "test_resnet", "--img-size", "32", "--split", split, "--out", s_path]))
-    refs, _ = task.split_refs("demo", "unlabeled", range(24))
+    refs, _ = data.split_refs("demo", "unlabeled", range(24))
     transfer = tmp_path / "transfer.txt"
     transfer.write_text("\n".join(refs))
     out = str(tmp_path / "agnostic.pt")
@@ -893,7 +904,7 @@ def test_standin_weights_feed_teacher_and_agnostic_distillation(tmp_path):
     assert [c["step"] for c in ckpt["cost"]] == ["distill_agnostic"] and ckpt["cost"][0]["steps"] == 6
     assert not torch.equal(ckpt["model"]["conv1.0.weight"], s_ckpt["model"]["conv1.0.weight"])
     assert not os.path.exists(out + ".state")
-    task.load_model(ckpt)  # rebuilds
+    models.load_model(ckpt)  # rebuilds
 
 
 # ------------------------------------------------------------------------------- run.sh's demo table

@@ -1,0 +1,276 @@
+"""The task's data: datasets by name, image references, the label budget, and loading batches.
+
+  * datasets: torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10; folder:PATH
+    (PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/); demo; py:MODULE (any module of
+    yours with dataset(split), as demo.py has);
+  * image references, one a line in transfer lists: `cifar10:train:17`, a file path, `SHARD.tar::MEMBER`;
+  * the label budget: N labeled images per class, drawn once from --seed and recorded in split.json;
+  * Images + EpochSampler: every image's augmentation is seeded by (seed, epoch, index), so a run is the
+    same for any worker count and resumes mid-epoch exactly.
+"""
+import functools
+import importlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import tarfile
+import warnings
+
+import numpy as np
+import torch
+
+from checkpoints import atomic_write
+from checks import fail, first_line, positive
+
+TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10")
+SPLITS = ("train", "val", "test", "unlabeled")
+
+
+# ------------------------------------------------------------------------------------ the label budget
+def label_budget(labels, shots, seed):
+    """Pick `shots` images per class, balanced and deterministic in `seed`.
+
+    labels: list of N ints. Returns (labeled, unlabeled) sorted index lists; a class with fewer than
+    `shots` images gives all it has (with a warning). The rest of the split is the task's unlabeled pool.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    labeled = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) < shots:
+            warnings.warn(f"class {c} has {len(idx)} images, fewer than --shots {shots}: using all of them")
+        labeled += idx[:shots].tolist()
+    chosen = set(labeled)
+    return sorted(labeled), [i for i in range(len(labels)) if i not in chosen]
+
+
+def load_split(path, dataset, shots, seed, root="data"):
+    """The label budget recorded in split.json: made on first use, then read by every later step."""
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                split = json.load(f)
+            split["labeled"], split["classes"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail(f"{path} is not a split file ({first_line(e)}); delete it or use another --split path")
+        want = {"dataset": dataset, "shots": shots, "seed": seed}
+        have = {k: split.get(k) for k in want}
+        if have != want:
+            fail(f"{path} records {have} but this step was asked for {want}; use another --split path")
+        return split
+    _, labels, classes = load_dataset(dataset, "train", root)
+    labeled, unlabeled = label_budget(labels, shots, seed)
+    split = dict(dataset=dataset, shots=shots, seed=seed, classes=classes, labeled=labeled,
+                 unlabeled=unlabeled)
+    atomic_write(path, lambda f: f.write(json.dumps(split).encode()))
+    return split
+
+
+def add_task_args(parser):
+    """The flags that name the task and its label budget, the same in every step that reads split.json."""
+    parser.add_argument("--dataset", default="demo", help="demo, eurosat, flowers102, dtd, pets, food101, "
+                        "cifar10, cifar100, stl10, or folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)")
+    parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
+    parser.add_argument("--shots", type=positive, default=10, help="labeled images per class: the label budget")
+    parser.add_argument("--seed", type=int, default=0, help="picks the labeled images (the label budget)")
+    parser.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and "
+                        "data order: repeats a run on the same labels (run.sh --seeds)")
+    parser.add_argument("--split", default="runs/demo/split.json",
+                        help="records the labeled images once; every later step reads it")
+    return parser
+
+
+# -------------------------------------------------------------------------------------------- datasets
+def _torchvision(name, split, root, download=True):
+    import torchvision.datasets as D
+    if name in ("cifar10", "cifar100"):
+        cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+        return cls(root, train=(split == "train"), download=download)
+    if name == "stl10":  # split: train / test / unlabeled (100K generic images, a ready transfer pool)
+        return D.STL10(root, split=split, download=download)
+    if name == "flowers102":
+        return D.Flowers102(root, split=split, download=download)
+    if name == "dtd":
+        return D.DTD(root, split=split, partition=1, download=download)
+    if name == "pets":
+        return D.OxfordIIITPet(root, split={"train": "trainval"}.get(split, split), download=download)
+    if name == "food101":
+        return D.Food101(root, split=split, download=download)
+    # eurosat has no official split: a fixed 80/20 cut, the same for every run and seed
+    full = D.EuroSAT(root, download=download)
+    order = np.random.default_rng(0).permutation(len(full))
+    cut = int(0.8 * len(full))
+    sub = torch.utils.data.Subset(full, order[:cut] if split == "train" else order[cut:])
+    sub.classes, sub.targets = full.classes, [full.targets[i] for i in sub.indices]
+    return sub
+
+
+def _folder(root, split):
+    """`folder:PATH` datasets: PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/."""
+    from torchvision.datasets import ImageFolder
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        fail(f"folder dataset {root} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
+    try:
+        return ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        fail(f"folder dataset {path}: {e}")
+
+
+def _labels(ds):
+    """Integer labels of a dataset without decoding any image."""
+    for attr in ("targets", "labels", "_labels"):
+        if hasattr(ds, attr):
+            return [int(y) for y in getattr(ds, attr)]
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+@functools.lru_cache(maxsize=None)
+def load_dataset(name, split, root="data", download=True):
+    """(dataset, labels, classes) of one split; dataset[i] -> (PIL image, int label). Cached."""
+    if name == "demo" or name.startswith("py:"):
+        # imported by name when asked for: the offline demo's data lives in demo.py, which nothing else needs
+        module = name.removeprefix("py:")
+        try:
+            ds = importlib.import_module(module).dataset(split)
+        except (ImportError, AttributeError) as e:
+            fail(f"dataset {name}: {first_line(e)}; py:MODULE names a module that defines dataset(split)")
+    elif name.startswith("folder:"):
+        ds = _folder(name[len("folder:"):], split)
+        if split != "train":
+            train_classes = _folder(name[len("folder:"):], "train").classes
+            if ds.classes != train_classes:
+                fail(f"{name}: {split}/ classes {ds.classes} differ from train/ classes {train_classes}")
+    elif name in TORCHVISION:
+        try:
+            ds = _torchvision(name, split, root, download)
+        except (RuntimeError, OSError) as e:  # offline, or "Dataset not found or corrupted"
+            fail(f"could not load {name}/{split} under {root} ({first_line(e)}); offline? copy torchvision's "
+                 f"files for {name} into {root}, or use folder:PATH")
+    else:
+        fail(f"unknown dataset '{name}'; choose demo, {', '.join(TORCHVISION)}, folder:PATH or py:MODULE")
+    classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
+    return ds, _labels(ds), [str(c) for c in classes]
+
+
+def split_refs(dataset, split, indices=None, root="data"):
+    """References like `cifar10:train:17` for indices of a split (all of it when indices is None)."""
+    ds, labels, _ = load_dataset(dataset, split, root)
+    indices = range(len(ds)) if indices is None else indices
+    if dataset.startswith("folder:"):  # real files: reference them by path
+        return [ds.samples[i][0] for i in indices], [labels[i] for i in indices]
+    return [f"{dataset}:{split}:{i}" for i in indices], [labels[i] for i in indices]
+
+
+# ---------------------------------------------------------------------------------------------- images
+_tars = {}  # (pid, shard) -> (open TarFile, {member name: member}); per pid: forked workers need their own
+
+
+def open_image(ref, root="data"):
+    """An image reference -> PIL RGB: `NAME:SPLIT:INDEX`, a file path, or `SHARD.tar::MEMBER`."""
+    from PIL import Image
+    parts = ref.rsplit(":", 2)
+    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():  # NAME:SPLIT:INDEX
+        return load_dataset(parts[0], parts[1], root)[0][int(parts[2])][0].convert("RGB")
+    if "::" in ref:  # a member of a webdataset / img2dataset tar shard
+        shard, member = ref.split("::", 1)
+        if (os.getpid(), shard) not in _tars:
+            if len(_tars) >= 32:  # bound the open files: a pool may have thousands of shards
+                for tf, _ in _tars.values():
+                    tf.close()
+                _tars.clear()
+            tf = tarfile.open(shard)  # name -> member once: tarfile's own lookup scans every member
+            _tars[os.getpid(), shard] = tf, {m.name: m for m in tf.getmembers()}
+        tf, members = _tars[os.getpid(), shard]
+        f = tf.extractfile(members[member]) if member in members else None
+        if f is None:
+            raise FileNotFoundError(f"{ref}: no such file in {shard}")
+        ref = io.BytesIO(f.read())
+    with Image.open(ref) as im:
+        return im.convert("RGB")
+
+
+def read_transfer_list(path):
+    """A transfer list (transfer_set.py): one image reference per line."""
+    try:
+        with open(path) as f:
+            refs = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        fail(f"cannot read transfer list {path} ({e.strerror}): run transfer_set.py first")
+    if not refs:
+        fail(f"transfer list {path} is empty: nothing to distill on")
+    return refs
+
+
+class Images(torch.utils.data.Dataset):
+    """Image references with optional labels -> (transformed image, label, or -1).
+
+    Items are (index, seed) pairs from EpochSampler: the augmentation of each image is seeded by the
+    sampler, so a run is reproducible across worker counts and can resume mid-epoch exactly.
+    """
+
+    def __init__(self, refs, labels=None, transform=None, root="data"):
+        self.refs, self.labels, self.transform, self.root = refs, labels, transform, root
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        for attempt in range(len(self.refs)):  # a bad file never kills a long run: skip it, say so
+            j = (i + attempt) % len(self.refs)
+            try:
+                img = open_image(self.refs[j], self.root)
+                break
+            except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, zero-byte, not an image
+                print(f"warning: skipped unreadable image {self.refs[j]} ({type(e).__name__})",
+                      file=sys.stderr, flush=True)
+        else:
+            raise RuntimeError("no readable image in this list")
+        if seed is not None:  # timm's transforms draw from `random`, torchvision's from torch's CPU generator
+            random.seed(seed)
+            torch.default_generator.manual_seed(seed)  # torch.manual_seed would seed every GPU too: 100x slower
+        x = self.transform(img) if self.transform else img
+        return x, (self.labels[j] if self.labels is not None else -1)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, augmentation seed) for one epoch; shuffled per (seed, epoch), sharded per rank.
+
+    `start` skips the samples a resumed run has already trained on in this epoch.
+    """
+
+    def __init__(self, n, seed, shuffle=True, rank=0, world=1):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def _order(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g)
+        per_rank = math.ceil(self.n / self.world)  # pad by wrapping so every rank gets equal work
+        order = torch.cat([order, order[: per_rank * self.world - self.n]])
+        return order[self.rank::self.world].tolist(), seeds.tolist()
+
+    def __iter__(self):
+        order, seeds = self._order()
+        return iter([(i, seeds[i]) for i in order[self.start:]])
+
+    def __len__(self):
+        return math.ceil(self.n / self.world) - self.start
+
+
+def loader(dataset, batch_size, sampler, workers, drop_last=False, device=None):
+    """A DataLoader with at most one worker per CPU core (more only compete for the same cores)."""
+    workers = min(workers, os.cpu_count() or 1)
+    cuda = device is not None and device.type == "cuda"
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        pin_memory=cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)

@@ -1,0 +1,175 @@
+"""Models by name, each with its own data config: timm models, OpenCLIP image towers, local weight files.
+
+create_model(arch, num_classes) -> (model, recipe, data_config). The recipe is what a checkpoint stores to
+rebuild the model (load_model); the data config (mean, std, input size, interpolation) is the model's own
+and drives its transforms (transform) and its on-device normalisation (normalize).
+"""
+import functools
+import json
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checks import fail, first_line
+
+
+class CLIPClassifier(nn.Module):
+    """An OpenCLIP image tower plus a linear head: x (B,3,H,W) -> embedding (B,D) -> logits (B,C)."""
+
+    def __init__(self, visual, num_classes):
+        super().__init__()
+        self.backbone = visual
+        self.head = nn.Linear(visual.output_dim, num_classes)
+
+    def forward_features(self, x):
+        return self.backbone(x)
+
+    def get_classifier(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def group_matcher(self, coarse=False):  # for timm's layer-wise lr decay (ViT towers)
+        return dict(stem=r"^backbone\.(?:class_embedding|positional_embedding|conv1|ln_pre)",
+                    blocks=[(r"^backbone\.transformer\.resblocks\.(\d+)", None),
+                            (r"^backbone\.(?:ln_post|proj)", (99999,))])
+
+
+def _open_clip(spec, num_classes, pretrained, weights, img_size, kwargs):
+    """`open_clip:MODEL/TAG` (MODEL may be a .json config file) -> (CLIPClassifier, recipe kwargs, config)."""
+    import open_clip
+    if ".json" in spec:  # a custom config file (tests, new towers), registered under its file name
+        path, _, tag = spec.partition(".json")
+        name, tag = os.path.basename(path), tag.lstrip("/")
+        if "clip_cfg" not in kwargs:  # rebuilding from a checkpoint needs no file: the recipe has it
+            with open(path + ".json") as f:
+                kwargs = dict(kwargs, clip_cfg=json.load(f))
+    else:
+        name, _, tag = spec.partition("/")
+    clip_cfg = kwargs.get("clip_cfg") or open_clip.get_model_config(name)
+    if clip_cfg is None:
+        fail(f"unknown open_clip model '{name}'; see open_clip.list_models()")
+    open_clip.factory._MODEL_CONFIGS.setdefault(name, clip_cfg)  # so a checkpoint rebuilds anywhere
+    source = weights or (tag if pretrained else None)
+    if pretrained and not source:
+        fail(f"open_clip:{spec}: name a pretrained tag (open_clip:MODEL/TAG) or pass --weights PATH")
+    if weights and not os.path.isfile(weights):
+        fail(f"weights file {weights} not found")
+    try:
+        clip = open_clip.create_model(name, pretrained=source, force_image_size=img_size)
+    except (OSError, RuntimeError, ValueError) as e:
+        if weights:  # a local file of another architecture: open_clip's message names the keys
+            fail(f"{weights} does not fit {name}: {' '.join(str(e).split())[:400]}")
+        fail(f"could not get the '{tag}' weights of {name} ({first_line(e)}); offline? "
+             "pass --weights PATH (README: Local weight files)")
+    pp = clip.visual.preprocess_cfg
+    cfg = dict(input_size=(3, *pp["size"]), interpolation=pp["interpolation"], mean=pp["mean"],
+               std=pp["std"], crop_pct=1.0, crop_mode="center")
+    return CLIPClassifier(clip.visual, num_classes), dict(clip_cfg=clip_cfg), cfg
+
+
+def create_model(arch, num_classes, pretrained=False, weights=None, img_size=None, **kwargs):
+    """Build `arch` with a `num_classes` head. Returns (model, recipe, data_config).
+
+    arch: a timm name (`vit_large_patch14_dinov2.lvd142m`, `resnet18`, `test_vit`) or
+    `open_clip:MODEL/TAG` (`open_clip:ViT-L-14/datacomp_xl_s13b_b90k`; MODEL may also be a .json config).
+    pretrained: load the hub weights; weights: a local weights file instead (offline users).
+    kwargs: timm overrides such as depth=2 (tests). The recipe rebuilds the model with random weights.
+    """
+    recipe = dict(arch=arch, num_classes=num_classes, img_size=img_size, kwargs=kwargs)
+    if arch.startswith("open_clip:"):
+        model, recipe["kwargs"], cfg = _open_clip(arch[len("open_clip:"):], num_classes, pretrained, weights,
+                                                  img_size, kwargs)
+    else:
+        import timm
+        if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
+            fail(f"unknown model '{arch}'; try a timm name (timm.list_models()) or open_clip:MODEL/TAG")
+
+        def build(**kw):
+            try:
+                return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs, **kw)
+            except (OSError, RuntimeError, ValueError) as e:  # offline, or no such pretrained tag
+                if not pretrained:
+                    raise
+                fail(f"could not get the pretrained weights of {arch} ({first_line(e)}); offline? "
+                     "pass --weights PATH (README: Local weight files)")
+        try:
+            model = build(**(dict(img_size=img_size) if img_size else {}))
+        except TypeError:  # CNNs take any input size and have no img_size argument
+            model = build()
+        if weights:
+            load_weights(model, weights)
+        cfg = timm.data.resolve_data_config({}, model=model)
+    if img_size:
+        cfg["input_size"] = (3, img_size, img_size)
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # plain types only
+    return model, recipe, cfg
+
+
+def load_weights(model, path):
+    """Load a local timm weights file (.pth/.bin/.safetensors), checked: every key must fit.
+
+    The architecture's own checkpoint filter adapts what it can (e.g. ViT position embeddings resampled
+    to --img-size); a classifier of another class count is dropped (the task gets a new head); any other
+    missing, unexpected or mis-shaped key is an error that names the keys.
+    """
+    import timm.models
+    if not os.path.isfile(path):
+        fail(f"weights file {path} not found")
+    try:
+        sd = timm.models.load_state_dict(path)
+    except Exception as e:
+        fail(f"{path} is not a readable weights file ({type(e).__name__})")
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    own = model.state_dict()
+    head = {f"{n}.{k}" for n, m in model.named_modules() if m is model.get_classifier()
+            for k in m.state_dict()} if hasattr(model, "get_classifier") else set()
+    sd = {k: v for k, v in sd.items() if not (k in head and k in own and v.shape != own[k].shape)}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in sd and k not in head]
+    unexpected = [k for k in sd if k not in own]
+    if wrong or missing or unexpected:
+        n = len(wrong) + len(missing) + len(unexpected)
+        fail(f"{path} does not fit {type(model).__name__} ({n} keys): shape mismatch {wrong[:3]}, "
+             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(sd, strict=False)
+
+
+def load_model(ckpt):
+    """Rebuild the model a checkpoint describes and load its weights."""
+    r = ckpt["recipe"]
+    model, _, _ = create_model(r["arch"], r["num_classes"], img_size=r["img_size"], **r["kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def transform(cfg, train, normalize=True, scale=(0.08, 1.0)):
+    """timm's train/eval transform for a model's data config; normalize=False keeps pixels in [0, 1]."""
+    from timm.data import create_transform
+    mean, std = (cfg["mean"], cfg["std"]) if normalize else ((0.0,) * 3, (1.0,) * 3)
+    kw = dict(scale=scale, hflip=0.5, color_jitter=0.4) if train else dict(crop_pct=cfg["crop_pct"])
+    return create_transform(tuple(cfg["input_size"]), is_training=train, interpolation=cfg["interpolation"],
+                            mean=tuple(mean), std=tuple(std), **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(mean, std, device):
+    """(1,3,1,1) device tensors made once: a fresh host->device copy each step would make the CPU wait."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def normalize(x, cfg):
+    """[0,1] images (B,3,H,W) -> the model's own resolution and mean/std, on the device."""
+    size = tuple(cfg["input_size"][1:])
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    mean, std = _mean_std(tuple(cfg["mean"]), tuple(cfg["std"]), x.device)
+    return (x - mean) / std
