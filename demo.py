@@ -15,7 +15,13 @@ import math
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+
+import checkpoints
+import models
+import training
 
 SIZE = 32
 CLASSES = ["circle", "square", "triangle", "cross", "ring", "hbars", "vbars", "diagonal", "checker", "dots"]
@@ -215,8 +221,6 @@ def broad_pool(per_class, offset=0):
 def augment(x, gen):
     """Cheap batch augmentation on the CPU, x (B, 3, 32, 32) in [0, 1]: a random shift of up to 4 pixels
     (reflect-pad, crop), a horizontal flip for half the batch, and a random colour-channel order."""
-    import torch
-    import torch.nn.functional as F
     b = len(x)
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dx, dy = torch.randint(0, 9, (2, b), generator=gen)
@@ -231,10 +235,6 @@ def pretrain(arch, img_size, per_class, epochs, batch_size, lr, seed, log=print)
 
     The images are drawn once into memory (a few seconds) and batches are augmented as tensors: no
     DataLoader, no PIL per step, so a few thousand images x tens of epochs fit in about a minute."""
-    import torch
-    import torch.nn.functional as F
-    import models
-    import training
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model, _, cfg = models.create_model(arch, len(BROAD_CLASSES), img_size=img_size)
@@ -293,8 +293,7 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=15, help="more makes a stronger stand-in (and a slower demo)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak lr")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and order")
     p.add_argument("--preview", default=None, help="only write a PNG grid of task, broad and generic images")
     p.add_argument("--out", default="runs/demo/standin_vfm.pth", help="timm weights file for --weights PATH")
     return p
@@ -303,16 +302,11 @@ def get_args_parser():
 def main(args):
     if args.preview:
         return preview(args.preview)
-    import torch
-    import checkpoints
-    import training
-    if args.threads:
-        torch.set_num_threads(args.threads)
     state, acc = pretrain(args.arch, args.img_size, args.per_class, args.epochs, args.batch_size, args.lr,
-                          args.seed, log=lambda m: training.log(0, m))
+                          args.train_seed, log=lambda m: training.log(0, m))
     checkpoints.save_checkpoint(state, args.out)
     training.log(0, f"wrote {args.out}: {args.arch} pretrained on {len(BROAD_CLASSES)} broad classes, "
-                f"held-out top-1 {acc:.1f}% (chance {100 / len(BROAD_CLASSES):.1f}%)")
+                    f"held-out top-1 {acc:.1f}% (chance {100 / len(BROAD_CLASSES):.1f}%)")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,26 @@ def _open_clip(spec, num_classes, pretrained, weights, img_size, kwargs):
     return CLIPClassifier(clip.visual, num_classes), dict(clip_cfg=clip_cfg), cfg
 
 
+def _timm(arch, num_classes, pretrained, img_size, kwargs):
+    """A timm model with a `num_classes` head; hub weights when `pretrained`."""
+    import timm
+    if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
+        fail(f"unknown model '{arch}'; try a timm name (timm.list_models()) or open_clip:MODEL/TAG")
+
+    def build(**kw):
+        try:
+            return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs, **kw)
+        except (OSError, RuntimeError, ValueError) as e:  # offline, or no such pretrained tag
+            if not pretrained:
+                raise
+            fail(f"could not get the pretrained weights of {arch} ({first_line(e)}); offline? "
+                 "pass --weights PATH (README: Local weight files)")
+    try:
+        return build(**(dict(img_size=img_size) if img_size else {}))
+    except TypeError:  # CNNs take any input size and have no img_size argument
+        return build()
+
+
 def create_model(arch, num_classes, pretrained=False, weights=None, img_size=None, **kwargs):
     """Build `arch` with a `num_classes` head. Returns (model, recipe, data_config).
 
@@ -85,22 +105,8 @@ def create_model(arch, num_classes, pretrained=False, weights=None, img_size=Non
         model, recipe["kwargs"], cfg = _open_clip(arch[len("open_clip:"):], num_classes, pretrained, weights,
                                                   img_size, kwargs)
     else:
-        import timm
-        if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
-            fail(f"unknown model '{arch}'; try a timm name (timm.list_models()) or open_clip:MODEL/TAG")
-
-        def build(**kw):
-            try:
-                return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs, **kw)
-            except (OSError, RuntimeError, ValueError) as e:  # offline, or no such pretrained tag
-                if not pretrained:
-                    raise
-                fail(f"could not get the pretrained weights of {arch} ({first_line(e)}); offline? "
-                     "pass --weights PATH (README: Local weight files)")
-        try:
-            model = build(**(dict(img_size=img_size) if img_size else {}))
-        except TypeError:  # CNNs take any input size and have no img_size argument
-            model = build()
+        import timm.data
+        model = _timm(arch, num_classes, pretrained, img_size, kwargs)
         if weights:
             load_weights(model, weights)
         cfg = timm.data.resolve_data_config({}, model=model)
@@ -143,9 +149,12 @@ def load_weights(model, path):
 
 
 def load_model(ckpt):
-    """Rebuild the model a checkpoint describes and load its weights."""
-    r = ckpt["recipe"]
-    model, _, _ = create_model(r["arch"], r["num_classes"], img_size=r["img_size"], **r["kwargs"])
+    """Rebuild the model a checkpoint describes (its recipe) and load its weights."""
+    arch, n, size, kwargs = (ckpt["recipe"][k] for k in ("arch", "num_classes", "img_size", "kwargs"))
+    if arch.startswith("open_clip:"):
+        model = _open_clip(arch[len("open_clip:"):], n, False, None, size, kwargs)[0]
+    else:
+        model = _timm(arch, n, False, size, kwargs)
     model.load_state_dict(ckpt["model"])
     return model
 

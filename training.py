@@ -104,16 +104,12 @@ def set_rng_state(s):
 
 
 class Progress:
-    """Resume, log, guard against NaN, save resumable states, stop cleanly on Ctrl-C or SIGTERM.
+    """Resume, log, stop on NaN, save resumable states, stop cleanly on Ctrl-C or SIGTERM.
 
-    After each step update() adds the loss on the device (no host sync). Every `save_every` steps, after
-    an epoch of `per_epoch` steps (at most once a minute: few-label epochs last seconds), at the end, or on
-    a signal, it reads the loss once, logs it, stops on NaN/inf (the last good state stays on disk), and
-    saves the state (weights, optimizer, scaler, RNG, step) atomically to `path`.
-
-    Under torchrun the ranks decide together: every `agree_every` steps one all-reduce of (loss sum, count,
-    stop, save) gives every rank the same decision at the same step (a signal reaches ranks at different
-    steps; a rank that stopped alone would leave the others waiting in their next all-reduce forever).
+    update() adds each step's loss on the device. Every `save_every` steps, after an epoch of `per_epoch`
+    steps (at most once a minute), at the end or on a signal, it reads the loss once, logs it, and saves
+    the state (weights, optimizer, scaler, RNG, step) to `path`. Under torchrun the ranks decide together
+    every `agree_every` steps (one all-reduce), so all of them stop at the same step.
     """
 
     def __init__(self, path, model, optimizer, scaler, total, save_every, rank=0, resume=False,
