@@ -24,7 +24,7 @@ import data
 import models
 import training
 from cached_views import make_view, open_or_gray, shard_path
-from checks import fail, nonnegative, positive
+from checks import fail, nonnegative, positive, share
 
 
 def view_params(img, views, scale, seed):
@@ -119,7 +119,7 @@ def get_args_parser():
     p.add_argument("--data-root", default="data", help="where dataset references in the list resolve")
     p.add_argument("--views", type=positive, default=10, help="augmented views kept per image (K)")
     p.add_argument("--topk", type=positive, default=10, help="teacher probabilities kept per view (fp16)")
-    p.add_argument("--min-scale", type=float, default=0.08, help="smallest RandomResizedCrop area")
+    p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
     p.add_argument("--shard-size", type=positive, default=1000, help="images per shard (the resume unit)")
     p.add_argument("--part", type=part_of, metavar="I/N", help="build only shards I, I+N, ... "
                    "(independent jobs in parallel; default: this torchrun rank of the world)")
@@ -138,7 +138,7 @@ def main(args):
     if t_ckpt["classes"] != s_ckpt["classes"]:
         fail(f"teacher has {len(t_ckpt['classes'])} classes, student {len(s_ckpt['classes'])}: "
              "they were made for different tasks")
-    refs, classes = data.read_transfer_list(args.transfer), t_ckpt["classes"]
+    refs, classes = data.read_transfer_list(args.transfer, args.data_root), t_ckpt["classes"]
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]
     meta = write_meta(args.out, dict(

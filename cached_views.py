@@ -23,7 +23,7 @@ def open_or_gray(ref, root):
     """An image, or a gray 32x32 stand-in for an unreadable one: building and replay agree either way."""
     try:
         return data.open_image(ref, root)
-    except (OSError, ValueError, SyntaxError) as e:
+    except Exception as e:  # any per-image failure
         print(f"warning: unreadable image {ref} ({type(e).__name__}): a gray stand-in", file=sys.stderr)
         return Image.new("RGB", (32, 32), (128, 128, 128))
 

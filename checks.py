@@ -3,6 +3,8 @@
 fail() is how every step reports bad input; the argparse types below refuse a bad flag value as a usage
 error (exit 2) before any work starts.
 """
+import argparse
+import math
 
 
 def fail(msg):
@@ -27,3 +29,24 @@ def nonnegative(s):
     if int(s) < 0:
         raise ValueError(s)
     return int(s)
+
+
+def number(what, ok=lambda x: True):
+    """An argparse type: a finite float x with ok(x); `what` says which numbers, in the usage error."""
+    def parse(s):
+        try:
+            x = float(s)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and ok(x)):
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}")
+        return x
+    return parse
+
+
+finite = number("a finite number")
+rate = number("a finite number above 0", lambda x: x > 0)  # learning rates, the temperature
+nonnegative_number = number("a finite number, 0 or more", lambda x: x >= 0)  # weight decay
+fraction = number("a number from 0 to 1", lambda x: 0 <= x <= 1)  # warmup
+share = number("a number above 0, at most 1", lambda x: 0 < x <= 1)  # layer decay, crop area
+smoothing = number("a number from 0 to just below 1", lambda x: 0 <= x < 1)  # label smoothing

@@ -57,12 +57,15 @@ def load_split(path, dataset, shots, seed, root="data"):
             split["labeled"], split["classes"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             fail(f"{path} is not a split file ({first_line(e)}); delete it or use another --split path")
+        if not all(isinstance(i, int) for i in split["labeled"] + split.get("unlabeled", [])):
+            fail(f"{path} is not a split file (its indices are not all whole numbers); delete it")
         want = {"dataset": dataset, "shots": shots, "seed": seed}
         have = {k: split.get(k) for k in want}
         if have != want:
             fail(f"{path} records {have} but this step was asked for {want}; use another --split path")
         return split
     _, labels, classes = load_dataset(dataset, "train", root)
+    load_dataset(dataset, "test", root)  # a missing or mismatched test split is refused now, not after training
     labeled, unlabeled = label_budget(labels, shots, seed)
     split = dict(dataset=dataset, shots=shots, seed=seed, classes=classes, labeled=labeled,
                  unlabeled=unlabeled)
@@ -112,11 +115,19 @@ def _torchvision(name, split, root, download=True):
 def _folder(root, split):
     """`folder:PATH` datasets: PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/."""
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         fail(f"folder dataset {root} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
+    seen = set()  # real paths: a file reached again (a directory symlink loop, a second link) counts once
+
+    def first_visit(f):
+        real = os.path.realpath(f)
+        new = real not in seen
+        seen.add(real)
+        return new and has_file_allowed_extension(f, IMG_EXTENSIONS)
     try:
-        return ImageFolder(path)
+        return ImageFolder(path, is_valid_file=first_visit)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"folder dataset {path}: {e}")
 
@@ -161,6 +172,10 @@ def split_refs(dataset, split, indices=None, root="data"):
     """References like `cifar10:train:17` for indices of a split (all of it when indices is None)."""
     ds, labels, _ = load_dataset(dataset, split, root)
     indices = range(len(ds)) if indices is None else indices
+    outside = [i for i in indices if not 0 <= i < len(ds)]
+    if outside:
+        fail(f"{len(outside)} indices outside {dataset}/{split} ({len(ds)} images), e.g. {outside[:3]}: "
+             "the split file was made for other data")
     if dataset.startswith("folder:"):  # real files: reference them by path
         return [ds.samples[i][0] for i in indices], [labels[i] for i in indices]
     return [f"{dataset}:{split}:{i}" for i in indices], [labels[i] for i in indices]
@@ -175,7 +190,7 @@ def open_image(ref, root="data"):
     from PIL import Image
     parts = ref.rsplit(":", 2)
     if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():  # NAME:SPLIT:INDEX
-        return load_dataset(parts[0], parts[1], root)[0][int(parts[2])][0].convert("RGB")
+        return _rgb(load_dataset(parts[0], parts[1], root)[0][int(parts[2])][0])
     if "::" in ref:  # a member of a webdataset / img2dataset tar shard
         shard, member = ref.split("::", 1)
         if (os.getpid(), shard) not in _tars:
@@ -191,18 +206,44 @@ def open_image(ref, root="data"):
             raise FileNotFoundError(f"{ref}: no such file in {shard}")
         ref = io.BytesIO(f.read())
     with Image.open(ref) as im:
-        return im.convert("RGB")
+        return _rgb(im)
 
 
-def read_transfer_list(path):
-    """A transfer list (transfer_set.py): one image reference per line."""
+def _rgb(im):
+    """A PIL image as 8-bit RGB. 16-bit greys are scaled (convert("RGB") would clip them at 255); 32-bit
+    ones have no agreed range and are refused (the caller skips the image and says so)."""
+    from PIL import Image
+    if im.mode.startswith("I;16"):
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8))
+    elif im.mode in ("I", "F"):
+        raise ValueError(f"a 32-bit image (mode {im.mode}): save it with 8 or 16 bits per channel")
+    return im.convert("RGB")
+
+
+def read_transfer_list(path, root="data"):
+    """A transfer list (transfer_set.py): one image reference per line, checked before any work."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             refs = [line.strip() for line in f if line.strip()]
     except OSError as e:
         fail(f"cannot read transfer list {path} ({e.strerror}): run transfer_set.py first")
+    except UnicodeDecodeError:
+        fail(f"transfer list {path} is not UTF-8 text: transfer_set.py writes one image reference a line")
     if not refs:
         fail(f"transfer list {path} is empty: nothing to distill on")
+    if any("\0" in r for r in refs):
+        fail(f"transfer list {path} holds binary data: transfer_set.py writes one image reference a line")
+    named = {}  # NAME:SPLIT:INDEX references must point inside their dataset
+    for r in refs:
+        parts = r.rsplit(":", 2)
+        if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
+            named.setdefault((parts[0], parts[1]), []).append(int(parts[2]))
+    for (name, split), indices in named.items():
+        n = len(load_dataset(name, split, root)[0])
+        outside = [i for i in indices if i >= n]
+        if outside:
+            fail(f"transfer list {path}: {len(outside)} references beyond the {n} images of {name}:{split}, "
+                 f"e.g. {name}:{split}:{outside[0]}")
     return refs
 
 
@@ -213,24 +254,28 @@ class Images(torch.utils.data.Dataset):
     sampler, so a run is reproducible across worker counts and can resume mid-epoch exactly.
     """
 
-    def __init__(self, refs, labels=None, transform=None, root="data"):
+    def __init__(self, refs, labels=None, transform=None, root="data", substitute=True):
         self.refs, self.labels, self.transform, self.root = refs, labels, transform, root
+        self.substitute = substitute  # an unreadable image: the next one takes its place, or None (evaluation)
 
     def __len__(self):
         return len(self.refs)
 
     def __getitem__(self, item):
         i, seed = item if isinstance(item, tuple) else (item, None)
-        for attempt in range(len(self.refs)):  # a bad file never kills a long run: skip it, say so
-            j = (i + attempt) % len(self.refs)
+        j = i
+        while True:  # a bad file never kills a long run: skip it, say so
             try:
                 img = open_image(self.refs[j], self.root)
                 break
-            except (OSError, ValueError, SyntaxError) as e:  # missing, truncated, zero-byte, not an image
+            except Exception as e:  # missing, truncated, not an image, a decompression bomb, a broken tar, ...
                 print(f"warning: skipped unreadable image {self.refs[j]} ({type(e).__name__})",
                       file=sys.stderr, flush=True)
-        else:
-            raise RuntimeError("no readable image in this list")
+            if not self.substitute:
+                return None
+            j = (j + 1) % len(self.refs)
+            if j == i:
+                raise RuntimeError("no readable image in this list")
         if seed is not None:  # timm's transforms draw from `random`, torchvision's from torch's CPU generator
             random.seed(seed)
             torch.default_generator.manual_seed(seed)  # torch.manual_seed would seed every GPU too: 100x slower

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 import checkpoints
 import models
 import training
+from checks import rate
 
 SIZE = 32
 CLASSES = ["circle", "square", "triangle", "cross", "ring", "hbars", "vbars", "diagonal", "checker", "dots"]
@@ -292,7 +293,7 @@ def get_args_parser():
                    % len(BROAD_CLASSES))
     p.add_argument("--epochs", type=int, default=15, help="more makes a stronger stand-in (and a slower demo)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak lr")
+    p.add_argument("--lr", type=rate, default=2e-3, help="AdamW peak lr")
     p.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and order")
     p.add_argument("--preview", default=None, help="only write a PNG grid of task, broad and generic images")
     p.add_argument("--out", default="runs/demo/standin_vfm.pth", help="timm weights file for --weights PATH")

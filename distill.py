@@ -22,7 +22,7 @@ import checkpoints
 import data
 import models
 import training
-from checks import fail, nonnegative, positive
+from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0):
@@ -68,14 +68,14 @@ def get_args_parser():
     p.add_argument("--student", default="runs/demo/student_scratch.pt", help="made by student.py")
     p.add_argument("--transfer", default="runs/demo/transfer_target.txt", help="made by transfer_set.py")
     p.add_argument("--data-root", default="data", help="where dataset references in the list resolve")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; try 1-4")
+    p.add_argument("--temperature", type=rate, default=1.0, help="softmax temperature; try 1-4")
     p.add_argument("--epochs", type=positive, default=20, help="passes over the transfer set; longer helps "
                    "(Beyer et al. 2022: distillation is patient)")
     p.add_argument("--batch-size", type=positive, default=128, help="per process")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr; scale with the batch size")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with linear lr warmup")
-    p.add_argument("--min-scale", type=float, default=0.08, help="smallest RandomResizedCrop area")
+    p.add_argument("--lr", type=rate, default=1e-3, help="AdamW peak lr; scale with the batch size")
+    p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
+    p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
+    p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher (GPU)")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds augmentation and data order")
@@ -87,13 +87,15 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
+    if rank == 0:
+        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
     autocast, scaler = training.amp(device)
     t_ckpt = checkpoints.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     if t_ckpt["classes"] != s_ckpt["classes"]:
         fail(f"teacher has {len(t_ckpt['classes'])} classes, student {len(s_ckpt['classes'])}: "
              "they were made for different tasks")
-    refs = data.read_transfer_list(args.transfer)
+    refs = data.read_transfer_list(args.transfer, args.data_root)
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     teacher = torch.compile(teacher) if args.compile else teacher
     student, channels_last = training.prepare(models.load_model(s_ckpt).to(device), device, world, args.compile)
@@ -112,8 +114,9 @@ def main(args):
     per_epoch = len(sampler) // args.batch_size if many else 1
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = training.Progress(args.out + ".state", student, opt, scaler, total, args.save_every, rank,
-                                 args.resume)  # loads the same state into every rank's student
+    config = training.run_config(args, teacher=args.teacher, student=args.student, transfer=args.transfer)
+    progress = training.Progress(args.out, student, opt, scaler, total, args.save_every, rank, args.resume,
+                                 config=config)  # loads the same state into every rank's student
     student.train()
     training.log(rank, f"distill {t_ckpt['recipe']['arch']} -> {s_ckpt['recipe']['arch']}: "
                        f"{len(refs)} transfer images, {total} steps")
@@ -132,12 +135,10 @@ def main(args):
                 if progress.done:
                     break
     cost = dict(progress.finish("distill", args.batch_size * world), teacher_images=progress.images)
-    if rank == 0:
-        checkpoints.save_checkpoint(dict(
-            s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
-            metrics=dict(distill_loss=progress.loss), cost=s_ckpt["cost"] + t_ckpt["cost"] + [cost],
-            lineage=dict(teacher=args.teacher, transfer=args.transfer, transfer_images=len(refs))), args.out)
-        training.log(rank, f"wrote {args.out}")
+    progress.save_output(dict(
+        s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
+        metrics=dict(distill_loss=progress.loss), cost=s_ckpt["cost"] + t_ckpt["cost"] + [cost],
+        lineage=dict(teacher=args.teacher, transfer=args.transfer, transfer_images=len(refs))))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import checkpoints
 import data
 import models
 import training
-from checks import fail, nonnegative, positive
+from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
 
 
 def agnostic_loss(student_embedding, vfm_embedding):
@@ -76,10 +76,10 @@ def get_args_parser():
     p.add_argument("--data-root", default="data", help="where dataset references in the list resolve")
     p.add_argument("--epochs", type=positive, default=20, help="passes over the transfer set; give it distill.py's")
     p.add_argument("--batch-size", type=positive, default=128, help="per process")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr; scale with the batch size")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with linear lr warmup")
-    p.add_argument("--min-scale", type=float, default=0.08, help="smallest RandomResizedCrop area")
+    p.add_argument("--lr", type=rate, default=1e-3, help="AdamW peak lr; scale with the batch size")
+    p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
+    p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
+    p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
     p.add_argument("--compile", action="store_true", help="torch.compile student and VFM (GPU)")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the projection, augmentation and data order")
@@ -91,8 +91,10 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
+    if rank == 0:
+        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
-    refs = data.read_transfer_list(args.transfer)
+    refs = data.read_transfer_list(args.transfer, args.data_root)
     if args.vfm_weights == "none":
         fail("--vfm-weights none would distill a random network; give hub or a weights file")
     # a 1-class head that is never used (image_embedding stops before it); a stored classifier is dropped
@@ -119,8 +121,9 @@ def main(args):
     per_epoch = len(sampler) // args.batch_size if many else 1
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = training.Progress(args.out + ".state", pair, opt, scaler, total, args.save_every, rank,
-                                 args.resume)
+    config = training.run_config(args, student=args.student, transfer=args.transfer, vfm_weights=args.vfm_weights)
+    progress = training.Progress(args.out, pair, opt, scaler, total, args.save_every, rank, args.resume,
+                                 config=config)
     pair, _ = training.prepare(pair, device, world, args.compile)  # the student is never channels_last here
     pair.train()
     training.log(rank, f"agnostic distill {args.vfm} (frozen, {vfm_dim}-d embedding) -> "
@@ -146,13 +149,11 @@ def main(args):
                 if progress.done:
                     break
     cost = dict(progress.finish("distill_agnostic", args.batch_size * world), teacher_images=progress.images)
-    if rank == 0:
-        checkpoints.save_checkpoint(dict(
-            s_ckpt, model=training.unwrap(pair).student.state_dict(), args=checkpoints.plain(args),
-            metrics=dict(agnostic_loss=progress.loss), cost=s_ckpt["cost"] + [cost],
-            lineage=dict(vfm=args.vfm, vfm_weights=args.vfm_weights, transfer=args.transfer,
-                         transfer_images=len(refs))), args.out)
-        training.log(rank, f"wrote {args.out} (the projection is discarded)")
+    progress.save_output(dict(  # the student alone: the projection is discarded
+        s_ckpt, model=training.unwrap(pair).student.state_dict(), args=checkpoints.plain(args),
+        metrics=dict(agnostic_loss=progress.loss), cost=s_ckpt["cost"] + [cost],
+        lineage=dict(vfm=args.vfm, vfm_weights=args.vfm_weights, transfer=args.transfer,
+                     transfer_images=len(refs))))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import data
 import models
 import training
 from cached_views import make_view, open_or_gray, shard_path
-from checks import fail, nonnegative, positive
+from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate
 
 
 def kd_loss_topk(student_logits, prob, cls, temperature=1.0):
@@ -111,13 +111,13 @@ def get_args_parser():
     p.add_argument("--cache", default="runs/demo/cache", help="made by cache_teacher.py")
     p.add_argument("--student", default="runs/demo/student_scratch.pt", help="made by student.py")
     p.add_argument("--data-root", default="data", help="where dataset references in the list resolve")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; try 1-4")
+    p.add_argument("--temperature", type=rate, default=1.0, help="softmax temperature; try 1-4")
     p.add_argument("--epochs", type=positive, default=10, help="passes over the transfer set; more than the "
                    "cached views (K) repeat views")
     p.add_argument("--batch-size", type=positive, default=128, help="per process")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr; scale with the batch size")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps with linear lr warmup")
+    p.add_argument("--lr", type=rate, default=1e-3, help="AdamW peak lr; scale with the batch size")
+    p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
+    p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the data order")
@@ -129,6 +129,8 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
+    if rank == 0:
+        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
     autocast, scaler = training.amp(device)
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     meta, cache, cache_cost = load_cache(args.cache)
@@ -147,8 +149,9 @@ def main(args):
     per_epoch = len(sampler) // args.batch_size if many else 1
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = training.Progress(args.out + ".state", student, opt, scaler, total, args.save_every, rank,
-                                 args.resume)
+    config = training.run_config(args, student=args.student, cache=os.path.join(args.cache, "meta.json"))
+    progress = training.Progress(args.out, student, opt, scaler, total, args.save_every, rank, args.resume,
+                                 config=config)
     student.train()
     training.log(rank, f"distill {meta['teacher_arch']} -> {s_ckpt['recipe']['arch']} from {args.cache}: "
                        f"{len(views)} transfer images x {meta['views']} views, {total} steps")
@@ -168,13 +171,11 @@ def main(args):
                 if progress.done:
                     break
     cost = dict(progress.finish("distill", args.batch_size * world), teacher_images=0)  # paid in the cache
-    if rank == 0:
-        checkpoints.save_checkpoint(dict(
-            s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
-            metrics=dict(distill_loss=progress.loss), cost=s_ckpt["cost"] + meta["teacher_cost"] + [cache_cost, cost],
-            lineage=dict(teacher=meta["teacher"], transfer=meta["transfer"], cache=args.cache,
-                         transfer_images=len(views))), args.out)
-        training.log(rank, f"wrote {args.out}")
+    progress.save_output(dict(
+        s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
+        metrics=dict(distill_loss=progress.loss), cost=s_ckpt["cost"] + meta["teacher_cost"] + [cache_cost, cost],
+        lineage=dict(teacher=meta["teacher"], transfer=meta["transfer"], cache=args.cache,
+                     transfer_images=len(views))))
 
 
 if __name__ == "__main__":

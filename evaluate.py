@@ -27,15 +27,27 @@ from checks import fail, nonnegative, positive
 
 @torch.inference_mode()
 def accuracy(model, loader, num_classes, device, autocast):
-    """Top-1 and mean per-class accuracy (each class's recall, averaged), in percent."""
+    """Top-1 and mean per-class accuracy (each class's recall, averaged), in percent, and the number of
+    test images they count (an unreadable one is left out, never replaced by another)."""
     correct, count = np.zeros(num_classes), np.zeros(num_classes)
-    for x, y in loader:
+    for batch in loader:
+        if batch is None:  # no readable image in this batch
+            continue
+        x, y = batch
         with autocast():
             pred = model(x.to(device, non_blocking=True)).argmax(-1).cpu()
         np.add.at(count, y.numpy(), 1)
         np.add.at(correct, y.numpy(), (pred == y).numpy())
     seen = count > 0
-    return 100 * correct.sum() / count.sum(), 100 * float(np.mean(correct[seen] / count[seen]))
+    if not seen.any():
+        fail("no test image could be read")
+    return 100 * correct.sum() / count.sum(), 100 * float(np.mean(correct[seen] / count[seen])), int(count.sum())
+
+
+def readable(batch):
+    """Collate the images that could be read (data.Images gives None for the others)."""
+    batch = [b for b in batch if b is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
 
 
 @torch.inference_mode()
@@ -81,7 +93,9 @@ def markdown(table):
     rows = [f"| {n} | {r['arch']} | {acc(r, 'top1')} | "
             f"{acc(r, 'mean_class')} | {r['params_m']:.2f} | {r['gflops']:.3f} | {r['images_per_s']:.0f} | "
             f"{r['training']} | {r['train_wall_s']:.0f} |" for n, r in table.items()]
-    return head + "\n".join(rows) + "\n"
+    bad = max(r["unreadable_test_images"] for r in table.values())
+    note = f"\n{bad} test images could not be read and are left out of every score.\n" if bad else ""
+    return head + "\n".join(rows) + "\n" + note
 
 
 def bar_chart(table, path):
@@ -117,11 +131,16 @@ def get_args_parser():
 
 
 def main(args):
+    checkpoints.check_writable(args.out)
     device, _, _ = training.setup(0)
     autocast, _ = training.amp(device)
     pairs = [c.partition("=") for c in args.checkpoints]
     if any(not name or not sep or not path for name, sep, path in pairs):
         fail("checkpoints are given as NAME=PATH, e.g. kt=runs/demo/student_kt_ft.pt")
+    names = [name for name, _, _ in pairs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        fail(f"{', '.join(twice)} named twice: give each checkpoint its own NAME (NAME@SEED for seeds of a row)")
     paths = {name: path for name, _, path in pairs}
     ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
     refs, labels = data.split_refs(args.dataset, "test", root=args.data_root)
@@ -129,12 +148,16 @@ def main(args):
     results = {}
     for name, ckpt in ckpts.items():
         if ckpt["classes"] != classes:
-            fail(f"{name} was trained on {len(ckpt['classes'])} classes, {args.dataset} has "
-                      f"{len(classes)}")
+            fail(f"{name} was trained on {len(ckpt['classes'])} classes, {args.dataset} has {len(classes)}")
         model = models.load_model(ckpt).to(device).eval()
-        images = data.Images(refs, labels, models.transform(ckpt["data_config"], train=False), args.data_root)
-        loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=args.workers)
-        top1, mean_class = accuracy(model, loader, len(classes), device, autocast)
+        images = data.Images(refs, labels, models.transform(ckpt["data_config"], train=False), args.data_root,
+                             substitute=False)
+        loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=min(args.workers, os.cpu_count()),
+                                             collate_fn=readable)
+        top1, mean_class, counted = accuracy(model, loader, len(classes), device, autocast)
+        if counted < len(refs):
+            training.log(0, f"warning: {len(refs) - counted} of {len(refs)} test images could not be read; "
+                            f"{name} is scored on the other {counted}")
         gflops, ips = speed(model, ckpt["data_config"], device, autocast)
         cost = ckpt.get("cost", [])
         results[name] = dict(
@@ -142,7 +165,8 @@ def main(args):
             params_m=sum(p.numel() for p in model.parameters()) / 1e6, gflops=gflops, images_per_s=ips,
             training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in cost) or "none",
             train_images=sum(c["images"] for c in cost), train_wall_s=sum(c["wall_s"] for c in cost),
-            device=str(device), checkpoint=paths[name])
+            test_images=counted, unreadable_test_images=len(refs) - counted, device=str(device),
+            checkpoint=paths[name])
         training.log(0, f"{name}: top-1 {top1:.2f}  mean/class {mean_class:.2f}")
     table = summarize(results)
     md, stem = markdown(table), os.path.splitext(args.out)[0]

@@ -21,7 +21,7 @@ import checkpoints
 import data
 import models
 import training
-from checks import fail, nonnegative, positive
+from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, smoothing
 
 
 def get_args_parser():
@@ -31,11 +31,11 @@ def get_args_parser():
     p.add_argument("--student", default="runs/demo/student_kt.pt", help="made by student.py or distill.py")
     p.add_argument("--epochs", type=positive, default=30, help="passes over the labeled images")
     p.add_argument("--batch-size", type=positive, default=32, help="per process")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW peak lr; lower (1e-4) after distillation "
+    p.add_argument("--lr", type=rate, default=5e-4, help="AdamW peak lr; lower (1e-4) after distillation "
                    "keeps more of what the teacher taught, higher (1e-3) suits random init")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear lr warmup")
+    p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
+    p.add_argument("--smoothing", type=smoothing, default=0.1, help="label smoothing")
+    p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps with linear lr warmup")
     p.add_argument("--workers", type=nonnegative, default=4)
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
@@ -45,6 +45,8 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
+    if rank == 0:
+        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py or distill.py")
     split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
     if ckpt["classes"] != split["classes"]:
@@ -62,8 +64,8 @@ def main(args):
     per_epoch = math.ceil(len(sampler) / args.batch_size)
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = training.Progress(args.out + ".state", model, opt, scaler, total, args.save_every, rank,
-                                 args.resume, per_epoch)
+    progress = training.Progress(args.out, model, opt, scaler, total, args.save_every, rank, args.resume,
+                                 per_epoch, config=training.run_config(args, student=args.student, split=args.split))
     model = training.ddp(model, device, world)
     model.train()
     training.log(rank, f"finetune {args.student}: {len(images)} labeled images, {total} steps")
@@ -84,14 +86,11 @@ def main(args):
                 progress.update(loss, len(x) * world)
                 if progress.done:
                     break
-    cost = progress.finish("finetune", args.batch_size * world)
-    if rank == 0:
-        checkpoints.save_checkpoint(dict(
-            ckpt, model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
-            metrics=dict(ckpt.get("metrics", {}), train_loss=progress.loss), cost=ckpt["cost"] + [cost],
-            split=dict(dataset=args.dataset, shots=args.shots, seed=args.seed, labeled=split["labeled"])),
-            args.out)
-        training.log(rank, f"wrote {args.out}")
+    progress.save_output(dict(
+        ckpt, model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
+        metrics=dict(ckpt.get("metrics", {}), train_loss=progress.loss),
+        cost=ckpt["cost"] + [progress.finish("finetune", args.batch_size * world)],
+        split=dict(dataset=args.dataset, shots=args.shots, seed=args.seed, labeled=split["labeled"])))
 
 
 if __name__ == "__main__":

@@ -59,10 +59,10 @@ def _open_clip(spec, num_classes, pretrained, weights, img_size, kwargs):
         fail(f"open_clip:{spec}: name a pretrained tag (open_clip:MODEL/TAG) or pass --weights PATH")
     if weights and not os.path.isfile(weights):
         fail(f"weights file {weights} not found")
-    try:
+    try:  # open_clip reads the file with torch.load, which refuses pickled code (torch >= 2.6)
         clip = open_clip.create_model(name, pretrained=source, force_image_size=img_size)
-    except (OSError, RuntimeError, ValueError) as e:
-        if weights:  # a local file of another architecture: open_clip's message names the keys
+    except Exception as e:
+        if weights:  # not a weights file, or one of another architecture: open_clip's message names the keys
             fail(f"{weights} does not fit {name}: {' '.join(str(e).split())[:400]}")
         fail(f"could not get the '{tag}' weights of {name} ({first_line(e)}); offline? "
              "pass --weights PATH (README: Local weight files)")
@@ -127,7 +127,7 @@ def load_weights(model, path):
     if not os.path.isfile(path):
         fail(f"weights file {path} not found")
     try:
-        sd = timm.models.load_state_dict(path)
+        sd = timm.models.load_state_dict(path, weights_only=True)  # a pickle in the file cannot run code
     except Exception as e:
         fail(f"{path} is not a readable weights file ({type(e).__name__})")
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)

@@ -28,8 +28,9 @@
 #   --out    the run's directory (default runs/NAME). It holds one configuration (DIR/run.cfg): asking
 #            for other --shots, --seed, models or pool there is refused, since finished steps would be
 #            skipped and their stale outputs reported; use another --out (or --force).
-#   --force  redo every step. Without it a step whose output exists is skipped, so a rerun continues
-#            (and a step that was killed resumes from its .state file).
+#   --force  redo every step, from scratch (resumable .state files are deleted). Without it a step whose
+#            output exists is skipped, so a rerun continues (and a step that was killed resumes from its
+#            .state file, which is refused if it was saved by another configuration).
 # Outputs go to runs/NAME/ (student runs in runs/NAME/sSEED/); the table to runs/NAME/results.md, .json
 # (and .png with matplotlib). Environment: PY (python), DATA_ROOT.
 set -euo pipefail
@@ -40,6 +41,9 @@ if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
 SHOTS=10 SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 IMG_SIZE="" RETRIEVAL=1 VFM_PID=""
 TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8
 while [[ $# -gt 0 ]]; do
+  if [[ $1 == --* && $1 != --force && $# -lt 2 ]]; then
+    echo "run.sh: $1 needs a value (see the header of run.sh)" >&2; exit 2
+  fi
   case $1 in
     --shots) SHOTS=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
@@ -74,6 +78,9 @@ if [[ -n $HAVE && $HAVE != "$CONFIG" ]]; then
     exit 2
   fi
   rm -f "$OUT/split.json"  # --force: the label budget is made again too
+fi
+if [[ $FORCE == 1 && -d $OUT ]]; then  # --force: no step may resume a state of an earlier run
+  find "$OUT" -name '*.state' -delete
 fi
 mkdir -p "$OUT"
 echo "$CONFIG" > "$OUT/run.cfg"

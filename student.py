@@ -32,6 +32,7 @@ def get_args_parser():
 
 
 def main(args):
+    checkpoints.check_writable(args.out)
     torch.manual_seed(args.train_seed)  # the random initialisation
     split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
     if args.model.startswith("open_clip:"):

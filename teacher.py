@@ -23,7 +23,7 @@ import checkpoints
 import data
 import models
 import training
-from checks import nonnegative, positive
+from checks import fraction, nonnegative, nonnegative_number, positive, rate, share, smoothing
 
 
 def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
@@ -60,12 +60,12 @@ def get_args_parser():
                    help="finetune with layer-wise lr decay, or linear probe (try it with 1-5 shots)")
     p.add_argument("--epochs", type=positive, default=30, help="passes over the labeled images")
     p.add_argument("--batch-size", type=positive, default=32, help="per process")
-    p.add_argument("--lr", type=float, default=5e-5, help="top block's lr (try 1e-5 .. 1e-4)")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="the new linear head's lr")
-    p.add_argument("--layer-decay", type=float, default=0.75, help="LLRD; try 0.65 for ViT-L, 0.9 for small")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear lr warmup")
+    p.add_argument("--lr", type=rate, default=5e-5, help="top block's lr (try 1e-5 .. 1e-4)")
+    p.add_argument("--head-lr", type=rate, default=1e-3, help="the new linear head's lr")
+    p.add_argument("--layer-decay", type=share, default=0.75, help="LLRD; try 0.65 for ViT-L, 0.9 for small")
+    p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
+    p.add_argument("--smoothing", type=smoothing, default=0.1, help="label smoothing")
+    p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps with linear lr warmup")
     p.add_argument("--workers", type=nonnegative, default=4, help="DataLoader workers decoding images")
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
@@ -75,6 +75,8 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
+    if rank == 0:
+        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
     split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
@@ -91,8 +93,8 @@ def main(args):
     per_epoch = math.ceil(len(sampler) / args.batch_size)
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = training.Progress(args.out + ".state", model, opt, scaler, total, args.save_every, rank,
-                                 args.resume, per_epoch)
+    progress = training.Progress(args.out, model, opt, scaler, total, args.save_every, rank, args.resume,
+                                 per_epoch, config=training.run_config(args, split=args.split, weights=args.weights))
     model = training.ddp(model, device, world)
     model.train()
     training.log(rank, f"teacher {args.model} ({args.mode}): {len(images)} labeled images, {total} steps")
@@ -113,14 +115,11 @@ def main(args):
                 progress.update(loss, len(x) * world)
                 if progress.done:
                     break
-    cost = progress.finish("teacher", args.batch_size * world)
-    if rank == 0:
-        checkpoints.save_checkpoint(dict(
-            kind="teacher", recipe=recipe, data_config=cfg, classes=split["classes"],
-            model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
-            split=dict(dataset=args.dataset, shots=args.shots, seed=args.seed, labeled=split["labeled"]),
-            metrics=dict(train_loss=progress.loss), cost=[cost]), args.out)
-        training.log(rank, f"wrote {args.out}")
+    progress.save_output(dict(
+        kind="teacher", recipe=recipe, data_config=cfg, classes=split["classes"],
+        model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
+        split=dict(dataset=args.dataset, shots=args.shots, seed=args.seed, labeled=split["labeled"]),
+        metrics=dict(train_loss=progress.loss), cost=[progress.finish("teacher", args.batch_size * world)]))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from checkpoints import load_checkpoint, save_checkpoint
-from checks import fail
+from checkpoints import digest, load_checkpoint, plain, release, save_checkpoint
+from checks import fail, first_line
+
+STATE_FORMAT = 2  # the layout of a resumable state; a state of another format is not resumed
+NOT_RESUMED = ("resume", "save_every", "workers", "out", "data_root", "compile")  # flags a resume may change
 
 
 def setup(seed):
@@ -87,6 +90,22 @@ def log(rank, *msg):
 
 
 # ---------------------------------------------------------------------------------- resumable states
+def run_config(args, **inputs):
+    """What a resumable state must match: the step's flags (but NOT_RESUMED), the contents of its input
+    files (`inputs`: name -> path; compared by sha1) and the state format."""
+    flags = {k: v for k, v in plain(args).items() if k not in NOT_RESUMED}
+    return dict(format=STATE_FORMAT, flags=flags, inputs={k: digest(p) for k, p in inputs.items()})
+
+
+def config_differences(saved, wanted):
+    """What differs between two run configs, as a short list of words for an error message."""
+    if saved.get("format") != wanted["format"]:
+        return [f"state format {saved.get('format')} vs {wanted['format']}"]
+    flags, inputs = saved.get("flags", {}), saved.get("inputs", {})
+    return ([f"--{k.replace('_', '-')} {flags.get(k)} vs {v}" for k, v in wanted["flags"].items() if flags.get(k) != v]
+            + [f"the content of {k}" for k, v in wanted["inputs"].items() if inputs.get(k) != v])
+
+
 def rng_state():
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     return dict(python=random.getstate(), numpy=[keys.tolist(), pos, has_gauss, gauss],
@@ -104,34 +123,43 @@ def set_rng_state(s):
 
 
 class Progress:
-    """Resume, log, stop on NaN, save resumable states, stop cleanly on Ctrl-C or SIGTERM.
+    """The training of one output file `out`: resume, log, stop on NaN, save states, stop cleanly on a signal.
 
     update() adds each step's loss on the device. Every `save_every` steps, after an epoch of `per_epoch`
-    steps (at most once a minute), at the end or on a signal, it reads the loss once, logs it, and saves
-    the state (weights, optimizer, scaler, RNG, step) to `path`. Under torchrun the ranks decide together
-    every `agree_every` steps (one all-reduce), so all of them stop at the same step.
+    steps (at most once a minute), at the end or on Ctrl-C, SIGTERM or SIGHUP, it reads the loss once, logs
+    it, and saves the state (weights, optimizer, scaler, RNG, step, `config`) to OUT.state. A state is
+    resumed only if its config matches. Under torchrun the ranks decide together every `agree_every` steps
+    (one all-reduce), so all of them stop at the same step. save_output() writes `out`, then drops the state.
     """
 
-    def __init__(self, path, model, optimizer, scaler, total, save_every, rank=0, resume=False,
-                 per_epoch=0, agree_every=20):
-        self.path, self.model, self.opt, self.scaler = path, model, optimizer, scaler
+    def __init__(self, out, model, optimizer, scaler, total, save_every, rank=0, resume=False,
+                 per_epoch=0, agree_every=20, config=None):
+        self.out, self.path, self.model, self.opt, self.scaler = out, out + ".state", model, optimizer, scaler
         self.total, self.save_every, self.rank, self.per_epoch = total, save_every, rank, per_epoch
+        self.config = config or {}
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.agree_every = min(agree_every, save_every) if self.world > 1 else 1
         self.step, self.images, self.wall, self.loss = 0, 0, 0.0, float("nan")
-        if resume and os.path.exists(path):
-            state = load_checkpoint(path, kinds=("resume",))
-            unwrap(model).load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
+        if resume and os.path.exists(self.path):
+            state = load_checkpoint(self.path, kinds=("resume",))
+            differ = config_differences(state["config"], self.config) if config else []
+            if differ:
+                fail(f"{self.path} is the state of another run ({', '.join(differ[:4])}); rerun that run's "
+                     "command, or delete the state to start this one afresh")
+            try:
+                unwrap(model).load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scaler.load_state_dict(state["scaler"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                fail(f"{self.path} does not fit this model ({first_line(e)}); delete it to start afresh")
             set_rng_state(state["rng"])
             self.step, self.images, self.wall = state["step"], state["images"], state["wall_s"]
-            log(rank, f"resuming {path} at step {self.step}/{total}")
+            log(rank, f"resuming {self.path} at step {self.step}/{total}")
 
     def __enter__(self):
         self.stop, self.t0, self.running, self.count = False, time.time() - self.wall, 0.0, 0
         self.saved, self.saved_step = time.time(), self.step
-        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return self
 
     def _on_signal(self, signum, frame):
@@ -166,19 +194,29 @@ class Progress:
         self.loss = float(running / count)  # the one host-device sync per interval
         self.running, self.count = 0.0, 0
         if not math.isfinite(self.loss):
-            fail(f"loss is {self.loss} at step {self.step}; the last good state is {self.path}; lower --lr")
+            kept = f"the last good state is {self.path}" if os.path.exists(self.path) else "no state was saved"
+            fail(f"loss is {self.loss} at step {self.step}; {kept}; lower --lr")
         log(self.rank, f"step {self.step}/{self.total} loss {self.loss:.4f} ({time.time() - self.t0:.0f}s)")
         if self.rank == 0:
             save_checkpoint(dict(kind="resume", step=self.step, model=unwrap(self.model).state_dict(),
                                  optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
-                                 rng=rng_state(), images=self.images, wall_s=time.time() - self.t0), self.path)
+                                 rng=rng_state(), images=self.images, wall_s=time.time() - self.t0,
+                                 config=self.config), self.path)
         self.saved, self.saved_step = time.time(), self.step
         if self.stop:
             fail(f"interrupted at step {self.step}: saved {self.path}; rerun with --resume to continue")
 
     def finish(self, name, batch):
-        """The training cost for the checkpoint (the state file is no longer needed)."""
-        if self.rank == 0 and os.path.exists(self.path):
-            os.remove(self.path)
+        """The training cost, for the checkpoint: this stage's name, steps, batch, images and wall time."""
         return dict(step=name, steps=self.step, batch=batch, images=self.images,
                     wall_s=round(time.time() - self.t0, 2))
+
+    def save_output(self, ckpt):
+        """Rank 0 writes `out` (atomically), and only then drops the state and its claim on `out`: a kill
+        at any moment leaves the state or the output."""
+        if self.rank == 0:
+            save_checkpoint(ckpt, self.out)
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            release(self.out)
+            log(0, f"wrote {self.out}")

@@ -22,7 +22,7 @@ import torch
 import checkpoints
 import data
 import training
-from checks import fail, nonnegative, positive
+from checks import fail, finite, nonnegative, positive
 from embeddings import Encoder, embed_shards, read_shards
 from pools import pool_refs, readable
 
@@ -195,9 +195,9 @@ def get_args_parser():
                    help="none: random weights (tests only; the neighbours are then meaningless)")
     p.add_argument("--k", type=positive, default=100,
                    help="neighbours per labeled image (balanced); more: a larger, less on-task set; try 100-1000")
-    p.add_argument("--dedup-threshold", type=float, default=0.95,
+    p.add_argument("--dedup-threshold", type=finite, default=0.95,
                    help="drop a retrieved image this cosine-close to a better-ranked one (lower: stricter)")
-    p.add_argument("--leak-threshold", type=float, default=0.95,
+    p.add_argument("--leak-threshold", type=finite, default=0.95,
                    help="drop a retrieved image this cosine-close to a target test image; above 1: no check")
     p.add_argument("--cache-dir", default="runs/embeddings", help="embedding shards, reused across runs")
     p.add_argument("--shard-size", type=positive, default=10000, help="images per cached shard (resume unit)")
@@ -213,6 +213,7 @@ def main(args):
         fail(f"--source {args.source}: a comma list of target, generic, retrieval")
     if {"generic", "retrieval"} & set(sources) and not args.pool:
         fail("--source generic/retrieval needs --pool")
+    checkpoints.check_writable(args.out)
     device, rank, world = training.setup(args.train_seed)
     split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
     refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] else ([], [])
