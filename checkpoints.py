@@ -4,6 +4,7 @@ A checkpoint is a dict of plain types and tensors (kind, recipe, data_config, cl
 ...), so torch.load(weights_only=True) reads it and a file from elsewhere cannot run code. Every file is
 written to a temp file, flushed, fsynced and renamed: a kill or a full disk never leaves half a file.
 """
+import atexit
 import fcntl
 import glob
 import hashlib
@@ -113,6 +114,7 @@ def claim(path):
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             _claims[key] = fd
+            atexit.register(release, path)  # however the step ends (but SIGKILL), its lock file goes
         else:  # its holder released and deleted it between our open and our lock: take the new one
             os.close(fd)
     for tmp in glob.glob(glob.escape(path) + "*.tmp*"):  # OUT.tmpPID, OUT.state.tmpPID of killed writers
@@ -135,5 +137,6 @@ def release(path):
     """Give up the claim on `path` (its output is written) and delete the lock file."""
     fd = _claims.pop(os.path.abspath(path), None)
     if fd is not None:
-        os.remove(path + ".lock")
+        if os.path.exists(path + ".lock"):
+            os.remove(path + ".lock")
         os.close(fd)

@@ -372,6 +372,226 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+# ---------------------------------------------------------------- states, claims, bad images, bad flags
+def _distill_args(d, out, *extra):
+    return ["--teacher", d / "teacher.pt", "--student", d / "student.pt", "--transfer", d / "transfer.txt",
+            "--epochs", 1, "--batch-size", 64, "--workers", 0, "--save-every", 5, "--out", out, "--resume", *extra]
+
+
+def _killed_before_the_output(monkeypatch, module, *argv):
+    """Run a step in-process and 'kill' it as it writes its output: its last state stays on disk."""
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training.Progress, "save_output", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(module, *argv)
+    monkeypatch.undo()
+
+
+def test_a_state_is_resumed_only_by_the_run_that_saved_it(pipeline, tmp_path, monkeypatch, capsys):
+    d, out = pipeline, tmp_path / "kt.pt"
+    _killed_before_the_output(monkeypatch, distill, *_distill_args(d, out))
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join((d / "transfer.txt").read_text().split()[:100]))
+    for argv, differ in [(_distill_args(d, out, "--transfer", other), "the content of transfer"),
+                         (_distill_args(d, out, "--epochs", 2), "--epochs 1 vs 2"),
+                         (_distill_args(d, out, "--student", d / "kt.pt"), "--student")]:  # another model
+        with pytest.raises(SystemExit, match=f"is the state of another run .*{differ}") as e:
+            run(distill, *argv)
+        assert "\n" not in str(e.value) and not out.exists()
+    capsys.readouterr()
+    run(distill, *_distill_args(d, out))  # the same run: resumed, finished, the state and claim gone
+    assert "resuming" in capsys.readouterr().err and out.exists()
+    assert not list(tmp_path.glob("kt.pt.*"))
+
+
+def test_the_output_is_written_before_the_state_is_removed(pipeline, tmp_path, monkeypatch):
+    d, out = pipeline, tmp_path / "kt.pt"
+    real = training.save_checkpoint
+
+    def killed_writing_the_output(ckpt, path):  # a SIGKILL in the middle of writing the output
+        if str(path) == str(out):
+            raise KeyboardInterrupt
+        real(ckpt, path)
+    monkeypatch.setattr(training, "save_checkpoint", killed_writing_the_output)
+    with pytest.raises(KeyboardInterrupt):
+        run(distill, *_distill_args(d, out))
+    monkeypatch.undo()
+    step = torch.load(str(out) + ".state", weights_only=True)["step"]  # the state of the finished training
+    assert not out.exists() and step == 1160 // 64
+    run(distill, *_distill_args(d, out))  # nothing retrained: resumed at the last step, the output written
+    assert torch.load(out, weights_only=True)["cost"][-1]["steps"] == step
+
+
+def test_a_second_writer_of_the_same_output_fails_at_once(pipeline, tmp_path):
+    d, out = pipeline, tmp_path / "kt.pt"
+    holder = subprocess.Popen([sys.executable, "-c", f"import checkpoints, time; checkpoints.claim({str(out)!r}); "
+                               "print('claimed', flush=True); time.sleep(60)"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        t = time.time()
+        with pytest.raises(SystemExit, match=f"another process \\(pid {holder.pid}\\) is writing .*kt.pt"):
+            run(distill, *_distill_args(d, out))
+        assert time.time() - t < 5 and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run(distill, *_distill_args(d, out))  # a dead holder's lock file does not block: the kernel dropped its lock
+    assert out.exists() and not (tmp_path / "kt.pt.lock").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(pipeline, tmp_path):
+    (tmp_path / "kt.pt").mkdir()
+    t = time.time()
+    with pytest.raises(SystemExit, match="--out .*kt.pt is a folder"):
+        run(distill, *_distill_args(pipeline, tmp_path / "kt.pt"))
+    assert time.time() - t < 5 and not list(tmp_path.glob("*.state"))
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "kt.pt"
+    stale, live = tmp_path / f"kt.pt.state.tmp{dead.pid}", tmp_path / f"kt.pt.tmp{os.getppid()}"
+    stale.write_bytes(b"half a state")
+    live.write_bytes(b"another writer's file")
+    checkpoints.claim(str(out))
+    checkpoints.release(str(out))
+    assert not stale.exists() and live.exists()
+
+
+def test_sighup_saves_like_sigterm(pipeline, tmp_path):
+    cmd = [sys.executable, "distill.py", *map(str, _distill_args(pipeline, tmp_path / "kt.pt", "--epochs", 50,
+                                                                 "--save-every", 10000))]
+    proc = subprocess.Popen(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+    while "transfer images" not in proc.stderr.readline():  # training has started
+        assert proc.poll() is None
+    time.sleep(1)
+    proc.send_signal(signal.SIGHUP)  # a closed ssh session
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and "interrupted at step" in err
+    assert torch.load(tmp_path / "kt.pt.state", weights_only=True)["step"] > 0
+
+
+def test_run_sh_force_clears_every_state(tmp_path):
+    run_stubbed(tmp_path)
+    state = tmp_path / "runs/demo/s0/student_kt_target.pt.state"
+    state.write_bytes(b"a state of the 10-shot run")
+    assert run_sh(tmp_path, "--shots", "5", "--force").returncode == 0
+    assert not state.exists()
+    r = run_sh(tmp_path, "--shots")
+    assert r.returncode == 2 and "--shots needs a value" in r.stderr
+
+
+def test_every_failure_to_open_an_image_is_skipped(tmp_path, monkeypatch, capsys):
+    import PIL.Image
+    good = demo_pool(tmp_path, 2)
+    (tmp_path / "not.tar").write_bytes(b"not a tar at all" * 100)
+    refs = [good[0], f"{tmp_path / 'not.tar'}::x.jpg", good[1]]  # a broken shard in a transfer list
+    images = data.Images(refs, None, lambda im: torch.zeros(1))
+    assert [images[i][0].shape for i in range(3)] == [(1,)] * 3
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # every 32x32 image is now a decompression bomb
+    with pytest.raises(RuntimeError, match="no readable image"):
+        images[0]
+    err = capsys.readouterr().err
+    assert "ReadError" in err and "DecompressionBombError" in err
+
+
+def test_16_bit_images_are_scaled_and_32_bit_ones_refused(tmp_path):
+    from PIL import Image
+    gray = np.full((8, 8), 32768, dtype=np.uint16)  # 50% grey in 16 bits
+    Image.fromarray(gray).save(tmp_path / "g16.png")
+    assert np.asarray(data.open_image(str(tmp_path / "g16.png"))).mean() == pytest.approx(127.5, abs=0.6)
+    Image.fromarray(np.full((8, 8), 7, dtype=np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(ValueError, match="32-bit"):
+        data.open_image(str(tmp_path / "i32.tif"))
+
+
+def test_a_directory_symlink_loop_counts_each_file_once(tmp_path):
+    dataset = _folder_dataset(tmp_path, n=3)
+    os.symlink("../cat", tmp_path / "train" / "cat" / "sub")  # train/cat/sub -> train/cat
+    _, labels, _ = data.load_dataset(dataset, "train")
+    assert labels == [0, 0, 0, 1, 1, 1]
+
+
+def test_test_split_problems_are_refused_before_training(tmp_path):
+    no_test = _folder_dataset(tmp_path / "a")
+    shutil.rmtree(tmp_path / "a" / "test")
+    short = _folder_dataset(tmp_path / "b", test_classes=("cat",))  # dog missing in test
+    for dataset, message in [(no_test, "has no test/ folder"), (short, "differ from train/ classes")]:
+        with pytest.raises(SystemExit, match=message):
+            run(teacher, "--dataset", dataset, "--shots", 1, "--split", tmp_path / "split.json", "--model",
+                "test_resnet", *TINY, "--weights", "none", "--out", tmp_path / "teacher.pt")
+        assert not list(tmp_path.glob("teacher.pt*.state")) and not (tmp_path / "split.json").exists()
+        assert not (tmp_path / "teacher.pt").exists()
+
+
+def test_evaluate_leaves_unreadable_test_images_out_and_says_so(tmp_path):
+    dataset = _folder_dataset(tmp_path, n=3)
+    (tmp_path / "test" / "dog" / "2.png").write_bytes(b"")  # one of 6 test images cannot be read
+    random_checkpoint(tmp_path / "m.pt", "student", "test_resnet", ["cat", "dog"])
+    table = run(evaluate, "--dataset", dataset, "--workers", 0, "--out", tmp_path / "r.json", f"m={tmp_path / 'm.pt'}")
+    assert table["m"]["test_images"] == 5 and table["m"]["unreadable_test_images"] == 1
+    assert "1 test images could not be read" in (tmp_path / "r.md").read_text()
+    with pytest.raises(SystemExit, match="m named twice"):
+        run(evaluate, "--dataset", dataset, "--out", tmp_path / "r.json", f"m={tmp_path / 'm.pt'}", f"m={tmp_path / 'm.pt'}")
+
+
+def test_bad_flags_and_files_are_one_line(pipeline, tmp_path, capsys):
+    d = pipeline
+    for module, flag, value in [(finetune, "--lr", "nan"), (finetune, "--lr", "-1"), (teacher, "--lr", "inf"),
+                                (finetune, "--warmup", "nan"), (distill, "--weight-decay", "nan"),
+                                (finetune, "--smoothing", "2"), (teacher, "--layer-decay", "nan"),
+                                (distill, "--temperature", "0"), (distill, "--min-scale", "0")]:
+        with pytest.raises(SystemExit) as e:
+            module.get_args_parser().parse_args([flag, value])
+        assert e.value.code == 2 and f"argument {flag}: '{value}' is not" in capsys.readouterr().err
+    keep = tmp_path / "kt.pt"
+    keep.write_bytes(b"precious")
+    for name, obj in [("list", [1, 2]), ("tensor", torch.ones(2)), ("teacher_only", {"kind": "teacher"})]:
+        torch.save(obj, tmp_path / f"{name}.pt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9.jpg\n".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(b"demo:train:1\x00\x01\n")
+    (tmp_path / "far.txt").write_text("demo:train:1\ndemo:train:99999\n")
+    (tmp_path / "garbage.bin").write_bytes(os.urandom(2048))
+    args = ["--student", d / "student.pt", "--transfer", d / "transfer.txt", "--out", keep]
+    cases = [(distill, ["--teacher", tmp_path / "list.pt", *args], "'list' checkpoint"),
+             (distill, ["--teacher", tmp_path / "tensor.pt", *args], "'Tensor' checkpoint"),
+             (distill, ["--teacher", tmp_path / "teacher_only.pt", *args], "not a whole 'teacher' checkpoint"),
+             (distill, ["--teacher", d / "teacher.pt", *args[:2], "--transfer", tmp_path / "latin1.txt",
+                        "--out", keep], "not UTF-8"),
+             (distill, ["--teacher", d / "teacher.pt", *args[:2], "--transfer", tmp_path / "binary.txt",
+                        "--out", keep], "binary data"),
+             (distill, ["--teacher", d / "teacher.pt", *args[:2], "--transfer", tmp_path / "far.txt",
+                        "--out", keep], "1 references beyond the 1200 images of demo:train")]
+    for module, argv, message in cases:
+        with pytest.raises(SystemExit, match=message) as e:
+            run(module, *argv)
+        assert "\n" not in str(e.value) and keep.read_bytes() == b"precious"
+    with pytest.raises(SystemExit, match="garbage.bin does not fit tiny-clip") as e:
+        models.create_model(f"open_clip:{tiny_clip(tmp_path)}", 2, weights=str(tmp_path / "garbage.bin"))
+    assert "\n" not in str(e.value)
+
+
+def test_a_pickle_in_any_file_never_runs(pipeline, tmp_path):
+    marker = tmp_path / "the_pickle_ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    evil = tmp_path / "evil.pt"
+    torch.save({"kind": "student", "model": Evil()}, evil)
+    tries = [lambda: checkpoints.load_checkpoint(evil, kinds=("student",)),  # every --teacher/--student/state
+             lambda: models.create_model("test_resnet", 2, weights=str(evil)),  # timm --weights
+             lambda: models.create_model(f"open_clip:{tiny_clip(tmp_path)}", 2, weights=str(evil))]  # open_clip
+    for load in tries:
+        with pytest.raises(SystemExit):
+            load()
+    assert not marker.exists()
+    floor = next(line for line in open(os.path.join(HERE, "requirements.txt")) if line.startswith("torch>="))
+    assert tuple(map(int, floor.split(">=")[1].split(",")[0].split(".")[:2])) >= (2, 6)  # torch.load: weights_only
+
+
 # ====================================================================================================
 # transfer sets and retrieval (transfer_set.py)
 # ====================================================================================================
