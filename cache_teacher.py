@@ -138,7 +138,7 @@ def main(args):
     if t_ckpt["classes"] != s_ckpt["classes"]:
         fail(f"teacher has {len(t_ckpt['classes'])} classes, student {len(s_ckpt['classes'])}: "
              "they were made for different tasks")
-    refs, classes = data.read_transfer_list(args.transfer, args.data_root), t_ckpt["classes"]
+    refs, classes = data.read_transfer_list(args.transfer), t_ckpt["classes"]
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]
     meta = write_meta(args.out, dict(

@@ -95,7 +95,7 @@ def main(args):
     if t_ckpt["classes"] != s_ckpt["classes"]:
         fail(f"teacher has {len(t_ckpt['classes'])} classes, student {len(s_ckpt['classes'])}: "
              "they were made for different tasks")
-    refs = data.read_transfer_list(args.transfer, args.data_root)
+    refs = data.read_transfer_list(args.transfer)
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     teacher = torch.compile(teacher) if args.compile else teacher
     student, channels_last = training.prepare(models.load_model(s_ckpt).to(device), device, world, args.compile)

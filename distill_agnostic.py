@@ -94,7 +94,7 @@ def main(args):
     if rank == 0:
         checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
-    refs = data.read_transfer_list(args.transfer, args.data_root)
+    refs = data.read_transfer_list(args.transfer)
     if args.vfm_weights == "none":
         fail("--vfm-weights none would distill a random network; give hub or a weights file")
     # a 1-class head that is never used (image_embedding stops before it); a stored classifier is dropped
