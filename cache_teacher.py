@@ -85,7 +85,7 @@ def build(cache_dir, teacher, t_cfg, refs, meta, args, device, part, parts, auto
                                          num_workers=min(args.workers, os.cpu_count() or 1),
                                          pin_memory=device.type == "cuda")
     out, t0 = [], time.time()
-    for i, x, p in loader:  # i (b,), x (b, K, 3, S, S), p (b, K, 5)
+    for i, x, p in training.bar(loader, total=len(batches), unit="batch", desc="cache"):  # i (b,), x (b, K, 3, S, S)
         with torch.inference_mode(), autocast():
             logits = teacher(models.normalize(x.flatten(0, 1).to(device, non_blocking=True), t_cfg))
         prob, cls = logits.float().softmax(-1).topk(meta["topk"], dim=-1)  # (b * K, k), largest first

@@ -97,7 +97,8 @@ def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
         num_workers=min(args.workers, os.cpu_count() or 1), pin_memory=device.type == "cuda")
     autocast, _ = training.amp(device)
     acc, t0, done = {}, time.time(), 0
-    for s, ids, x, hashes, bad in (dl if batches else []):
+    for s, ids, x, hashes, bad in training.bar(dl if batches else [], rank, total=len(batches), unit="batch",
+                                               desc=f"embed {kind}"):
         a = acc.setdefault(s, dict(z=[], ids=[], hashes=[], bad=[]))
         if x is not None:
             with torch.no_grad(), autocast():

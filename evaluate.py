@@ -6,7 +6,7 @@ Runs named NAME@SEED are one row: mean ± std over the seeds.
 
 Reads:  checkpoints (any step's), the dataset's test split.
 Writes: results.json ({rows: {name: metrics}, runs: {...}}), results.md (the table, also printed) and
-        results.png (a bar chart, when matplotlib is installed).
+        results.png (a bar chart). Speed is timed in the deployed form (models.deployed).
 Run:    python evaluate.py --dataset eurosat teacher=runs/eurosat/teacher.pt kt=runs/eurosat/student_kt_ft.pt
 """
 import argparse
@@ -30,7 +30,7 @@ def accuracy(model, loader, num_classes, device, autocast):
     """Top-1 and mean per-class accuracy (each class's recall, averaged), in percent, and the number of
     test images they count (an unreadable one is left out, never replaced by another)."""
     correct, count = np.zeros(num_classes), np.zeros(num_classes)
-    for batch in loader:
+    for batch in training.bar(loader, unit="batch", leave=False):
         if batch is None:  # no readable image in this batch
             continue
         x, y = batch
@@ -51,24 +51,27 @@ def readable(batch):
 
 
 @torch.inference_mode()
-def speed(model, cfg, device, autocast, batch=64, iters=10):
-    """GFLOPs per image (torch's FLOP counter: 2 per multiply-add) and images/s on `device`."""
-    x = torch.randn(1, *cfg["input_size"], device=device)
+def gflops(model, cfg, device):
+    """GFLOPs per image (torch's FLOP counter: 2 per multiply-add)."""
     with FlopCounterMode(display=False) as counter:
-        model(x)
-    x = x.expand(batch, -1, -1, -1).contiguous()
-    for _ in range(2):  # warm up kernels and caches
+        model(torch.randn(1, *cfg["input_size"], device=device))
+    return counter.get_total_flops() / 1e9
+
+
+@torch.inference_mode()
+def images_per_second(model, cfg, device, autocast, batch, iters):
+    """Throughput of the forward pass on `device`: 2 warm-up batches, then `iters` timed ones."""
+    x = torch.randn(batch, *cfg["input_size"], device=device)
+    for i in range(2 + iters):
+        if i == 2:  # kernels and caches are warm: start the clock
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
         with autocast():
             model(x)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        with autocast():
-            model(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return counter.get_total_flops() / 1e9, batch * iters / (time.perf_counter() - t)
+    return batch * iters / (time.perf_counter() - t)
 
 
 def summarize(results):
@@ -88,33 +91,42 @@ def summarize(results):
 def markdown(table):
     def acc(r, k):
         return f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if r["seeds"] > 1 else f"{r[k]:.1f}"
+
+    def speed(r):  # deployed form; a reparameterised model also shows its training form
+        if r["images_per_s"] is None:
+            return "-"
+        train = r["images_per_s_training_form"]
+        return f"{r['images_per_s']:.0f}" + (f" (training form {train:.0f})" if train else "")
     head = ("| model | arch | top-1 | mean/class | params (M) | GFLOPs | img/s | training (steps x batch) "
             "| train wall (s) |\n|---|---|---|---|---|---|---|---|---|\n")
-    rows = [f"| {n} | {r['arch']} | {acc(r, 'top1')} | "
-            f"{acc(r, 'mean_class')} | {r['params_m']:.2f} | {r['gflops']:.3f} | {r['images_per_s']:.0f} | "
-            f"{r['training']} | {r['train_wall_s']:.0f} |" for n, r in table.items()]
+    rows = [f"| {n} | {r['arch']} | {acc(r, 'top1')} | {acc(r, 'mean_class')} | {r['params_m']:.2f} | "
+            f"{r['gflops']:.3f} | {speed(r)} | {r['training']} | {r['train_wall_s']:.0f} |" for n, r in table.items()]
     bad = max(r["unreadable_test_images"] for r in table.values())
     note = f"\n{bad} test images could not be read and are left out of every score.\n" if bad else ""
     return head + "\n".join(rows) + "\n" + note
 
 
-def bar_chart(table, path):
-    """A PNG of top-1 per row (with std over seeds) when matplotlib is installed; it is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(1.2 * len(table) + 2, 3.5))
-    ax.bar(list(table), [r["top1"] for r in table.values()], yerr=[r["top1_std"] for r in table.values()],
-           capsize=4, color="tab:blue")
-    ax.set_ylabel("test top-1 (%)")
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def bar_chart(table, path, width=640, height=360, pad=40):
+    """A PNG of top-1 per row, with the std over seeds as a whisker, drawn with PIL (no plotting library)."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    base, top, slot = height - pad, pad // 2, (width - 2 * pad) / len(table)
+
+    def y(v):  # top-1 in percent -> pixel row
+        return base - (base - top) * v / 100
+    for v in range(0, 101, 20):  # the axis: gridlines every 20 points
+        d.line([(pad, y(v)), (width - pad // 2, y(v))], fill=(225, 225, 225))
+        d.text((4, y(v) - 6), f"{v}", fill="black")
+    for i, (name, r) in enumerate(table.items()):
+        left, mid = pad + i * slot + slot * 0.15, pad + (i + 0.5) * slot
+        d.rectangle([left, y(r["top1"]), left + slot * 0.7, base], fill=(31, 119, 180))
+        if r["top1_std"]:
+            d.line([(mid, y(r["top1"] - r["top1_std"])), (mid, y(r["top1"] + r["top1_std"]))], fill="black", width=2)
+        d.text((mid, y(r["top1"]) - 4), f"{r['top1']:.1f}", fill="black", anchor="md")
+        d.text((mid, base + 6), name, fill="black", anchor="ma")
+    d.text((pad, 2), "test top-1 (%)", fill="black")
+    checkpoints.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def get_args_parser():
@@ -126,6 +138,8 @@ def get_args_parser():
     p.add_argument("--data-root", default="data")
     p.add_argument("--batch-size", type=positive, default=128)
     p.add_argument("--workers", type=nonnegative, default=4)
+    p.add_argument("--speed-batch", type=nonnegative, default=None, help="images per timed batch (default: 64 "
+                   "on a GPU, 8 on a CPU, where a ViT-L takes seconds per image); 0: do not time")
     p.add_argument("--out", default="runs/demo/results.json", help="also writes the .md table beside it")
     return p
 
@@ -158,11 +172,16 @@ def main(args):
         if counted < len(refs):
             training.log(0, f"warning: {len(refs) - counted} of {len(refs)} test images could not be read; "
                             f"{name} is scored on the other {counted}")
-        gflops, ips = speed(model, ckpt["data_config"], device, autocast)
+        deployed, folded = models.deployed(model)  # what a deployment runs: counted and timed in this form
+        cfg, batch = ckpt["data_config"], 64 if device.type == "cuda" else 8
+        batch, iters = batch if args.speed_batch is None else args.speed_batch, 10 if device.type == "cuda" else 3
+        ips = images_per_second(deployed, cfg, device, autocast, batch, iters) if batch else None
+        ips_train = images_per_second(model, cfg, device, autocast, batch, iters) if batch and folded else None
         cost = ckpt.get("cost", [])
         results[name] = dict(
             arch=ckpt["recipe"]["arch"], top1=top1, mean_class=mean_class,
-            params_m=sum(p.numel() for p in model.parameters()) / 1e6, gflops=gflops, images_per_s=ips,
+            params_m=sum(p.numel() for p in deployed.parameters()) / 1e6, gflops=gflops(deployed, cfg, device),
+            images_per_s=ips, images_per_s_training_form=ips_train, reparameterized=folded,
             training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in cost) or "none",
             train_images=sum(c["images"] for c in cost), train_wall_s=sum(c["wall_s"] for c in cost),
             test_images=counted, unreadable_test_images=len(refs) - counted, device=str(device),
@@ -172,8 +191,7 @@ def main(args):
     md, stem = markdown(table), os.path.splitext(args.out)[0]
     checkpoints.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))
     checkpoints.atomic_write(stem + ".md", lambda f: f.write(md.encode()))
-    if bar_chart(table, stem + ".png"):
-        training.log(0, f"wrote {stem}.png")
+    bar_chart(table, stem + ".png")
     print(md)
     return table
 

@@ -159,6 +159,15 @@ def load_model(ckpt):
     return model
 
 
+def deployed(model):
+    """The model as it is deployed: timm's structural reparameterisation folds the training-time branches of
+    FastViT, MobileOne, RepVGG, ... into single convolutions (same outputs, less work). Returns (a copy, or
+    the model itself when there is nothing to fold; whether anything was folded)."""
+    from timm.utils import reparameterize_model
+    foldable = any(hasattr(m, a) for m in model.modules() for a in ("reparameterize", "fuse", "switch_to_deploy"))
+    return (reparameterize_model(model).eval() if foldable else model), foldable
+
+
 def transform(cfg, train, normalize=True, scale=(0.08, 1.0)):
     """timm's train/eval transform for a model's data config; normalize=False keeps pixels in [0, 1]."""
     from timm.data import create_transform

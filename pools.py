@@ -11,6 +11,7 @@ import tarfile
 import torch
 
 import data
+import training
 from checks import fail
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -94,7 +95,7 @@ def readable(refs, batch_size, workers, root):
                                      num_workers=min(workers, os.cpu_count() or 1),
                                      sampler=[(0, i) for i in range(len(refs))])
     ok, bad = [], []
-    for _, ids, _, _, b in dl:
+    for _, ids, _, _, b in training.bar(dl, unit="batch", desc="decode"):
         ok += [refs[i] for i in ids]
         bad += [[refs[i], err] for i, err in b]
     return ok, bad

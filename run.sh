@@ -32,7 +32,7 @@
 #            output exists is skipped, so a rerun continues (and a step that was killed resumes from its
 #            .state file, which is refused if it was saved by another configuration).
 # Outputs go to runs/NAME/ (student runs in runs/NAME/sSEED/); the table to runs/NAME/results.md, .json
-# (and .png with matplotlib). Environment: PY (python), DATA_ROOT.
+# and .png; the exported kt_target student to runs/NAME/export/. Environment: PY (python), DATA_ROOT.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -190,3 +190,9 @@ done
 
 $PY evaluate.py --dataset "$DATASET" --data-root "${DATA_ROOT:-data}" "${E_ARGS[@]}" \
   --out "$OUT/results.json" "${ROWS[@]}" "${BASE_ROWS[@]}"
+
+# The small model as it ships: reparameterised, exported (torch.export; ONNX when onnx is installed),
+# checked against PyTorch on test images, and timed at batch 1 and 64.
+FIRST=${SEEDS%% *}
+step "$OUT/export/student_kt_target.pt2" $PY export.py --dataset "$DATASET" --data-root "${DATA_ROOT:-data}" \
+  --student "$OUT/s$FIRST/student_kt_target_ft.pt" --out "$OUT/export/student_kt_target.pt2"

@@ -10,6 +10,7 @@ Read a section at a time; each opens with a banner:
 
 Run: python -m pytest -q test_all.py
 """
+import importlib.util
 import io
 import json
 import math
@@ -37,6 +38,7 @@ import distill_agnostic
 import distill_cached
 import embeddings
 import evaluate
+import export
 import finetune
 import models
 import student
@@ -1196,3 +1198,94 @@ def test_run_sh_keeps_one_configuration_per_directory(tmp_path):
     assert ["teacher.py", "runs/demo5/teacher.pt"] in [[c[0], c[-2]] for c in calls]  # ... --out PATH --resume
     assert (tmp_path / "runs/demo5/run.cfg").read_text().startswith("dataset=demo shots=5 ")
     assert run_sh(tmp_path, "--seed", "x").returncode == 2
+
+
+# ====================================================================================================
+# the small model, ready to ship: reparameterisation, export, speed as deployed, progress, pictures
+# ====================================================================================================
+def test_reparameterised_fastvit_gives_the_same_outputs(cpu):
+    torch.manual_seed(0)
+    model = models.create_model("fastvit_t8", 10, img_size=64)[0].eval()
+    for m in model.modules():  # trained-looking batch-norm statistics, so that folding them is a real test
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    folded, changed = models.deployed(model)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        want, got = model(x), folded(x)
+    assert changed and folded is not model
+    assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    resnet = models.create_model("test_resnet", 10, img_size=32)[0].eval()
+    assert models.deployed(resnet) == (resnet, False)  # nothing to fold: the model itself
+
+
+def _export(tmp_path, student, *extra):
+    return run(export, "--student", student, "--images", 4, "--repeats", 1, "--out", tmp_path / "export/s.pt2", *extra)
+
+
+def test_export_round_trip_with_its_data_config(tmp_path, cpu, monkeypatch, capsys):
+    random_checkpoint(tmp_path / "s.pt", "student", "test_resnet", list(demo.CLASSES))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    report = _export(tmp_path, tmp_path / "s.pt")  # without the optional onnx package: one line, the rest done
+    assert "ONNX skipped: onnx not installed (pip install onnx" in capsys.readouterr().out
+    program = torch.export.load(str(tmp_path / "export/s.pt2")).module()
+    x = torch.rand(3, 3, 32, 32)  # another batch size than the export saw
+    torch.testing.assert_close(program(x), models.load_model(checkpoints.load_checkpoint(tmp_path / "s.pt")).eval()(x))
+    meta = json.loads((tmp_path / "export/s.json").read_text())
+    assert meta["classes"] == list(demo.CLASSES) and meta["data_config"]["input_size"] == [3, 32, 32]
+    assert meta["check"]["max_relative_diff"]["torch.export"] < 1e-5 and set(meta["latency_ms"]) == {"batch_1", "batch_64"}
+    assert report["files"] == [str(tmp_path / "export/s.pt2")] and not (tmp_path / "export/s.onnx").exists()
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="the optional packages onnx, onnxscript and onnxruntime are not installed")
+def test_onnx_export_matches_pytorch(tmp_path, cpu):
+    random_checkpoint(tmp_path / "s.pt", "student", "test_resnet", list(demo.CLASSES))
+    report = _export(tmp_path, tmp_path / "s.pt")
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(tmp_path / "export/s.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(5, 3, 32, 32)
+    want = models.load_model(checkpoints.load_checkpoint(tmp_path / "s.pt")).eval()(x).detach()
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), want, rtol=1e-4, atol=1e-4)
+    assert report["check"]["max_relative_diff"]["onnx"] < 1e-4
+
+
+def test_a_failed_export_check_writes_nothing(tmp_path, cpu):
+    random_checkpoint(tmp_path / "s.pt", "student", "test_resnet", list(demo.CLASSES))
+    with pytest.raises(SystemExit, match="differs from PyTorch .* nothing written"):
+        _export(tmp_path, tmp_path / "s.pt", "--tolerance", 1e-30)
+    assert not (tmp_path / "export/s.pt2").exists() and not list((tmp_path / "export").glob("*.tmp*"))
+
+
+def test_evaluate_times_the_deployed_form_and_draws_the_chart(tmp_path, cpu):
+    dataset = _folder_dataset(tmp_path, n=2)
+    model, recipe, cfg = models.create_model("fastvit_t8", 2, img_size=64)
+    checkpoints.save_checkpoint(dict(kind="student", recipe=recipe, data_config=cfg, classes=["cat", "dog"],
+                                     model=model.state_dict(), cost=[]), tmp_path / "fastvit.pt")
+    random_checkpoint(tmp_path / "resnet.pt", "student", "test_resnet", ["cat", "dog"])
+    table = run(evaluate, "--dataset", dataset, "--workers", 0, "--speed-batch", 2, "--out", tmp_path / "r.json",
+                f"fastvit={tmp_path / 'fastvit.pt'}", f"resnet={tmp_path / 'resnet.pt'}")
+    fv, rn = table["fastvit"], table["resnet"]
+    assert fv["reparameterized"] and fv["images_per_s"] > 0 and fv["images_per_s_training_form"] > 0
+    assert fv["params_m"] < sum(p.numel() for p in model.parameters()) / 1e6  # counted as deployed
+    assert not rn["reparameterized"] and rn["images_per_s_training_form"] is None
+    assert "(training form" in (tmp_path / "r.md").read_text()
+    from PIL import Image
+    assert Image.open(tmp_path / "r.png").size[0] >= 640  # the chart, drawn without any plotting library
+    table = run(evaluate, "--dataset", dataset, "--workers", 0, "--speed-batch", 0, "--out", tmp_path / "r.json",
+                f"resnet={tmp_path / 'resnet.pt'}")
+    assert table["resnet"]["images_per_s"] is None and "| - |" in (tmp_path / "r.md").read_text()
+
+
+def test_loaders_use_at_most_one_worker_per_core():
+    loader = data.loader(data.Images(["demo:train:0"]), 1, None, workers=64)
+    assert loader.num_workers == os.cpu_count()
+
+
+def test_run_sh_ends_with_the_exported_kt_student(tmp_path):
+    calls = run_stubbed(tmp_path, "--seeds", "3 4")
+    assert calls[-1][0] == "export.py" and calls[-1][calls[-1].index("--student") + 1] == \
+        "runs/demo/s3/student_kt_target_ft.pt"

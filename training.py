@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from checkpoints import digest, load_checkpoint, plain, release, save_checkpoint
 from checks import fail, first_line
@@ -85,8 +86,15 @@ def unwrap(model):
 
 
 def log(rank, *msg):
+    """A line on stderr from rank 0 (through tqdm, so that a progress bar stays whole)."""
     if rank == 0:
-        print(*msg, file=sys.stderr, flush=True)
+        tqdm.write(" ".join(map(str, msg)), file=sys.stderr)
+        sys.stderr.flush()
+
+
+def bar(iterable=None, rank=0, **kwargs):
+    """A tqdm progress bar on stderr for rank 0, shown only when stderr is a terminal (logs stay clean)."""
+    return tqdm(iterable, disable=None if rank == 0 else True, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- resumable states
@@ -160,12 +168,14 @@ class Progress:
         self.stop, self.t0, self.running, self.count = False, time.time() - self.wall, 0.0, 0
         self.saved, self.saved_step = time.time(), self.step
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        self.bar = bar(total=self.total, initial=self.step, rank=self.rank, unit="step", leave=False)
         return self
 
     def _on_signal(self, signum, frame):
         self.stop = True  # finish the current step, then save and exit
 
     def __exit__(self, *exc):
+        self.bar.close()
         for s, h in self.old.items():
             signal.signal(s, h)
 
@@ -176,6 +186,7 @@ class Progress:
     def update(self, loss, images):
         self.step, self.images, self.count = self.step + 1, self.images + images, self.count + 1
         self.running = self.running + loss.detach().float()
+        self.bar.update()  # rate and time left; no tensor is read here
         if self.step % self.agree_every and not self.done:
             return  # torchrun: ranks decide only together
         since = self.step - self.saved_step  # steps since the last save
@@ -196,6 +207,7 @@ class Progress:
         if not math.isfinite(self.loss):
             kept = f"the last good state is {self.path}" if os.path.exists(self.path) else "no state was saved"
             fail(f"loss is {self.loss} at step {self.step}; {kept}; lower --lr")
+        self.bar.set_postfix(loss=f"{self.loss:.4f}", refresh=False)
         log(self.rank, f"step {self.step}/{self.total} loss {self.loss:.4f} ({time.time() - self.t0:.0f}s)")
         if self.rank == 0:
             save_checkpoint(dict(kind="resume", step=self.step, model=unwrap(self.model).state_dict(),
