@@ -159,6 +159,24 @@ done
 if [[ -n $VFM_PID ]] && ! wait "$VFM_PID"; then
   tail -5 "$OUT/standin_vfm.log" >&2; exit 1
 fi
+
+# The task-agnostic row: the student matches the frozen (not finetuned) VFM's embedding, on the same
+# transfer set with the same budget, then is finetuned. It needs no teacher, so on the demo's two CPU cores
+# it trains in the background, beside the teacher and the task-oriented rows.
+agnostic() {
+  local s=$1 D=$OUT/s$1
+  step "$D/student_agnostic.pt" $PY distill_agnostic.py --vfm "$TEACHER" --vfm-weights "$VFM_WEIGHTS" \
+    --img-size "$T_SIZE" --student "$D/student_scratch.pt" --transfer "$OUT/transfer_target.txt" \
+    --train-seed "$s" --epochs "$D_EPOCHS" "${D_ARGS[@]}" --out "$D/student_agnostic.pt" --resume
+  step "$D/student_agnostic_ft.pt" $PY finetune.py "${TASK[@]}" --train-seed "$s" "${F_ARGS[@]}" \
+    --student "$D/student_agnostic.pt" --lr 1e-3 --out "$D/student_agnostic_ft.pt" --resume
+}
+AGNOSTIC_PID=""
+if [[ $DATASET == demo ]]; then
+  echo "== agnostic rows: in the background, log in $OUT/agnostic.log"
+  (for s in $SEEDS; do agnostic "$s"; done) > "$OUT/agnostic.log" 2>&1 &
+  AGNOSTIC_PID=$!
+fi
 step "$OUT/teacher.pt" $PY teacher.py "${TASK[@]}" --train-seed "$SEED" --model "$TEACHER" --img-size "$T_SIZE" \
   --weights "$VFM_WEIGHTS" "${T_ARGS[@]}" --out "$OUT/teacher.pt" --resume
 if [[ -n $POOL && $RETRIEVAL == 1 ]]; then  # the pool's images nearest the labeled ones
@@ -179,14 +197,12 @@ for s in $SEEDS; do
       --lr "$KT_LR" --out "$D/student_kt_${set}_ft.pt" --resume
     ROWS+=("kt_$set@$s=$D/student_kt_${set}_ft.pt")
   done
-  # task-agnostic: match the frozen (not finetuned) VFM's embedding, same transfer set and budget
-  step "$D/student_agnostic.pt" $PY distill_agnostic.py --vfm "$TEACHER" --vfm-weights "$VFM_WEIGHTS" \
-    --img-size "$T_SIZE" --student "$D/student_scratch.pt" --transfer "$OUT/transfer_target.txt" \
-    --train-seed "$s" --epochs "$D_EPOCHS" "${D_ARGS[@]}" --out "$D/student_agnostic.pt" --resume
-  step "$D/student_agnostic_ft.pt" $PY finetune.py "${FT[@]}" --student "$D/student_agnostic.pt" \
-    --lr 1e-3 --out "$D/student_agnostic_ft.pt" --resume
-  ROWS+=("agnostic@$s=$D/student_agnostic_ft.pt")
+  if [[ -z $AGNOSTIC_PID ]]; then agnostic "$s"; fi  # on a GPU machine: one training at a time
 done
+if [[ -n $AGNOSTIC_PID ]] && ! wait "$AGNOSTIC_PID"; then
+  tail -5 "$OUT/agnostic.log" >&2; exit 1
+fi
+for s in $SEEDS; do ROWS+=("agnostic@$s=$OUT/s$s/student_agnostic_ft.pt"); done
 
 $PY evaluate.py --dataset "$DATASET" --data-root "${DATA_ROOT:-data}" "${E_ARGS[@]}" \
   --out "$OUT/results.json" "${ROWS[@]}" "${BASE_ROWS[@]}"
