@@ -19,10 +19,10 @@ from checks import fail, first_line
 class CLIPClassifier(nn.Module):
     """An OpenCLIP image tower plus a linear head: x (B,3,H,W) -> embedding (B,D) -> logits (B,C)."""
 
-    def __init__(self, visual, num_classes):
+    def __init__(self, visual, embed_dim, num_classes):
         super().__init__()
         self.backbone = visual
-        self.head = nn.Linear(visual.output_dim, num_classes)
+        self.head = nn.Linear(embed_dim, num_classes)
 
     def forward_features(self, x):
         return self.backbone(x)
@@ -33,8 +33,15 @@ class CLIPClassifier(nn.Module):
     def forward(self, x):
         return self.head(self.backbone(x))
 
-    def group_matcher(self, coarse=False):  # for timm's layer-wise lr decay (ViT towers)
-        return dict(stem=r"^backbone\.(?:class_embedding|positional_embedding|conv1|ln_pre)",
+    def group_matcher(self, coarse=False):
+        """The tower's layers bottom to top, for timm's layer-wise lr decay (the new head comes last)."""
+        trunk = getattr(self.backbone, "trunk", None)
+        if trunk is not None:  # a timm network inside the tower (ConvNeXt, ...): its own groups, renamed
+            def inside(pattern):
+                return r"^backbone\.trunk\." + pattern.lstrip("^")
+            return {k: inside(v) if isinstance(v, str) else [(inside(p), order) for p, order in v]
+                    for k, v in trunk.group_matcher(coarse).items()}
+        return dict(stem=r"^backbone\.(?:class_embedding|positional_embedding|conv1|ln_pre)",  # OpenCLIP's ViT
                     blocks=[(r"^backbone\.transformer\.resblocks\.(\d+)", None),
                             (r"^backbone\.(?:ln_post|proj)", (99999,))])
 
@@ -69,7 +76,7 @@ def _open_clip(spec, num_classes, pretrained, weights, img_size, kwargs):
     pp = clip.visual.preprocess_cfg
     cfg = dict(input_size=(3, *pp["size"]), interpolation=pp["interpolation"], mean=pp["mean"],
                std=pp["std"], crop_pct=1.0, crop_mode="center")
-    return CLIPClassifier(clip.visual, num_classes), dict(clip_cfg=clip_cfg), cfg
+    return CLIPClassifier(clip.visual, clip_cfg["embed_dim"], num_classes), dict(clip_cfg=clip_cfg), cfg
 
 
 def _timm(arch, num_classes, pretrained, img_size, kwargs):

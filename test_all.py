@@ -1289,3 +1289,30 @@ def test_run_sh_ends_with_the_exported_kt_student(tmp_path):
     calls = run_stubbed(tmp_path, "--seeds", "3 4")
     assert calls[-1][0] == "export.py" and calls[-1][calls[-1].index("--student") + 1] == \
         "runs/demo/s3/student_kt_target_ft.pt"
+
+
+# ====================================================================================================
+# the paper's experiments: OpenCLIP teachers, ...
+# ====================================================================================================
+def test_open_clip_teachers_finetune_with_layer_decay(tmp_path):
+    """The paper's second VFM is an OpenCLIP tower: its own ViT, or a timm trunk (ConvNeXt) inside."""
+    convnext = dict(TINY_CLIP, vision_cfg={"timm_model_name": "test_convnext", "timm_model_pretrained": False,
+                                           "timm_pool": "", "timm_proj": "linear", "image_size": 32})
+    for name, cfg in (("vit", TINY_CLIP), ("convnext", convnext)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+        model = models.create_model(f"open_clip:{tmp_path / name}.json", 10)[0]
+        scale = {id(p): g["lr_scale"] for g in teacher.param_groups(model, "finetune", 1e-4, 1e-3, 0.75, 0.05)
+                 for p in g["params"]}
+        named = dict(model.named_parameters())
+        first, last = (named[k] for k in ((["backbone.conv1.weight", "backbone.transformer.resblocks.1.mlp.c_fc.weight"]
+                                           if name == "vit" else ["backbone.trunk.stem.0.weight",
+                                                                  "backbone.trunk.stages.1.blocks.0.mlp.fc1.weight"])))
+        assert len(scale) == len(named) and scale[id(first)] < scale[id(last)] < scale[id(named["head.weight"])] == 10
+        out = tmp_path / f"{name}_teacher.pt"
+        run(teacher, *task_args(tmp_path), "--model", f"open_clip:{tmp_path / name}.json", "--weights", "none",
+            "--epochs", 1, "--batch-size", 20, "--workers", 0, "--out", out)
+        torch.manual_seed(0)  # teacher.py's initialisation (--train-seed 0), to compare with what it trained
+        start = dict(models.create_model(f"open_clip:{tmp_path / name}.json", 10)[0].named_parameters())
+        trained = dict(models.load_model(checkpoints.load_checkpoint(out, kinds=("teacher",))).named_parameters())
+        moved = {k: (trained[k] - start[k]).abs().max().item() for k in ("head.weight", [*named][0])}
+        assert all(v > 0 for v in moved.values()), moved  # the new head and the tower's lowest layer both trained
