@@ -1,90 +1,29 @@
-"""The task's data: datasets by name, image references, the label budget, and loading batches.
+"""The task's images: datasets by name, image references, and loading batches (splits.py: the label budget).
 
   * datasets: torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10; folder:PATH
     (PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/); demo; py:MODULE (any module of
     yours with dataset(split), as demo.py has);
   * image references, one a line in transfer lists: `cifar10:train:17`, a file path, `SHARD.tar::MEMBER`;
-  * the label budget: N labeled images per class, drawn once from --seed and recorded in split.json;
   * Images + EpochSampler: every image's augmentation is seeded by (seed, epoch, index), so a run is the
     same for any worker count and resumes mid-epoch exactly.
 """
 import functools
 import importlib
 import io
-import json
 import math
 import os
 import random
 import sys
 import tarfile
-import warnings
 
 import numpy as np
 import torch
 
-from checkpoints import atomic_write
-from checks import fail, first_line, positive
+from checks import fail, first_line
 
 TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10")
 SPLITS = ("train", "val", "test", "unlabeled")
-
-
-# ------------------------------------------------------------------------------------ the label budget
-def label_budget(labels, shots, seed):
-    """Pick `shots` images per class, balanced and deterministic in `seed`.
-
-    labels: list of N ints. Returns (labeled, unlabeled) sorted index lists; a class with fewer than
-    `shots` images gives all it has (with a warning). The rest of the split is the task's unlabeled pool.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    labeled = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        if len(idx) < shots:
-            warnings.warn(f"class {c} has {len(idx)} images, fewer than --shots {shots}: using all of them")
-        labeled += idx[:shots].tolist()
-    chosen = set(labeled)
-    return sorted(labeled), [i for i in range(len(labels)) if i not in chosen]
-
-
-def load_split(path, dataset, shots, seed, root="data"):
-    """The label budget recorded in split.json: made on first use, then read by every later step."""
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                split = json.load(f)
-            split["labeled"], split["classes"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            fail(f"{path} is not a split file ({first_line(e)}); delete it or use another --split path")
-        if not all(isinstance(i, int) for i in split["labeled"] + split.get("unlabeled", [])):
-            fail(f"{path} is not a split file (its indices are not all whole numbers); delete it")
-        want = {"dataset": dataset, "shots": shots, "seed": seed}
-        have = {k: split.get(k) for k in want}
-        if have != want:
-            fail(f"{path} records {have} but this step was asked for {want}; use another --split path")
-        return split
-    _, labels, classes = load_dataset(dataset, "train", root)
-    load_dataset(dataset, "test", root)  # a missing or mismatched test split is refused now, not after training
-    labeled, unlabeled = label_budget(labels, shots, seed)
-    split = dict(dataset=dataset, shots=shots, seed=seed, classes=classes, labeled=labeled,
-                 unlabeled=unlabeled)
-    atomic_write(path, lambda f: f.write(json.dumps(split).encode()))
-    return split
-
-
-def add_task_args(parser):
-    """The flags that name the task and its label budget, the same in every step that reads split.json."""
-    parser.add_argument("--dataset", default="demo", help="demo, eurosat, flowers102, dtd, pets, food101, "
-                        "cifar10, cifar100, stl10, or folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)")
-    parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
-    parser.add_argument("--shots", type=positive, default=10, help="labeled images per class: the label budget")
-    parser.add_argument("--seed", type=int, default=0, help="picks the labeled images (the label budget)")
-    parser.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and "
-                        "data order: repeats a run on the same labels (run.sh --seeds)")
-    parser.add_argument("--split", default="runs/demo/split.json",
-                        help="records the labeled images once; every later step reads it")
-    return parser
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 # -------------------------------------------------------------------------------------------- datasets

@@ -21,27 +21,31 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoints
 import data
 import models
+import splits
 import training
 from checks import fail, nonnegative, positive
 
 
 @torch.inference_mode()
-def accuracy(model, loader, num_classes, device, autocast):
-    """Top-1 and mean per-class accuracy (each class's recall, averaged), in percent, and the number of
-    test images they count (an unreadable one is left out, never replaced by another)."""
-    correct, count = np.zeros(num_classes), np.zeros(num_classes)
+def predict(model, loader, device, autocast):
+    """Predicted and true classes of the images that could be read (an unreadable one is left out, never
+    replaced by another): two int arrays."""
+    predicted, true = [], []
     for batch in training.bar(loader, unit="batch", leave=False):
-        if batch is None:  # no readable image in this batch
-            continue
-        x, y = batch
-        with autocast():
-            pred = model(x.to(device, non_blocking=True)).argmax(-1).cpu()
-        np.add.at(count, y.numpy(), 1)
-        np.add.at(correct, y.numpy(), (pred == y).numpy())
-    seen = count > 0
-    if not seen.any():
+        if batch is not None:  # None: no readable image in this batch
+            x, y = batch
+            with autocast():
+                predicted.append(model(x.to(device, non_blocking=True)).argmax(-1).cpu())
+            true.append(y)
+    if not predicted:
         fail("no test image could be read")
-    return 100 * correct.sum() / count.sum(), 100 * float(np.mean(correct[seen] / count[seen])), int(count.sum())
+    return torch.cat(predicted).numpy(), torch.cat(true).numpy()
+
+
+def accuracy(predicted, true):
+    """Top-1 and mean per-class accuracy (each class's recall, averaged), in percent."""
+    recalls = [np.mean(predicted[true == c] == c) for c in np.unique(true)]
+    return 100 * float(np.mean(predicted == true)), 100 * float(np.mean(recalls))
 
 
 def readable(batch):
@@ -82,28 +86,40 @@ def summarize(results):
     table = {}
     for name, runs in rows.items():
         row = dict(runs[0], seeds=len(runs))
-        for k in ("top1", "mean_class", "train_wall_s"):
-            row[k], row[k + "_std"] = float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))
+        for k in ("top1", "mean_class", "val_top1", "val_mean_class", "agreement", "train_wall_s"):
+            if k in runs[0]:
+                row[k], row[k + "_std"] = float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))
         table[name] = row
     return table
 
 
 def markdown(table):
-    def acc(r, k):
-        return f"{r[k]:.1f} ± {r[k + '_std']:.1f}" if r["seeds"] > 1 else f"{r[k]:.1f}"
+    """The results table, a row per model (mean ± std over seeds); val and agreement columns when there."""
+    def score(key):
+        def cell(r):
+            if key not in r:
+                return "-"
+            return f"{r[key]:.1f} ± {r[key + '_std']:.1f}" if r["seeds"] > 1 else f"{r[key]:.1f}"
+        return cell
 
     def speed(r):  # deployed form; a reparameterised model also shows its training form
         if r["images_per_s"] is None:
             return "-"
         train = r["images_per_s_training_form"]
         return f"{r['images_per_s']:.0f}" + (f" (training form {train:.0f})" if train else "")
-    head = ("| model | arch | top-1 | mean/class | params (M) | GFLOPs | img/s | training (steps x batch) "
-            "| train wall (s) |\n|---|---|---|---|---|---|---|---|---|\n")
-    rows = [f"| {n} | {r['arch']} | {acc(r, 'top1')} | {acc(r, 'mean_class')} | {r['params_m']:.2f} | "
-            f"{r['gflops']:.3f} | {speed(r)} | {r['training']} | {r['train_wall_s']:.0f} |" for n, r in table.items()]
+    columns = [("arch", lambda r: r["arch"]), ("top-1", score("top1")), ("mean/class", score("mean_class"))]
+    if any("val_top1" in r for r in table.values()):
+        columns.append(("val top-1", score("val_top1")))
+    if any("agreement" in r for r in table.values()):
+        columns.append(("agrees with teacher", score("agreement")))
+    columns += [("params (M)", lambda r: f"{r['params_m']:.2f}"), ("GFLOPs", lambda r: f"{r['gflops']:.3f}"),
+                ("img/s", speed), ("training (steps x batch)", lambda r: r["training"]),
+                ("train wall (s)", lambda r: f"{r['train_wall_s']:.0f}")]
+    lines = ["| model | " + " | ".join(h for h, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(cell(r) for _, cell in columns) + " |" for n, r in table.items()]
     bad = max(r["unreadable_test_images"] for r in table.values())
     note = f"\n{bad} test images could not be read and are left out of every score.\n" if bad else ""
-    return head + "\n".join(rows) + "\n" + note
+    return "\n".join(lines) + "\n" + note
 
 
 def bar_chart(table, path, width=640, height=360, pad=40):
@@ -135,6 +151,9 @@ def get_args_parser():
     p.add_argument("checkpoints", nargs="+", help="NAME=PATH pairs, e.g. teacher=runs/demo/teacher.pt; "
                    "kt@0=... kt@1=... are seeds of one row")
     p.add_argument("--dataset", default="demo", help="see teacher.py --help")
+    p.add_argument("--split", help="split.json: evaluate on its test images (and its val images, beside them); "
+                   "default: the dataset's test split")
+    p.add_argument("--teacher-row", default="teacher", help="every other row's top-1 agreement with this one")
     p.add_argument("--data-root", default="data")
     p.add_argument("--batch-size", type=positive, default=128)
     p.add_argument("--workers", type=nonnegative, default=4)
@@ -157,18 +176,28 @@ def main(args):
         fail(f"{', '.join(twice)} named twice: give each checkpoint its own NAME (NAME@SEED for seeds of a row)")
     paths = {name: path for name, _, path in pairs}
     ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
-    refs, labels = data.split_refs(args.dataset, "test", root=args.data_root)
-    classes = data.load_dataset(args.dataset, "test", args.data_root)[2]
-    results = {}
+    if args.split:  # the split's own test (and val) images: the paper's split files, or the dataset's
+        split = splits.read_split(args.split)
+        parts, classes = {p: splits.images(split, p, args.data_root) for p in ("val", "test")}, split["classes"]
+    else:
+        parts = dict(test=data.split_refs(args.dataset, "test", root=args.data_root))
+        classes = data.load_dataset(args.dataset, "test", args.data_root)[2]
+    parts = {p: refs_labels for p, refs_labels in parts.items() if refs_labels}
+    results, predictions = {}, {}
     for name, ckpt in ckpts.items():
         if ckpt["classes"] != classes:
-            fail(f"{name} was trained on {len(ckpt['classes'])} classes, {args.dataset} has {len(classes)}")
+            fail(f"{name} was trained on {len(ckpt['classes'])} classes, the test set has {len(classes)}")
         model = models.load_model(ckpt).to(device).eval()
-        images = data.Images(refs, labels, models.transform(ckpt["data_config"], train=False), args.data_root,
-                             substitute=False)
-        loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=min(args.workers, os.cpu_count()),
-                                             collate_fn=readable)
-        top1, mean_class, counted = accuracy(model, loader, len(classes), device, autocast)
+        scores = {}
+        for part, (refs, labels) in parts.items():  # nothing is tuned on test: val is reported beside it
+            images = data.Images(refs, labels, models.transform(ckpt["data_config"], train=False), args.data_root,
+                                 substitute=False)
+            loader = torch.utils.data.DataLoader(images, args.batch_size, collate_fn=readable,
+                                                 num_workers=min(args.workers, os.cpu_count()))
+            predictions[name, part], true = predict(model, loader, device, autocast)
+            prefix = "" if part == "test" else f"{part}_"
+            scores.update(zip((prefix + "top1", prefix + "mean_class"), accuracy(predictions[name, part], true)))
+        counted = len(true)
         if counted < len(refs):
             training.log(0, f"warning: {len(refs) - counted} of {len(refs)} test images could not be read; "
                             f"{name} is scored on the other {counted}")
@@ -179,14 +208,18 @@ def main(args):
         ips_train = images_per_second(model, cfg, device, autocast, batch, iters) if batch and folded else None
         cost = ckpt.get("cost", [])
         results[name] = dict(
-            arch=ckpt["recipe"]["arch"], top1=top1, mean_class=mean_class,
+            arch=ckpt["recipe"]["arch"], **scores,
             params_m=sum(p.numel() for p in deployed.parameters()) / 1e6, gflops=gflops(deployed, cfg, device),
             images_per_s=ips, images_per_s_training_form=ips_train, reparameterized=folded,
             training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in cost) or "none",
             train_images=sum(c["images"] for c in cost), train_wall_s=sum(c["wall_s"] for c in cost),
             test_images=counted, unreadable_test_images=len(refs) - counted, device=str(device),
             checkpoint=paths[name])
-        training.log(0, f"{name}: top-1 {top1:.2f}  mean/class {mean_class:.2f}")
+        training.log(0, f"{name}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    teacher = predictions.get((args.teacher_row, "test"))  # does each model predict what the teacher does?
+    for name in results:
+        if teacher is not None and name != args.teacher_row:
+            results[name]["agreement"] = 100 * float(np.mean(predictions[name, "test"] == teacher))
     table = summarize(results)
     md, stem = markdown(table), os.path.splitext(args.out)[0]
     checkpoints.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import checkpoints
 import data
 import models
+import splits
 import training
 from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, smoothing
 
@@ -27,7 +28,7 @@ from checks import fail, fraction, nonnegative, nonnegative_number, positive, ra
 def get_args_parser():
     p = argparse.ArgumentParser(description="finetune: train a student on the labeled images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_task_args(p)
+    splits.add_task_args(p)
     p.add_argument("--student", default="runs/demo/student_kt.pt", help="made by student.py or distill.py")
     p.add_argument("--epochs", type=positive, default=30, help="passes over the labeled images")
     p.add_argument("--batch-size", type=positive, default=32, help="per process")
@@ -48,7 +49,8 @@ def main(args):
     if rank == 0:
         checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py or distill.py")
-    split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
+    split = splits.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root, args.split_files,
+                              args.budget)
     if ckpt["classes"] != split["classes"]:
         fail(f"{args.student} has {len(ckpt['classes'])} classes, {args.dataset} has "
              f"{len(split['classes'])}: it was made for another task")
@@ -57,7 +59,7 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
 
-    refs, labels = data.split_refs(args.dataset, "train", split["labeled"], args.data_root)
+    refs, labels = splits.images(split, "labeled", args.data_root)
     images = data.Images(refs, labels, models.transform(ckpt["data_config"], train=True), args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
@@ -90,7 +92,7 @@ def main(args):
         ckpt, model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
         metrics=dict(ckpt.get("metrics", {}), train_loss=progress.loss),
         cost=ckpt["cost"] + [progress.finish("finetune", args.batch_size * world)],
-        split=dict(dataset=args.dataset, shots=args.shots, seed=args.seed, labeled=split["labeled"])))
+        split={k: v for k, v in split.items() if k not in ("unlabeled", "files")}))
 
 
 if __name__ == "__main__":

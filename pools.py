@@ -14,9 +14,6 @@ import data
 import training
 from checks import fail
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
 def tar_refs(shards):
     """Image members of webdataset shards -> `SHARD::MEMBER` refs; a shard that is not a tar is listed bad."""
     refs, bad = [], []
@@ -24,7 +21,7 @@ def tar_refs(shards):
         try:
             with tarfile.open(shard) as tf:
                 refs += [f"{shard}::{m.name}" for m in tf.getmembers()
-                         if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
+                         if m.isfile() and m.name.lower().endswith(data.IMAGE_EXTS)]
         except (OSError, tarfile.TarError) as e:
             bad.append([shard, f"{type(e).__name__}: {e}"])
     return refs, bad
@@ -38,7 +35,7 @@ def pool_refs(pool, root):
             refs, bad = tar_refs(shards)
         else:  # sidecars (.json, .txt) are skipped by extension; a bad image is found when decoded
             refs, bad = sorted(os.path.abspath(os.path.join(d, f)) for d, _, fs in os.walk(pool)
-                               for f in fs if f.lower().endswith(IMAGE_EXTS)), []
+                               for f in fs if f.lower().endswith(data.IMAGE_EXTS)), []
     elif any(c in pool for c in "*?[") or pool.endswith(".tar"):
         shards = sorted(os.path.abspath(s) for s in glob.glob(pool))
         if not shards:

@@ -14,12 +14,26 @@
 # (task-agnostic distillation of the frozen VFM's embedding on the target transfer set, same budget),
 # scratch and imagenet (the student finetuned on the labels from random / ImageNet weights).
 #
-# Usage: bash run.sh [DATASET] [--shots N] [--seed S] [--seeds "0 1 2"] [--teacher MODEL]
-#                    [--student MODEL] [--img-size N] [--pool POOL] [--out DIR] [--force]
-#   DATASET  demo (default: offline, generated images, a stand-in VFM pretrained on the CPU, 5-6 minutes
-#            on 2 cores; it sets its own tiny models and schedules),
+# Usage: bash run.sh [DATASET] [--shots N|P%] [--seed S] [--split-files DIR --budget NAME] [--seeds "0 1 2"]
+#                    [--teacher MODEL] [--teacher-weights FILE] [--student MODEL] [--img-size N]
+#                    [--init NAME=WEIGHTS ...] [--kt-init NAME] [--pool POOL] [--embed SPEC]
+#                    [--embed-weights FILE] [--out DIR] [--force]
+#   DATASET  demo (default: offline, generated images, a stand-in VFM pretrained on the CPU, about 5
+#            minutes on 2 cores; it sets its own tiny models and schedules),
 #            eurosat, flowers102, dtd, pets, food101, cifar10, cifar100, stl10, or folder:PATH.
+#   --shots  labeled images per class (10), or a percentage of each class (1%).
 #   --seed   the label budget (which images are labeled) and the teacher's seed.
+#   --split-files DIR --budget NAME
+#            the paper's subsets instead (apple/ml-vfm-kt datasplits/<Task>/, e.g. --budget
+#            train_10img_per_class): labeled, unlabeled, val and test images as the files name them.
+#   --teacher-weights FILE   the VFM's weights from a local file (offline machines) instead of the hub.
+#   --init NAME=WEIGHTS      one more baseline row (repeatable): the student from WEIGHTS, finetuned on the
+#            labels. WEIGHTS: none, hub (the student's ImageNet weights), a local weights file for the
+#            student, or another timm model with its pretrained tag (fastvit_mci0.apple_mclip: a CLIP-
+#            pretrained FastViT). Rows scratch=none and imagenet=hub are always there (NAME=... replaces).
+#   --kt-init NAME           the init the kt_* and agnostic rows start from (default scratch: the method
+#            needs no pretraining of the student).
+#   --embed SPEC --embed-weights FILE   the retrieval encoder (transfer_set.py --embed), from a local file.
 #   --seeds  repeats every student row once per seed (init, distillation, finetuning); the table then
 #            shows mean ± std. Default: --seed alone. The teacher is trained once.
 #   --pool   a generic image pool (folder, list file, tar shards, or DATASET:SPLIT such as stl10:unlabeled)
@@ -39,7 +53,8 @@ cd "$(dirname "$0")"
 DATASET=demo
 if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
 SHOTS=10 SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 IMG_SIZE="" RETRIEVAL=1 VFM_PID=""
-TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8
+TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8 T_WEIGHTS="" KT_INIT=scratch INITS=()
+SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS=""
 while [[ $# -gt 0 ]]; do
   if [[ $1 == --* && $1 != --force && $# -lt 2 ]]; then
     echo "run.sh: $1 needs a value (see the header of run.sh)" >&2; exit 2
@@ -49,6 +64,13 @@ while [[ $# -gt 0 ]]; do
     --seed) SEED=$2; shift 2 ;;
     --seeds) SEEDS=$2; shift 2 ;;
     --teacher) TEACHER=$2; shift 2 ;;
+    --teacher-weights) T_WEIGHTS=$2; shift 2 ;;
+    --init) INITS+=("$2"); shift 2 ;;
+    --kt-init) KT_INIT=$2; shift 2 ;;
+    --split-files) SPLIT_FILES=$2; shift 2 ;;
+    --budget) BUDGET=$2; shift 2 ;;
+    --embed) EMBED=$2; shift 2 ;;
+    --embed-weights) EMBED_WEIGHTS=$2; shift 2 ;;
     --student) STUDENT=$2; shift 2 ;;
     --img-size) IMG_SIZE=$2; shift 2 ;;
     --pool) POOL=$2; shift 2 ;;
@@ -63,13 +85,42 @@ PY=${PY:-python}
 [[ -x .venv/bin/python && $PY == python ]] && PY=.venv/bin/python
 NAME=${DATASET#folder:}; NAME=$(basename "$NAME")
 OUT=${OUT:-runs/$NAME}
-for n in $SHOTS $SEED $SEEDS; do
-  [[ $n =~ ^[0-9]+$ ]] || { echo "run.sh: --shots, --seed and --seeds take whole numbers, not '$n'" >&2; exit 2; }
+bad() { echo "run.sh: $*" >&2; exit 2; }
+for n in $SEED $SEEDS; do
+  [[ $n =~ ^[0-9]+$ ]] || bad "--seed and --seeds take whole numbers, not '$n'"
 done
+if [[ $SHOTS =~ ^[0-9]+(\.[0-9]+)?%$ ]]; then
+  awk -v p="${SHOTS%\%}" 'BEGIN { exit !(p > 0 && p <= 100) }' || bad "--shots $SHOTS: a percentage above 0 and at most 100"
+else
+  [[ $SHOTS =~ ^[1-9][0-9]*$ ]] || bad "--shots takes a whole number of images per class (10) or a percentage (1%), not '$SHOTS'"
+fi
+if [[ -n $SPLIT_FILES ]]; then
+  [[ -d $SPLIT_FILES ]] || bad "--split-files $SPLIT_FILES is not a folder"
+  [[ -n $BUDGET ]] || bad "--split-files needs --budget NAME, one of: $(cd "$SPLIT_FILES" && ls train_*.txt 2>/dev/null | sed 's/\.txt$//' | tr '\n' ' ')"
+fi
+for f in "$T_WEIGHTS" "$EMBED_WEIGHTS"; do [[ -z $f || -f $f ]] || bad "no such weights file: $f"; done
+# Baseline rows, NAME=WEIGHTS: scratch and imagenet always (a NAME given again replaces its WEIGHTS).
+INIT_NAMES=(scratch imagenet) INIT_SPECS=(none hub)
+for i in "${INITS[@]}"; do
+  name=${i%%=*} spec=${i#*=}
+  [[ $i == *=* && $name =~ ^[A-Za-z][A-Za-z0-9_]*$ && -n $spec ]] || bad "--init takes NAME=WEIGHTS, not '$i'"
+  [[ $name == teacher || $name == agnostic || $name == kt_* ]] && bad "--init $name: that name is another row's"
+  if [[ $spec != none && $spec != hub && ! -f $spec ]]; then
+    [[ $spec =~ ^[a-z0-9_]+(\.[A-Za-z0-9_]+)?$ ]] || bad "--init $i: WEIGHTS is none, hub, a weights file or a timm model[.tag]"
+  fi
+  for k in "${!INIT_NAMES[@]}"; do [[ ${INIT_NAMES[$k]} == "$name" ]] && unset "INIT_NAMES[$k]" "INIT_SPECS[$k]"; done
+  INIT_NAMES+=("$name") INIT_SPECS+=("$spec")
+done
+INIT_NAMES=("${INIT_NAMES[@]}") INIT_SPECS=("${INIT_SPECS[@]}")
+[[ " ${INIT_NAMES[*]} " == *" $KT_INIT "* ]] || bad "--kt-init $KT_INIT: not one of the inits (${INIT_NAMES[*]})"
 # One directory, one configuration: a finished step is skipped, so other settings would be answered
 # with the old outputs. (--seeds may change: each seed has its own sSEED/ directory.)
 CONFIG="dataset=$DATASET shots=$SHOTS seed=$SEED teacher=$TEACHER student=$STUDENT img_size=$IMG_SIZE pool=$POOL"
 [[ $DATASET == demo ]] && CONFIG="dataset=demo shots=$SHOTS seed=$SEED pool=${POOL:-demo:unlabeled}"
+for setting in "split_files=$SPLIT_FILES" "budget=$BUDGET" "teacher_weights=$T_WEIGHTS" "inits=${INITS[*]}" \
+               "kt_init=${KT_INIT#scratch}" "embed=$EMBED" "embed_weights=$EMBED_WEIGHTS"; do
+  [[ -n ${setting#*=} ]] && CONFIG="$CONFIG $setting"  # only what is not the default
+done
 HAVE=$(cat "$OUT/run.cfg" 2>/dev/null || true)
 if [[ -n $HAVE && $HAVE != "$CONFIG" ]]; then
   if [[ $FORCE == 0 ]]; then
@@ -86,6 +137,7 @@ mkdir -p "$OUT"
 echo "$CONFIG" > "$OUT/run.cfg"
 TASK=(--dataset "$DATASET" --shots "$SHOTS" --seed "$SEED" --split "$OUT/split.json"
       --data-root "${DATA_ROOT:-data}")
+[[ -n $SPLIT_FILES ]] && TASK+=(--split-files "$SPLIT_FILES" --budget "$BUDGET")
 
 # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists (and --force was not given).
 step() {
@@ -109,7 +161,10 @@ if [[ $DATASET == demo ]]; then
   VFM_PID=$!
   step "$OUT/standin_imagenet.pth" $PY demo.py --arch "$STUDENT" --img-size "$S_SIZE" --per-class 20 \
     --epochs 8 --out "$OUT/standin_imagenet.pth"
-  VFM_WEIGHTS=$OUT/standin_vfm.pth S_WEIGHTS=$OUT/standin_imagenet.pth
+  VFM_WEIGHTS=$OUT/standin_vfm.pth
+  for k in "${!INIT_NAMES[@]}"; do  # imagenet=hub is the demo's stand-in ImageNet
+    if [[ ${INIT_NAMES[$k]} == imagenet && ${INIT_SPECS[$k]} == hub ]]; then INIT_SPECS[$k]=$OUT/standin_imagenet.pth; fi
+  done
   T_ARGS=(--epochs 30 --lr 1e-3 --head-lr 3e-3 --layer-decay 0.75 --workers 1)
   D_EPOCHS=15 D_ARGS=(--batch-size 64 --min-scale 0.25 --workers 1)  # 32px: tiny crops show no shape
   F_ARGS=(--epochs 20 --workers 1) KT_LR=2e-4
@@ -118,10 +173,12 @@ if [[ $DATASET == demo ]]; then
   [[ -z $POOL ]] && POOL=demo:unlabeled RETRIEVAL=0  # the generic row; retrieval only on request
 else
   T_SIZE=${IMG_SIZE:-224} S_SIZE=$IMG_SIZE
-  VFM_WEIGHTS=hub S_WEIGHTS=hub
+  VFM_WEIGHTS=${T_WEIGHTS:-hub}
   T_ARGS=() D_ARGS=() F_ARGS=() R_ARGS=() E_ARGS=() D_EPOCHS=20 KT_LR=1e-4
 fi
 S_SIZE_ARG=(); [[ -n $S_SIZE ]] && S_SIZE_ARG=(--img-size "$S_SIZE")
+[[ -n $EMBED ]] && R_ARGS+=(--embed "$EMBED")
+[[ -n $EMBED_WEIGHTS ]] && R_ARGS+=(--embed-weights "$EMBED_WEIGHTS")
 # --seed picks the labeled images in every step; --train-seed seeds initialisation and training, so that
 # --seeds varies those and nothing else.
 
@@ -141,15 +198,19 @@ epochs_for() {
 }
 N_TARGET=$(wc -l < "$OUT/transfer_target.txt")
 
-# Baselines first (they need no VFM): the student from random or ImageNet weights, finetuned on the labels.
+# Baselines first (they need no VFM): the student from each init (random, ImageNet, CLIP, DINO, ...
+# weights), finetuned on the labels.
 BASE_ROWS=()
 for s in $SEEDS; do
   D=$OUT/s$s
   mkdir -p "$D"
-  for init in scratch imagenet; do
-    weights=none; [[ $init == imagenet ]] && weights=$S_WEIGHTS
+  for k in "${!INIT_NAMES[@]}"; do
+    init=${INIT_NAMES[$k]} model=$STUDENT weights=${INIT_SPECS[$k]}
+    if [[ $weights != none && $weights != hub && ! -f $weights ]]; then  # another timm model.tag: its own arch
+      model=$weights weights=hub
+    fi
     step "$D/student_$init.pt" $PY student.py "${TASK[@]}" --train-seed "$s" \
-      --model "$STUDENT" "${S_SIZE_ARG[@]}" --weights "$weights" --out "$D/student_$init.pt"
+      --model "$model" "${S_SIZE_ARG[@]}" --weights "$weights" --out "$D/student_$init.pt"
     step "$D/student_${init}_ft.pt" $PY finetune.py "${TASK[@]}" --train-seed "$s" \
       "${F_ARGS[@]}" --student "$D/student_$init.pt" --lr 1e-3 --out "$D/student_${init}_ft.pt" --resume
     BASE_ROWS+=("$init@$s=$D/student_${init}_ft.pt")
@@ -166,7 +227,7 @@ fi
 agnostic() {
   local s=$1 D=$OUT/s$1
   step "$D/student_agnostic.pt" $PY distill_agnostic.py --vfm "$TEACHER" --vfm-weights "$VFM_WEIGHTS" \
-    --img-size "$T_SIZE" --student "$D/student_scratch.pt" --transfer "$OUT/transfer_target.txt" \
+    --img-size "$T_SIZE" --student "$D/student_$KT_INIT.pt" --transfer "$OUT/transfer_target.txt" \
     --train-seed "$s" --epochs "$D_EPOCHS" "${D_ARGS[@]}" --out "$D/student_agnostic.pt" --resume
   step "$D/student_agnostic_ft.pt" $PY finetune.py "${TASK[@]}" --train-seed "$s" "${F_ARGS[@]}" \
     --student "$D/student_agnostic.pt" --lr 1e-3 --out "$D/student_agnostic_ft.pt" --resume
@@ -190,7 +251,7 @@ for s in $SEEDS; do
   D=$OUT/s$s
   FT=("${TASK[@]}" --train-seed "$s" "${F_ARGS[@]}")
   for set in "${SETS[@]}"; do  # task-oriented transfer: match the finetuned teacher's predictions
-    step "$D/student_kt_$set.pt" $PY distill.py --teacher "$OUT/teacher.pt" --student "$D/student_scratch.pt" \
+    step "$D/student_kt_$set.pt" $PY distill.py --teacher "$OUT/teacher.pt" --student "$D/student_$KT_INIT.pt" \
       --transfer "$OUT/transfer_$set.txt" --train-seed "$s" --epochs "$(epochs_for "$set")" "${D_ARGS[@]}" \
       --out "$D/student_kt_$set.pt" --resume
     step "$D/student_kt_${set}_ft.pt" $PY finetune.py "${FT[@]}" --student "$D/student_kt_$set.pt" \
@@ -204,7 +265,7 @@ if [[ -n $AGNOSTIC_PID ]] && ! wait "$AGNOSTIC_PID"; then
 fi
 for s in $SEEDS; do ROWS+=("agnostic@$s=$OUT/s$s/student_agnostic_ft.pt"); done
 
-$PY evaluate.py --dataset "$DATASET" --data-root "${DATA_ROOT:-data}" "${E_ARGS[@]}" \
+$PY evaluate.py --dataset "$DATASET" --split "$OUT/split.json" --data-root "${DATA_ROOT:-data}" "${E_ARGS[@]}" \
   --out "$OUT/results.json" "${ROWS[@]}" "${BASE_ROWS[@]}"
 
 # The small model as it ships: reparameterised, exported (torch.export; ONNX when onnx is installed),

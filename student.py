@@ -14,15 +14,15 @@ import argparse
 import torch
 
 import checkpoints
-import data
 import models
+import splits
 from checks import fail, positive
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="student: create a small timm model for the task",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_task_args(p)
+    splits.add_task_args(p)
     p.add_argument("--model", default="fastvit_t8", help="any timm model: fastvit_t8, mobilevitv2_100, "
                    "mobilenetv3_large_100, resnet18, resnet50, convnext_atto, ...")
     p.add_argument("--weights", default="none", help="none (random init), hub (ImageNet), or a local file")
@@ -34,7 +34,8 @@ def get_args_parser():
 def main(args):
     checkpoints.check_writable(args.out)
     torch.manual_seed(args.train_seed)  # the random initialisation
-    split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
+    split = splits.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root, args.split_files,
+                              args.budget)
     if args.model.startswith("open_clip:"):
         fail("students are timm models; a VFM belongs in teacher.py")
     model, recipe, cfg = models.create_model(

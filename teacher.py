@@ -22,6 +22,7 @@ import timm.optim
 import checkpoints
 import data
 import models
+import splits
 import training
 from checks import fraction, nonnegative, nonnegative_number, positive, rate, share, smoothing
 
@@ -50,7 +51,7 @@ def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
 def get_args_parser():
     p = argparse.ArgumentParser(description="teacher: finetune a VFM + linear head on the labeled images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_task_args(p)
+    splits.add_task_args(p)
     p.add_argument("--model", default="vit_large_patch14_dinov2.lvd142m",
                    help="timm name, or open_clip:MODEL/TAG e.g. open_clip:ViT-L-14/datacomp_xl_s13b_b90k")
     p.add_argument("--weights", default="hub", help="hub (download), none (random init), or a local file")
@@ -77,7 +78,8 @@ def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:
         checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
-    split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
+    split = splits.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root, args.split_files,
+                              args.budget)
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
         weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size)
@@ -86,7 +88,7 @@ def main(args):
                                          args.weight_decay), lr=args.lr, fused=device.type == "cuda")
     autocast, scaler = training.amp(device)
 
-    refs, labels = data.split_refs(args.dataset, "train", split["labeled"], args.data_root)
+    refs, labels = splits.images(split, "labeled", args.data_root)
     images = data.Images(refs, labels, models.transform(cfg, train=True), args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
@@ -118,7 +120,7 @@ def main(args):
     progress.save_output(dict(
         kind="teacher", recipe=recipe, data_config=cfg, classes=split["classes"],
         model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
-        split=dict(dataset=args.dataset, shots=args.shots, seed=args.seed, labeled=split["labeled"]),
+        split={k: v for k, v in split.items() if k not in ("unlabeled", "files")},
         metrics=dict(train_loss=progress.loss), cost=[progress.finish("teacher", args.batch_size * world)]))
 
 

@@ -10,6 +10,7 @@ Read a section at a time; each opens with a banner:
 
 Run: python -m pytest -q test_all.py
 """
+import argparse
 import importlib.util
 import io
 import json
@@ -41,6 +42,7 @@ import evaluate
 import export
 import finetune
 import models
+import splits
 import student
 import teacher
 import training
@@ -110,9 +112,9 @@ def test_kd_gradients_reach_only_the_student():
 
 def test_label_budget_is_deterministic_balanced_and_disjoint():
     labels = np.repeat(np.arange(5), 20).tolist()
-    a, rest = data.label_budget(labels, 3, seed=1)
-    assert (a, rest) == data.label_budget(labels, 3, seed=1)
-    assert a != data.label_budget(labels, 3, seed=2)[0]
+    a, rest = splits.label_budget(labels, 3, seed=1)
+    assert (a, rest) == splits.label_budget(labels, 3, seed=1)
+    assert a != splits.label_budget(labels, 3, seed=2)[0]
     assert np.bincount(np.asarray(labels)[a]).tolist() == [3] * 5
     assert sorted(a + rest) == list(range(100)) and not set(a) & set(rest)
 
@@ -120,15 +122,15 @@ def test_label_budget_is_deterministic_balanced_and_disjoint():
 def test_label_budget_takes_all_of_a_small_class_with_a_warning():
     labels = [0] * 10 + [1] * 2
     with pytest.warns(UserWarning, match="fewer than --shots"):
-        labeled, _ = data.label_budget(labels, 4, seed=0)
+        labeled, _ = splits.label_budget(labels, 4, seed=0)
     assert sum(labels[i] == 1 for i in labeled) == 2 and sum(labels[i] == 0 for i in labeled) == 4
 
 
 def test_split_is_recorded_once_and_mismatches_are_refused(tmp_path):
-    s = data.load_split(tmp_path / "split.json", "demo", 3, 0)
-    assert data.load_split(tmp_path / "split.json", "demo", 3, 0) == s
+    s = splits.load_split(tmp_path / "split.json", "demo", 3, 0)
+    assert splits.load_split(tmp_path / "split.json", "demo", 3, 0) == s
     with pytest.raises(SystemExit, match="records"):
-        data.load_split(tmp_path / "split.json", "demo", 5, 0)
+        splits.load_split(tmp_path / "split.json", "demo", 5, 0)
 
 
 def test_transforms_follow_each_models_data_config():
@@ -1316,3 +1318,90 @@ def test_open_clip_teachers_finetune_with_layer_decay(tmp_path):
         trained = dict(models.load_model(checkpoints.load_checkpoint(out, kinds=("teacher",))).named_parameters())
         moved = {k: (trained[k] - start[k]).abs().max().item() for k in ("head.weight", [*named][0])}
         assert all(v > 0 for v in moved.values()), moved  # the new head and the tower's lowest layer both trained
+
+
+def _paper_layout(root, n_train=6, n_val=2, n_test=3):
+    """A dataset as the paper's split files expect it: files anywhere under the dataset's folder, found by
+    name, and the files train_full.txt, train_2img_per_class.txt, val.txt, test.txt (`filename,class`)."""
+    from PIL import Image
+    rows = {"train_full": [], "val": [], "test": []}
+    for c, colour in (("forest", (20, 120, 30)), ("river", (30, 60, 200))):
+        for part, n in (("train_full", n_train), ("val", n_val), ("test", n_test)):
+            for i in range(n):
+                name = f"{c.capitalize()}_{part}_{i}.jpg"
+                os.makedirs(root / "images" / c, exist_ok=True)
+                Image.new("RGB", (24, 24), tuple(v + 5 * i for v in colour)).save(root / "images" / c / name)
+                rows[part].append(f"{name},{c}")
+    rows["train_2img_per_class"] = [r for r in rows["train_full"] if "_0." in r or "_3." in r]
+    os.makedirs(root / "splits", exist_ok=True)
+    for part, lines in rows.items():
+        (root / "splits" / f"{part}.txt").write_text("\n".join(lines) + "\n")
+    return f"folder:{root / 'images'}", root / "splits"
+
+
+def test_the_papers_split_files_drive_a_run(tmp_path):
+    dataset, files = _paper_layout(tmp_path)
+    task = ["--dataset", dataset, "--split-files", files, "--budget", "train_2img_per_class",
+            "--split", tmp_path / "split.json"]
+    run(teacher, *task, "--model", "test_resnet", *TINY, "--weights", "none", "--epochs", 1, "--workers", 0,
+        "--out", tmp_path / "teacher.pt")
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert split["classes"] == ["forest", "river"] and split["budget"] == "train_2img_per_class"
+    assert sorted(os.path.basename(p) for p in split["labeled"]) == sorted(
+        f"{c}_train_full_{i}.jpg" for c in ("Forest", "River") for i in (0, 3))
+    run(transfer_set, *task, "--source", "target", "--out", tmp_path / "transfer.txt")
+    unlabeled = (tmp_path / "transfer.txt").read_text().split()
+    assert len(unlabeled) == 12 - 4 and not set(unlabeled) & set(split["labeled"])  # train_full minus the budget
+    table = run(evaluate, "--dataset", dataset, "--split", tmp_path / "split.json", "--workers", 0, "--out",
+                tmp_path / "r.json", f"teacher={tmp_path / 'teacher.pt'}", f"copy={tmp_path / 'teacher.pt'}")
+    assert table["teacher"]["test_images"] == 6 and "val_top1" in table["teacher"]  # val beside test
+    assert table["copy"]["agreement"] == 100.0 and "val top-1" in (tmp_path / "r.md").read_text()
+    (files / "test.txt").unlink()  # ImageNet's files: no test.txt, val.txt is the test set
+    split = splits.load_split(tmp_path / "imagenet_split.json", dataset, None, None, split_files=files,
+                              budget="train_2img_per_class")
+    assert len(split["files"]["test"]) == 4 and "val" not in split["files"]
+
+
+def test_split_files_that_do_not_match_the_dataset_are_refused(tmp_path):
+    dataset, files = _paper_layout(tmp_path)
+    with open(files / "val.txt", "a") as f:
+        f.write("Forest_missing_1.jpg,forest\nForest_missing_2.jpg,forest\n")
+    (files / "broken.txt").write_text("just_a_name.jpg\n")
+    for budget, message in [("train_2img_per_class", "2 files of the split files are not under .*Forest_missing_1"),
+                            ("train_9img", "no budget train_9img .*choose one of train_2img_per_class, train_full"),
+                            ("broken", "1 lines are not `filename,class`")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            splits.load_split(tmp_path / "split.json", dataset, None, None, split_files=files, budget=budget)
+        assert "\n" not in str(e.value) and not (tmp_path / "split.json").exists()
+
+
+def test_a_percentage_budget_takes_that_share_of_every_class(capsys):
+    labels = [0] * 200 + [1] * 50 + [2] * 3
+    labeled, rest = splits.label_budget(labels, "10%", seed=0)
+    assert np.bincount(np.asarray(labels)[labeled]).tolist() == [20, 5, 1]  # at least one of a small class
+    assert sorted(labeled + rest) == list(range(253))
+    parser = splits.add_task_args(argparse.ArgumentParser())
+    assert parser.parse_args(["--shots", "1%"]).shots == "1%" and parser.parse_args(["--shots", "7"]).shots == 7
+    for bad in ("150%", "0%", "x%", "0"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--shots", bad])
+    assert "'150%' is not a percentage above 0 and at most 100" in capsys.readouterr().err
+
+
+def test_run_sh_gives_one_row_per_init(tmp_path):
+    (tmp_path / "dino.pth").write_bytes(b"")
+    calls = run_stubbed(tmp_path, "eurosat", "--init", "clip=fastvit_mci0.apple_mclip", "--init",
+                        f"dino={tmp_path / 'dino.pth'}", "--kt-init", "dino", "--teacher-weights",
+                        str(tmp_path / "dino.pth"))
+    assert rows_of(calls) == ["teacher", "kt_target@0", "agnostic@0", "scratch@0", "imagenet@0", "clip@0", "dino@0"]
+    students = {c[c.index("--out") + 1]: c for c in calls if c[0] == "student.py"}
+    clip = students["runs/eurosat/s0/student_clip.pt"]
+    assert clip[clip.index("--model") + 1] == "fastvit_mci0.apple_mclip" and clip[clip.index("--weights") + 1] == "hub"
+    distill_call = next(c for c in calls if c[0] == "distill.py")
+    assert distill_call[distill_call.index("--student") + 1] == "runs/eurosat/s0/student_dino.pt"
+    teacher_call = next(c for c in calls if c[0] == "teacher.py")
+    assert teacher_call[teacher_call.index("--weights") + 1] == str(tmp_path / "dino.pth")
+    for bad, message in [(["--init", "nothing"], "--init takes NAME=WEIGHTS"), (["--shots", "101%"], "percentage"),
+                         (["--init", "x=/no/such.pth"], "WEIGHTS is none, hub"), (["--kt-init", "y"], "not one of")]:
+        r = run_sh(tmp_path, "eurosat", "--out", "runs/other", *bad)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1

@@ -21,6 +21,7 @@ import torch
 
 import checkpoints
 import data
+import splits
 import training
 from checks import fail, finite, nonnegative, positive
 from embeddings import Encoder, embed_shards, read_shards
@@ -132,9 +133,9 @@ def retrieve(refs, args, split, device, rank, world):
     contact sheet); other ranks return None after embedding their shards."""
     encoder = Encoder(args.embed, args.embed_weights, args.embed_pretrained)
     encoder.model.to(device)
-    q_refs = data.split_refs(args.dataset, "train", split["labeled"], args.data_root)[0]
-    t_refs = data.split_refs(args.dataset, "test", None, args.data_root)[0] if args.leak_threshold <= 1 else []
-    tag = f"{args.dataset}-{args.shots}shot-seed{args.seed}"
+    q_refs = splits.images(split, "labeled", args.data_root)[0]
+    t_refs = splits.images(split, "test", args.data_root)[0] if args.leak_threshold <= 1 else []
+    tag = f"{args.dataset}-{args.budget or str(args.shots) + 'shot'}-seed{args.seed}"
     dq, dt, dp = (embed_shards(r, kind, n, encoder, args, device, rank, world) for r, kind, n in
                   [(q_refs, "queries", tag), (t_refs, "test", args.dataset), (refs, "pool", args.pool)])
     if world > 1:
@@ -182,7 +183,7 @@ def retrieve(refs, args, split, device, rank, world):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Build the transfer set (the images distill.py trains on).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_task_args(p)  # --dataset --data-root --shots --seed --split: the labeled images are the queries
+    splits.add_task_args(p)  # the task and its label budget: the labeled images are the queries
     p.add_argument("--source", default="target",
                    help="comma list of target, generic, retrieval; try target,retrieval when few unlabeled")
     p.add_argument("--pool", help="folder of images, text file of paths, .tar shards (folder or glob), "
@@ -215,7 +216,8 @@ def main(args):
         fail("--source generic/retrieval needs --pool")
     checkpoints.check_writable(args.out)
     device, rank, world = training.setup(args.train_seed)
-    split = data.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root)
+    split = splits.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root, args.split_files,
+                              args.budget)
     refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] else ([], [])
     out, report, sheet = [], dict(pool=args.pool, pool_images=len(refs)), None
     if "retrieval" in sources:
@@ -228,7 +230,7 @@ def main(args):
     elif rank != 0:
         return
     if "target" in sources:
-        out += data.split_refs(args.dataset, "train", split["unlabeled"], args.data_root)[0]
+        out += splits.images(split, "unlabeled", args.data_root)[0]
     if "generic" in sources:
         if "retrieval" in sources:  # the whole pool was decoded for embedding already
             skip = {r for r, _ in report["unreadable_files"]}

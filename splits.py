@@ -1,0 +1,163 @@
+"""The label budget: which images are labeled, which are the task's unlabeled images, which are val and test.
+
+Made once and recorded in split.json, which every later step reads, so all models see the same labels:
+  * from --shots N (N labeled images per class) or --shots P% (P% of each class), drawn from --seed; the
+    rest of the train split is the task's unlabeled images, and the dataset's test split is the test set;
+  * or from split files (--split-files DIR --budget NAME), as Vemulapalli et al. published their subsets
+    (apple/ml-vfm-kt datasplits/<Task>/): lines `filename,class` in DIR/NAME.txt (the labeled images),
+    train_full.txt (the train split: the rest are unlabeled), val.txt and test.txt (val.txt is the test set
+    where there is no test.txt, as ImageNet's). Each filename is found under the dataset's folder.
+"""
+import argparse
+import json
+import os
+import re
+import warnings
+
+import numpy as np
+
+import data
+from checkpoints import atomic_write
+from checks import fail, first_line, positive
+
+
+def shots(s):
+    """argparse type of --shots: a count per class (10), or a percentage of each class (1%, 0.5%)."""
+    if s.endswith("%"):
+        if not re.fullmatch(r"\d+(\.\d+)?", s[:-1]) or not 0 < float(s[:-1]) <= 100:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a percentage above 0 and at most 100")
+        return s
+    return positive(s)
+
+
+def label_budget(labels, shots, seed):
+    """Pick `shots` images per class (a count, or "P%" of each class), balanced and deterministic in `seed`.
+
+    labels: list of N ints. Returns (labeled, unlabeled) sorted index lists; a class with fewer than
+    `shots` images gives all it has (with a warning). The rest of the split is the task's unlabeled pool.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    labeled = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = max(1, round(len(idx) * float(shots[:-1]) / 100)) if isinstance(shots, str) else shots
+        if len(idx) < k:
+            warnings.warn(f"class {c} has {len(idx)} images, fewer than --shots {shots}: using all of them")
+        labeled += idx[:k].tolist()
+    chosen = set(labeled)
+    return sorted(labeled), [i for i in range(len(labels)) if i not in chosen]
+
+
+def read_split_file(path):
+    """A split file: one `filename,class` a line -> [(filename, class)]."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [line.strip().split(",") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read split file {path} ({first_line(e)})")
+    bad = [",".join(r) for r in rows if len(r) != 2 or not all(r)]
+    if bad:
+        fail(f"{path}: {len(bad)} lines are not `filename,class`, e.g. {bad[0]!r}")
+    return [(name, c) for name, c in rows]
+
+
+def from_split_files(dataset, folder, budget, root):
+    """The subsets the split files name, each image found under the dataset's folder by its file name."""
+    read = {p: read_split_file(os.path.join(folder, p + ".txt")) for p in ("train_full", "val", "test")
+            if os.path.exists(os.path.join(folder, p + ".txt"))}
+    budget_file = budget if budget.endswith(".txt") else budget + ".txt"
+    if not os.path.exists(os.path.join(folder, budget_file)):
+        have = sorted(f[:-4] for f in os.listdir(folder) if f.startswith("train_") and f.endswith(".txt"))
+        fail(f"no budget {budget} in {folder}: choose one of {', '.join(have) or 'none (no train_*.txt)'}")
+    read["labeled"] = read_split_file(os.path.join(folder, budget_file))
+    if "test" not in read and "val" in read:  # ImageNet: the val split is the test set
+        read["test"] = read.pop("val")
+    found, twice = {}, set()  # file name -> path, for every image under the dataset's folder
+    images_dir = dataset[len("folder:"):] if dataset.startswith("folder:") else os.path.join(root, dataset)
+    for d, _, names in os.walk(images_dir, followlinks=True):
+        for name in names:
+            if name in found:
+                twice.add(name)
+            elif name.lower().endswith(data.IMAGE_EXTS):
+                found[name] = os.path.join(d, name)
+    named = [n for rows in read.values() for n, _ in rows]
+    missing = [n for n in dict.fromkeys(named) if n not in found]
+    ambiguous = [n for n in dict.fromkeys(named) if n in twice]
+    if missing or ambiguous:
+        fail(f"{len(missing)} files of the split files are not under {images_dir} (e.g. {missing[:3]}), "
+             f"{len(ambiguous)} are there twice (e.g. {ambiguous[:3]}); download the dataset there first")
+    classes = sorted({c for rows in read.values() for _, c in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    files = {part: [[found[n], index[c]] for n, c in rows] for part, rows in read.items() if part != "train_full"}
+    taken = {n for part in ("labeled", "val", "test") for n, _ in read.get(part, [])}
+    rest = read["train_full"] if "train_full" in read else [(n, None) for n in sorted(found)]  # no list: the rest
+    files["unlabeled"] = [[found[n], -1] for n, _ in rest if n not in taken]
+    return classes, files
+
+
+def read_split(path):
+    """A split.json, checked."""
+    try:
+        with open(path) as f:
+            split = json.load(f)
+        split["labeled"], split["classes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{path} is not a split file ({first_line(e)}); delete it or use another --split path")
+    return split
+
+
+def load_split(path, dataset, shots, seed, root="data", split_files=None, budget=None):
+    """The split recorded in split.json: made on first use, then read (and checked) by every later step."""
+    want = dict(dataset=dataset, split_files=os.path.abspath(split_files), budget=budget) if split_files else \
+        dict(dataset=dataset, shots=shots, seed=seed)
+    if os.path.exists(path):
+        split = read_split(path)
+        have = {k: split.get(k) for k in want}
+        if have != want:
+            fail(f"{path} records {have} but this step was asked for {want}; use another --split path")
+        return split
+    if split_files:
+        if not budget:
+            fail("--split-files needs --budget NAME (the file of labeled images, e.g. train_10img_per_class)")
+        classes, files = from_split_files(dataset, split_files, budget, root)
+        split = dict(want, classes=classes, labeled=[p for p, _ in files["labeled"]], files=files)
+    else:
+        _, labels, classes = data.load_dataset(dataset, "train", root)
+        data.load_dataset(dataset, "test", root)  # a missing or mismatched test split is refused now, not later
+        labeled, unlabeled = label_budget(labels, shots, seed)
+        split = dict(want, classes=classes, labeled=labeled, unlabeled=unlabeled)
+    atomic_write(path, lambda f: f.write(json.dumps(split).encode()))
+    return split
+
+
+def images(split, part, root="data"):
+    """(refs, labels) of one part of the split: labeled, unlabeled, val or test; None for no val."""
+    if "files" in split:
+        pairs = split["files"].get(part)
+        return None if pairs is None else ([p for p, _ in pairs], [y for _, y in pairs])
+    dataset = split["dataset"]
+    if part in ("labeled", "unlabeled"):
+        return data.split_refs(dataset, "train", split[part], root)
+    if part == "val" and not (dataset.startswith("folder:") and os.path.isdir(os.path.join(dataset[7:], "val"))):
+        return None
+    return data.split_refs(dataset, part, None, root)
+
+
+def add_task_args(parser):
+    """The flags that name the task and its label budget, the same in every step that reads split.json."""
+    parser.add_argument("--dataset", default="demo", help="demo, eurosat, flowers102, dtd, pets, food101, "
+                        "cifar10, cifar100, stl10, or folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)")
+    parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
+    parser.add_argument("--shots", type=shots, default=10, help="the label budget: labeled images per class "
+                        "(10), or a percentage of each class (1%%)")
+    parser.add_argument("--seed", type=int, default=0, help="picks the labeled images (the label budget)")
+    parser.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and "
+                        "data order: repeats a run on the same labels (run.sh --seeds)")
+    parser.add_argument("--split-files", metavar="DIR", help="the paper's split files (apple/ml-vfm-kt "
+                        "datasplits/<Task>/) instead of --shots and --seed; with --budget")
+    parser.add_argument("--budget", metavar="NAME", help="with --split-files: the file of labeled images, "
+                        "e.g. train_10img_per_class")
+    parser.add_argument("--split", default="runs/demo/split.json",
+                        help="records the labeled images once; every later step reads it")
+    return parser
