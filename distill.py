@@ -61,6 +61,16 @@ def student_step(student, opt, scaler, autocast, x, s_cfg, t_logits, temperature
     return loss
 
 
+@torch.inference_mode()
+def held_out_loss(student, teacher, x, s_cfg, t_cfg, temperature):
+    """The KD loss on unaugmented images the student never trains on: whether distillation has converged.
+    `student` is the plain module (a DDP forward on rank 0 alone would wait for the other ranks)."""
+    student.eval()
+    loss = kd_loss(student(models.normalize(x, s_cfg)), teacher(models.normalize(x, t_cfg)), temperature)
+    student.train()
+    return loss.item()
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("distill: train the student to match the finetuned teacher",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -76,6 +86,8 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
     p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
+    p.add_argument("--holdout", type=nonnegative, default=64, help="transfer images (at most 5%% of them) kept "
+                   "out of training: the KD loss on them is logged, to see whether distillation has converged")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher (GPU)")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds augmentation and data order")
@@ -106,6 +118,11 @@ def main(args):
     # then resizes and normalises it for each model on the device.
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]
     view = dict(s_cfg, input_size=max(t_cfg["input_size"], s_cfg["input_size"], key=lambda s: s[1]))
+    n_held = min(args.holdout, len(refs) // 20)
+    held = set(refs[::max(1, len(refs) // n_held)][:n_held]) if n_held else set()  # evenly spread over the list
+    refs = [r for r in refs if r not in held]
+    plain_view = data.Images(sorted(held), None, models.transform(view, train=False, normalize=False), args.data_root)
+    held_x = torch.stack([plain_view[i][0] for i in range(len(plain_view))]).to(device) if held else None
     images = data.Images(refs, None, models.transform(view, train=True, normalize=False,
                                                       scale=(args.min_scale, 1.0)), args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
@@ -115,8 +132,12 @@ def main(args):
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
     config = training.run_config(args, teacher=args.teacher, student=args.student, transfer=args.transfer)
+
+    def measure():  # at each log: the KD loss on the held-out images
+        return dict(held_out_kd=held_out_loss(training.unwrap(student), teacher, held_x, s_cfg, t_cfg,
+                                              args.temperature))
     progress = training.Progress(args.out, student, opt, scaler, total, args.save_every, rank, args.resume,
-                                 config=config)  # loads the same state into every rank's student
+                                 config=config, measure=measure if held else None)  # same state on every rank
     student.train()
     training.log(rank, f"distill {t_ckpt['recipe']['arch']} -> {s_ckpt['recipe']['arch']}: "
                        f"{len(refs)} transfer images, {total} steps")
@@ -137,8 +158,9 @@ def main(args):
     cost = dict(progress.finish("distill", args.batch_size * world), teacher_images=progress.images)
     progress.save_output(dict(
         s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
-        metrics=dict(distill_loss=progress.loss), cost=s_ckpt["cost"] + t_ckpt["cost"] + [cost],
-        lineage=dict(teacher=args.teacher, transfer=args.transfer, transfer_images=len(refs))))
+        metrics=dict(distill_loss=progress.loss, **progress.measured), cost=s_ckpt["cost"] + t_ckpt["cost"] + [cost],
+        lineage=dict(teacher=args.teacher, transfer=args.transfer, transfer_images=len(refs),
+                     held_out_images=len(held))))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,15 @@ class StudentWithProjection(nn.Module):
             return self.projection(embedding.float())
 
 
+@torch.inference_mode()
+def held_out_loss(pair, vfm, x, s_cfg, v_cfg):
+    """The agnostic loss on unaugmented images the student never trains on (`pair`: the plain module)."""
+    pair.eval()
+    loss = agnostic_loss(pair(models.normalize(x, s_cfg)), image_embedding(vfm, models.normalize(x, v_cfg)))
+    pair.train()
+    return loss.item()
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("distill_agnostic: train the student to match the frozen VFM's embedding",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -80,6 +89,8 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
     p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
+    p.add_argument("--holdout", type=nonnegative, default=64, help="transfer images (at most 5%% of them) kept "
+                   "out of training, as distill.py keeps them: the loss on them is logged")
     p.add_argument("--compile", action="store_true", help="torch.compile student and VFM (GPU)")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the projection, augmentation and data order")
@@ -113,6 +124,11 @@ def main(args):
     # As in distill.py: one augmented view in [0, 1] at the larger resolution, normalised per model.
     s_cfg = s_ckpt["data_config"]
     view = dict(s_cfg, input_size=max(v_cfg["input_size"], s_cfg["input_size"], key=lambda s: s[1]))
+    n_held = min(args.holdout, len(refs) // 20)  # the images distill.py holds out, so both train on the same
+    held = set(refs[::max(1, len(refs) // n_held)][:n_held]) if n_held else set()
+    refs = [r for r in refs if r not in held]
+    plain_view = data.Images(sorted(held), None, models.transform(view, train=False, normalize=False), args.data_root)
+    held_x = torch.stack([plain_view[i][0] for i in range(len(plain_view))]).to(device) if held else None
     images = data.Images(refs, None, models.transform(view, train=True, normalize=False,
                                                       scale=(args.min_scale, 1.0)), args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
@@ -122,8 +138,11 @@ def main(args):
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
     config = training.run_config(args, student=args.student, transfer=args.transfer, vfm_weights=args.vfm_weights)
+
+    def measure():  # at each log: the loss on the held-out images
+        return dict(held_out_loss=held_out_loss(training.unwrap(pair), vfm, held_x, s_cfg, v_cfg))
     progress = training.Progress(args.out, pair, opt, scaler, total, args.save_every, rank, args.resume,
-                                 config=config)
+                                 config=config, measure=measure if held else None)
     pair, _ = training.prepare(pair, device, world, args.compile)  # the student is never channels_last here
     pair.train()
     training.log(rank, f"agnostic distill {args.vfm} (frozen, {vfm_dim}-d embedding) -> "
@@ -151,9 +170,9 @@ def main(args):
     cost = dict(progress.finish("distill_agnostic", args.batch_size * world), teacher_images=progress.images)
     progress.save_output(dict(  # the student alone: the projection is discarded
         s_ckpt, model=training.unwrap(pair).student.state_dict(), args=checkpoints.plain(args),
-        metrics=dict(agnostic_loss=progress.loss), cost=s_ckpt["cost"] + [cost],
+        metrics=dict(agnostic_loss=progress.loss, **progress.measured), cost=s_ckpt["cost"] + [cost],
         lineage=dict(vfm=args.vfm, vfm_weights=args.vfm_weights, transfer=args.transfer,
-                     transfer_images=len(refs))))
+                     transfer_images=len(refs), held_out_images=len(held))))
 
 
 if __name__ == "__main__":

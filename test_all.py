@@ -422,7 +422,7 @@ def test_the_output_is_written_before_the_state_is_removed(pipeline, tmp_path, m
         run(distill, *_distill_args(d, out))
     monkeypatch.undo()
     step = torch.load(str(out) + ".state", weights_only=True)["step"]  # the state of the finished training
-    assert not out.exists() and step == 1160 // 64
+    assert not out.exists() and step == (1160 - 58) // 64  # 1160 transfer images, 58 held out (5%)
     run(distill, *_distill_args(d, out))  # nothing retrained: resumed at the last step, the output written
     assert torch.load(out, weights_only=True)["cost"][-1]["steps"] == step
 
@@ -1128,7 +1128,7 @@ def test_standin_weights_feed_teacher_and_agnostic_distillation(tmp_path):
     s_ckpt, ckpt = torch.load(s_path, weights_only=True), torch.load(out, weights_only=True)
     assert ckpt["kind"] == "student" and ckpt["recipe"] == s_ckpt["recipe"]
     assert ckpt["model"].keys() == s_ckpt["model"].keys()  # the projection is not in it
-    assert [c["step"] for c in ckpt["cost"]] == ["distill_agnostic"] and ckpt["cost"][0]["steps"] == 6
+    assert [c["step"] for c in ckpt["cost"]] == ["distill_agnostic"] and ckpt["cost"][0]["steps"] == 4  # 23 of 24
     assert not torch.equal(ckpt["model"]["conv1.0.weight"], s_ckpt["model"]["conv1.0.weight"])
     assert not os.path.exists(out + ".state")
     models.load_model(ckpt)  # rebuilds
@@ -1405,3 +1405,16 @@ def test_run_sh_gives_one_row_per_init(tmp_path):
                          (["--init", "x=/no/such.pth"], "WEIGHTS is none, hub"), (["--kt-init", "y"], "not one of")]:
         r = run_sh(tmp_path, "eurosat", "--out", "runs/other", *bad)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_distillation_logs_the_loss_on_held_out_images(tiny, tmp_path, cpu, capsys):
+    """Is distillation done? The KD loss on a few transfer images it never trains on says so at each log."""
+    (tmp_path / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(120)))  # 5% = 6 held out
+    args = ["--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer", tmp_path / "transfer.txt",
+            "--epochs", 2, "--batch-size", 16, "--workers", 0, "--save-every", 3]
+    run(distill, *args, "--out", tmp_path / "kt.pt")
+    ckpt = torch.load(tmp_path / "kt.pt", weights_only=True)
+    assert ckpt["lineage"]["held_out_images"] == 6 and ckpt["cost"][-1]["steps"] == 2 * (120 - 6) // 16
+    assert math.isfinite(ckpt["metrics"]["held_out_kd"]) and capsys.readouterr().err.count("held out kd") == 3
+    run(distill, *args, "--holdout", 0, "--out", tmp_path / "all.pt")
+    assert torch.load(tmp_path / "all.pt", weights_only=True)["lineage"]["held_out_images"] == 0

@@ -141,8 +141,9 @@ class Progress:
     """
 
     def __init__(self, out, model, optimizer, scaler, total, save_every, rank=0, resume=False,
-                 per_epoch=0, agree_every=20, config=None):
+                 per_epoch=0, agree_every=20, config=None, measure=None):
         self.out, self.path, self.model, self.opt, self.scaler = out, out + ".state", model, optimizer, scaler
+        self.measure, self.measured = measure, {}  # measure(): more numbers for the log (rank 0), e.g. held-out
         self.total, self.save_every, self.rank, self.per_epoch = total, save_every, rank, per_epoch
         self.config = config or {}
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -207,8 +208,10 @@ class Progress:
         if not math.isfinite(self.loss):
             kept = f"the last good state is {self.path}" if os.path.exists(self.path) else "no state was saved"
             fail(f"loss is {self.loss} at step {self.step}; {kept}; lower --lr")
-        self.bar.set_postfix(loss=f"{self.loss:.4f}", refresh=False)
-        log(self.rank, f"step {self.step}/{self.total} loss {self.loss:.4f} ({time.time() - self.t0:.0f}s)")
+        self.measured = self.measure() if self.measure and self.rank == 0 else {}
+        self.bar.set_postfix(loss=f"{self.loss:.4f}", **{k: f"{v:.4f}" for k, v in self.measured.items()}, refresh=False)
+        more = "".join(f" {k.replace('_', ' ')} {v:.4f}" for k, v in self.measured.items())
+        log(self.rank, f"step {self.step}/{self.total} loss {self.loss:.4f}{more} ({time.time() - self.t0:.0f}s)")
         if self.rank == 0:
             save_checkpoint(dict(kind="resume", step=self.step, model=unwrap(self.model).state_dict(),
                                  optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
