@@ -1418,3 +1418,38 @@ def test_distillation_logs_the_loss_on_held_out_images(tiny, tmp_path, cpu, caps
     assert math.isfinite(ckpt["metrics"]["held_out_kd"]) and capsys.readouterr().err.count("held out kd") == 5  # 3 6 9 12 14
     run(distill, *args, "--holdout", 0, "--out", tmp_path / "all.pt")
     assert torch.load(tmp_path / "all.pt", weights_only=True)["lineage"]["held_out_images"] == 0
+
+
+def test_retrieval_filters_mean_near_copies_whatever_the_encoder():
+    """A finetuned teacher puts a whole class above 0.95 cosine: fixed thresholds would call most of the pool
+    a test leak. Calibrated ones ('auto') flag what is closer than distinct test images come to each other."""
+    rng, cpu_device = np.random.default_rng(0), torch.device("cpu")
+
+    def near_the_class(n):  # distinct images of one class, as a finetuned teacher embeds them
+        z = 3.0 + 0.4 * rng.normal(size=(n, 32))
+        return (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float16)
+    test_z, pool_z = near_the_class(300), near_the_class(400)
+    pool_z[7] = test_z[3]  # one true copy of a test image in the pool
+    distinct = (test_z.astype(np.float32) @ test_z.astype(np.float32).T)[np.triu_indices(300, 1)]
+    assert np.mean(distinct > 0.95) > 0.5  # most distinct pairs: above the old fixed threshold
+    t = transfer_set.threshold("auto", test_z, cpu_device)
+    cand, hashes = np.arange(400), {i: str(i) for i in range(400)}
+    _, leak, _, _ = transfer_set.near_copies(cand, pool_z, hashes, test_z, t, 2.0, cpu_device)
+    assert leak[7] and leak.sum() <= 0.03 * 400  # the copy, and few others: not the class
+    _, fixed_leak, _, _ = transfer_set.near_copies(cand, pool_z, hashes, test_z, 0.95, 2.0, cpu_device)
+    assert fixed_leak.sum() > 0.5 * 400  # what a fixed 0.95 did
+
+
+def test_every_query_gets_its_k_images():
+    top_i = np.array([[0, 1, 2, 3, 4, 5], [0, 1, 6, 7, 8, 9], [9, 8, 7, 1, 0, 2]])  # overlapping neighbours
+    mine = transfer_set.balance(top_i, np.array([0, 1, 2, 4, 5, 6, 7, 8, 9]), 2)  # 3 was filtered out
+    assert [len(m) for m in mine] == [2, 2, 2] and len({c for m in mine for c in m}) == 6
+    assert mine == [[0, 1], [6, 7], [9, 8]]  # in rounds, each query its next-best neighbour still free
+
+
+def test_retrieval_on_a_pool_stays_balanced(tmp_path):
+    lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", "demo:unlabeled", "--k", "7",
+                        "--dedup-threshold", "auto", "--leak-threshold", "auto")
+    assert rep["short_queries"] == 0 and set(rep["images_per_query"]["per_query"].values()) == {7}
+    assert rep["kept"] == len(lines) == 10 * 7 and rep["thresholds"]["calibrated"] == [True, True]
+    assert 0.95 <= rep["thresholds"]["leak"] < 1

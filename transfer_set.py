@@ -114,27 +114,52 @@ def contact_sheet(rows, root, size=64, pad=4):
     return sheet
 
 
-def near_copies(cand, rz, hashes, test_shards, args, device):
+def threshold(value, test_z, device, quantile=0.99):
+    """A near-copy threshold: a number, or auto: just above how close distinct target test images come to one
+    another (the 99th percentile of each one's cosine to its nearest other one), and at least 0.95. So it
+    means "a copy" in any embedding: a finetuned teacher puts a whole class above 0.95, a CLIP model does not."""
+    if value != "auto":
+        return float(value)
+    sample = test_z[np.random.default_rng(0).permutation(len(test_z))[:5000]]  # queries; all of them the pool
+    s = search(sample, [(test_z, np.arange(len(test_z)))], 2, device)[0]  # (n, 2): itself, then its nearest other
+    return max(0.95, float(np.quantile(s[:, 1].numpy(), quantile))) if s.shape[1] == 2 else 0.95
+
+
+def near_copies(cand, rz, hashes, test_z, leak_threshold, dedup_threshold, device):
     """Retrieved images to drop, each a bool (R,) over candidates ranked best first: exact duplicates (same
-    decoded pixels; the best-ranked copy stays), test leaks (cosine to a target test image above
-    --leak-threshold) and near-duplicates of a better-ranked kept image (above --dedup-threshold)."""
+    decoded pixels; the best-ranked copy stays), test leaks (cosine to a target test image above the leak
+    threshold) and near-duplicates of a better-ranked kept image (above the dedup threshold)."""
     exact = np.ones(len(cand), bool)
     exact[np.unique([hashes[int(c)] for c in cand], return_index=True)[1].astype(int)] = False
-    leak_s = search(rz, test_shards, 1, device)[0]  # (R, 1): each candidate's nearest test image
-    leak = ~exact & (leak_s[:, 0].numpy() > args.leak_threshold) if leak_s.shape[1] else np.zeros_like(exact)
+    leak_s = search(rz, [(test_z, np.arange(len(test_z)))], 1, device)[0]  # (R, 1): nearest test image
+    leak = ~exact & (leak_s[:, 0].numpy() > leak_threshold) if leak_s.shape[1] else np.zeros_like(exact)
     near = np.zeros_like(exact)
     rest = np.flatnonzero(~exact & ~leak)
-    near[rest] = near_duplicates(rz[rest], args.dedup_threshold, device)
+    near[rest] = near_duplicates(rz[rest], dedup_threshold, device)
     return exact, leak, near, leak_s
 
 
+def balance(top_i, allowed, k):
+    """Every query its own k images (the paper retrieves an equal number per query): in rounds, each query
+    takes its next-best neighbour that passed the filters and no other query has taken. -> a list per query."""
+    allowed, taken, mine = set(allowed.tolist()), set(), [[] for _ in range(len(top_i))]
+    for r in range(top_i.shape[1]):
+        for q, row in enumerate(top_i.tolist()):
+            c = row[r]
+            if len(mine[q]) < k and c in allowed and c not in taken:
+                taken.add(c)
+                mine[q].append(c)
+    return mine
+
+
 def retrieve(refs, args, split, device, rank, world):
-    """Embed queries, target test split and pool; search; filter. Rank 0 returns (kept refs, report,
+    """Embed queries, target test split and pool; search; filter; balance. Rank 0 returns (kept refs, report,
     contact sheet); other ranks return None after embedding their shards."""
     encoder = Encoder(args.embed, args.embed_weights, args.embed_pretrained)
     encoder.model.to(device)
     q_refs = splits.images(split, "labeled", args.data_root)[0]
-    t_refs = splits.images(split, "test", args.data_root)[0] if args.leak_threshold <= 1 else []
+    t_refs = splits.images(split, "test", args.data_root)[0] if args.leak_threshold == "auto" or \
+        args.leak_threshold <= 1 or args.dedup_threshold == "auto" else []
     tag = f"{args.dataset}-{args.budget or str(args.shots) + 'shot'}-seed{args.seed}"
     dq, dt, dp = (embed_shards(r, kind, n, encoder, args, device, rank, world) for r, kind, n in
                   [(q_refs, "queries", tag), (t_refs, "test", args.dataset), (refs, "pool", args.pool)])
@@ -146,38 +171,50 @@ def retrieve(refs, args, split, device, rank, world):
     if not readable_queries:
         fail(f"none of the {len(q_refs)} labeled images could be read: nothing to retrieve with")
     qz, qi = (np.concatenate(x) for x in zip(*readable_queries))
-    top_s, top_i = search(qz, ((z, i) for z, i, _ in read_shards(*dp)), args.k, device)  # (Q, k)
-    # the union of all queries' top-k, best first: each image ranked by its best score, ties by pool index
-    fs, fi = top_s.flatten().numpy(), top_i.flatten().numpy()
-    o = np.lexsort((fi, -fs))
-    first = np.sort(np.unique(fi[o], return_index=True)[1])
-    cand, best = fi[o][first], fs[o][first]
-    rz, pos = np.zeros((len(cand), qz.shape[1]), np.float16), {int(c): n for n, c in enumerate(cand)}
-    bad, hashes = [], {}
-    for z, i, m in read_shards(*dp):  # fetch the retrieved rows' embeddings and pixel hashes
-        bad += m["bad"]
-        for r in np.flatnonzero(np.isin(i, cand)):
-            rz[pos[int(i[r])]], hashes[int(i[r])] = z[r], m["hashes"][r]
-    exact, leak, near, leak_s = near_copies(cand, rz, hashes, ((z, i) for z, i, _ in read_shards(*dt)), args,
-                                            device)
-    keep = ~exact & ~leak & ~near
-    kept = cand[keep]
-    per_query = np.isin(top_i.numpy(), kept).sum(1)
+    test_z = np.concatenate([z for z, i, _ in read_shards(*dt) if len(i)] or [np.zeros((0, qz.shape[1]), np.float16)])
+    leak_t, dedup_t = (threshold(t, test_z, device) for t in (args.leak_threshold, args.dedup_threshold))
+    depth = min(2 * args.k, len(refs))  # candidates per query: deeper until every query has its k (or the pool ends)
+    while True:
+        top_s, top_i = search(qz, ((z, i) for z, i, _ in read_shards(*dp)), depth, device)  # (Q, depth)
+        # the union of all queries' candidates, best first: each ranked by its best score, ties by pool index
+        fs, fi = top_s.flatten().numpy(), top_i.flatten().numpy()
+        o = np.lexsort((fi, -fs))
+        first = np.sort(np.unique(fi[o], return_index=True)[1])
+        cand, best = fi[o][first], fs[o][first]
+        rz, pos = np.zeros((len(cand), qz.shape[1]), np.float16), {int(c): n for n, c in enumerate(cand)}
+        bad, hashes = [], {}
+        for z, i, m in read_shards(*dp):  # fetch the candidates' embeddings and pixel hashes
+            bad += m["bad"]
+            for r in np.flatnonzero(np.isin(i, cand)):
+                rz[pos[int(i[r])]], hashes[int(i[r])] = z[r], m["hashes"][r]
+        exact, leak, near, leak_s = near_copies(cand, rz, hashes, test_z, leak_t, dedup_t, device)
+        mine = balance(top_i.numpy(), cand[~exact & ~leak & ~near], args.k)
+        if all(len(m) == args.k for m in mine) or depth >= len(refs):
+            break
+        depth = min(2 * depth, len(refs))
+    kept = np.array(sorted({c for m in mine for c in m}, key=lambda c: pos[c]), dtype=np.int64)  # best first
+    per_query = [len(m) for m in mine]
     report = dict(
         pool=args.pool, embed=args.embed, k=args.k, queries=len(qi), unreadable_queries=len(q_refs) - len(qi),
-        pool_images=len(refs), retrieved=len(cand), kept=int(keep.sum()),
+        pool_images=len(refs), searched_per_query=depth, retrieved=len(cand), kept=len(kept),
+        short_queries=sum(n < args.k for n in per_query),
         dropped=dict(exact_duplicates=int(exact.sum()), near_duplicates=int(near.sum()),
                      leaks=int(leak.sum()), unreadable=len(bad)),
-        thresholds=dict(dedup=args.dedup_threshold, leak=args.leak_threshold),
-        similarity=dict(topk=stats(top_s.numpy()), kept_best=stats(best[keep]),
+        thresholds=dict(dedup=dedup_t, leak=leak_t, calibrated=[t == "auto" for t in
+                                                                (args.dedup_threshold, args.leak_threshold)]),
+        similarity=dict(topk=stats(top_s.numpy()[:, :args.k]), kept_best=stats(best[[pos[c] for c in kept]]),
                         nearest_test=stats(leak_s.numpy())),
-        images_per_query=dict(stats(per_query), per_query={q_refs[j]: int(c) for j, c in zip(qi, per_query)}),
+        images_per_query=dict(stats(per_query), per_query={q_refs[j]: n for j, n in zip(qi, per_query)}),
         unreadable_files=bad, cache=[dq[0], dt[0], dp[0]])
     show = np.linspace(0, len(qi) - 1, min(args.sheet, len(qi))).round().astype(int)
-    kept_set = set(kept.tolist())
-    rows = [(q_refs[qi[j]], [refs[c] for c in top_i[j].tolist() if c in kept_set][:args.sheet]) for j in show]
+    rows = [(q_refs[qi[j]], [refs[c] for c in mine[j][:args.sheet]]) for j in show]
     rows = [r for r in rows if r[1]]
     return [refs[c] for c in kept], report, contact_sheet(rows, args.data_root) if rows else None
+
+
+def auto_or_number(s):
+    """argparse type of the thresholds: auto, or a finite number."""
+    return s if s == "auto" else finite(s)
 
 
 def get_args_parser():
@@ -196,10 +233,12 @@ def get_args_parser():
                    help="none: random weights (tests only; the neighbours are then meaningless)")
     p.add_argument("--k", type=positive, default=100,
                    help="neighbours per labeled image (balanced); more: a larger, less on-task set; try 100-1000")
-    p.add_argument("--dedup-threshold", type=finite, default=0.95,
-                   help="drop a retrieved image this cosine-close to a better-ranked one (lower: stricter)")
-    p.add_argument("--leak-threshold", type=finite, default=0.95,
-                   help="drop a retrieved image this cosine-close to a target test image; above 1: no check")
+    p.add_argument("--dedup-threshold", type=auto_or_number, default="auto",
+                   help="drop a retrieved image this cosine-close to a better-ranked one; auto: calibrated on "
+                   "the test set (how close distinct images come), at least 0.95")
+    p.add_argument("--leak-threshold", type=auto_or_number, default="auto",
+                   help="drop a retrieved image this cosine-close to a target test image (auto: as above); "
+                   "above 1: no check")
     p.add_argument("--cache-dir", default="runs/embeddings", help="embedding shards, reused across runs")
     p.add_argument("--shard-size", type=positive, default=10000, help="images per cached shard (resume unit)")
     p.add_argument("--batch-size", type=positive, default=256, help="encoder batch")
