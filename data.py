@@ -21,7 +21,8 @@ import torch
 
 from checks import fail, first_line
 
-TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10")
+TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
+PAPER = ("imagenet", "ham10000")  # the paper's other tasks, from files the user downloads into DATA_ROOT
 SPLITS = ("train", "val", "test", "unlabeled")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -42,6 +43,9 @@ def _torchvision(name, split, root, download=True):
         return D.OxfordIIITPet(root, split={"train": "trainval"}.get(split, split), download=download)
     if name == "food101":
         return D.Food101(root, split=split, download=download)
+    if name == "places365":  # the 256px images; the paper splits the official val set into its val and test
+        return D.Places365(root, split="train-standard" if split == "train" else "val", small=True,
+                           download=download)
     # eurosat has no official split: a fixed 80/20 cut, the same for every run and seed
     full = D.EuroSAT(root, download=download)
     order = np.random.default_rng(0).permutation(len(full))
@@ -71,6 +75,41 @@ def _folder(root, split):
         fail(f"folder dataset {path}: {e}")
 
 
+class HAM10000(torch.utils.data.Dataset):
+    """HAM10000 as ISIC ships it: ROOT/HAM10000_metadata.csv (image_id, dx, ...) and the images in any folder
+    below ROOT (HAM10000_images_part_1/, ..._2/). 7 classes by `dx`, heavily imbalanced (mean per-class
+    accuracy is the metric to read). It has no test split of its own: the paper's split files give one."""
+
+    def __init__(self, root, split):
+        import csv
+        if split != "train":
+            fail(f"ham10000 has no {split} split of its own; use the paper's split files (--split-files "
+                 "DIR/HAM10K --budget ...), which name val and test images from ISIC 2018")
+        try:
+            with open(os.path.join(root, "HAM10000_metadata.csv"), newline="") as f:
+                rows = [(r["image_id"], r["dx"]) for r in csv.DictReader(f)]
+        except (OSError, KeyError) as e:
+            fail(f"ham10000: cannot read {root}/HAM10000_metadata.csv ({first_line(e)}); download HAM10000 "
+                 f"(metadata and both image folders) into {root}")
+        files = {os.path.splitext(n)[0]: os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+                 if n.lower().endswith(".jpg")}
+        missing = [i for i, _ in rows if i not in files]
+        if missing:
+            fail(f"ham10000: {len(missing)} images of the metadata are not under {root}, e.g. {missing[:3]}")
+        self.classes = sorted({dx for _, dx in rows})
+        self.samples = [(files[i], self.classes.index(dx)) for i, dx in rows]
+        self.targets = [y for _, y in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, y = self.samples[i]
+        with Image.open(path) as im:
+            return im.convert("RGB"), y
+
+
 def _labels(ds):
     """Integer labels of a dataset without decoding any image."""
     for attr in ("targets", "labels", "_labels"):
@@ -89,6 +128,10 @@ def load_dataset(name, split, root="data", download=True):
             ds = importlib.import_module(module).dataset(split)
         except (ImportError, AttributeError) as e:
             fail(f"dataset {name}: {first_line(e)}; py:MODULE names a module that defines dataset(split)")
+    elif name == "imagenet":  # DATA_ROOT/imagenet/train/<wnid>/*.JPEG and val/<wnid>/*: val is the test set
+        ds = _folder(os.path.join(root, "imagenet"), "val" if split == "test" else split)
+    elif name == "ham10000":
+        ds = HAM10000(os.path.join(root, "ham10000"), split)
     elif name.startswith("folder:"):
         ds = _folder(name[len("folder:"):], split)
         if split != "train":
@@ -102,7 +145,7 @@ def load_dataset(name, split, root="data", download=True):
             fail(f"could not load {name}/{split} under {root} ({first_line(e)}); offline? copy torchvision's "
                  f"files for {name} into {root}, or use folder:PATH")
     else:
-        fail(f"unknown dataset '{name}'; choose demo, {', '.join(TORCHVISION)}, folder:PATH or py:MODULE")
+        fail(f"unknown dataset '{name}'; choose demo, {', '.join(TORCHVISION + PAPER)}, folder:PATH or py:MODULE")
     classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
     return ds, _labels(ds), [str(c) for c in classes]
 
@@ -115,7 +158,7 @@ def split_refs(dataset, split, indices=None, root="data"):
     if outside:
         fail(f"{len(outside)} indices outside {dataset}/{split} ({len(ds)} images), e.g. {outside[:3]}: "
              "the split file was made for other data")
-    if dataset.startswith("folder:"):  # real files: reference them by path
+    if hasattr(ds, "samples"):  # real files (folder:, imagenet, ham10000): reference them by path
         return [ds.samples[i][0] for i in indices], [labels[i] for i in indices]
     return [f"{dataset}:{split}:{i}" for i in indices], [labels[i] for i in indices]
 

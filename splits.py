@@ -146,8 +146,9 @@ def images(split, part, root="data"):
 
 def add_task_args(parser):
     """The flags that name the task and its label budget, the same in every step that reads split.json."""
-    parser.add_argument("--dataset", default="demo", help="demo, eurosat, flowers102, dtd, pets, food101, "
-                        "cifar10, cifar100, stl10, or folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*)")
+    parser.add_argument("--dataset", default="demo", help="demo; torchvision's eurosat, flowers102, dtd, pets, "
+                        "food101, cifar10, cifar100, stl10, places365; imagenet or ham10000 (downloaded into "
+                        "DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE")
     parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
     parser.add_argument("--shots", type=shots, default=10, help="the label budget: labeled images per class "
                         "(10), or a percentage of each class (1%%)")

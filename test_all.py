@@ -1453,3 +1453,25 @@ def test_retrieval_on_a_pool_stays_balanced(tmp_path):
     assert rep["short_queries"] == 0 and set(rep["images_per_query"]["per_query"].values()) == {7}
     assert rep["kept"] == len(lines) == 10 * 7 and rep["thresholds"]["calibrated"] == [True, True]
     assert 0.95 <= rep["thresholds"]["leak"] < 1
+
+
+def test_the_papers_datasets_by_name(tmp_path):
+    from PIL import Image
+    root = tmp_path / "data"
+    for split, wnids in (("train", ("n01", "n02")), ("val", ("n01", "n02"))):  # ImageNet's ImageFolder layout
+        for w in wnids:
+            os.makedirs(root / "imagenet" / split / w)
+            for i in range(2):
+                Image.new("RGB", (8, 8)).save(root / "imagenet" / split / w / f"{w}_{split}_{i}.JPEG")
+    _, labels, classes = data.load_dataset("imagenet", "test", str(root))  # the paper tests on ImageNet's val
+    assert classes == ["n01", "n02"] and labels == [0, 0, 1, 1]
+    os.makedirs(root / "ham10000" / "HAM10000_images_part_1")
+    rows = [("ISIC_0000001", "nv"), ("ISIC_0000002", "mel"), ("ISIC_0000003", "nv")]
+    (root / "ham10000" / "HAM10000_metadata.csv").write_text(
+        "lesion_id,image_id,dx,dx_type\n" + "".join(f"L{i},{r},{dx},histo\n" for i, (r, dx) in enumerate(rows)))
+    for r, _ in rows:
+        Image.new("RGB", (8, 8)).save(root / "ham10000" / "HAM10000_images_part_1" / f"{r}.jpg")
+    ds, labels, classes = data.load_dataset("ham10000", "train", str(root))
+    assert classes == ["mel", "nv"] and labels == [1, 0, 1] and ds[1][0].size == (8, 8)
+    with pytest.raises(SystemExit, match="ham10000 has no test split of its own; use the paper's split files"):
+        data.load_dataset("ham10000", "test", str(root))
