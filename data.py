@@ -44,8 +44,8 @@ def _torchvision(name, split, root, download=True):
     if name == "food101":
         return D.Food101(root, split=split, download=download)
     if name == "places365":  # the 256px images; the paper splits the official val set into its val and test
-        return D.Places365(root, split="train-standard" if split == "train" else "val", small=True,
-                           download=download)
+        return D.Places365(os.path.join(root, "places365"), split="train-standard" if split == "train" else "val",
+                           small=True, download=download)
     # eurosat has no official split: a fixed 80/20 cut, the same for every run and seed
     full = D.EuroSAT(root, download=download)
     order = np.random.default_rng(0).permutation(len(full))

@@ -34,6 +34,8 @@
 #   --kt-init NAME           the init the kt_* and agnostic rows start from (default scratch: the method
 #            needs no pretraining of the student).
 #   --embed SPEC --embed-weights FILE   the retrieval encoder (transfer_set.py --embed), from a local file.
+#   --smoke  one short epoch per step, tiny batches: checks a setup end to end in minutes (the numbers
+#            mean nothing) before the real run.
 #   --seeds  repeats every student row once per seed (init, distillation, finetuning); the table then
 #            shows mean ± std. Default: --seed alone. The teacher is trained once.
 #   --pool   a generic image pool (folder, list file, tar shards, or DATASET:SPLIT such as stl10:unlabeled)
@@ -54,9 +56,9 @@ DATASET=demo
 if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
 SHOTS=10 SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 IMG_SIZE="" RETRIEVAL=1 VFM_PID=""
 TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8 T_WEIGHTS="" KT_INIT=scratch INITS=()
-SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS=""
+SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS="" SMOKE=0
 while [[ $# -gt 0 ]]; do
-  if [[ $1 == --* && $1 != --force && $# -lt 2 ]]; then
+  if [[ $1 == --* && $1 != --force && $1 != --smoke && $# -lt 2 ]]; then
     echo "run.sh: $1 needs a value (see the header of run.sh)" >&2; exit 2
   fi
   case $1 in
@@ -76,6 +78,7 @@ while [[ $# -gt 0 ]]; do
     --pool) POOL=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
+    --smoke) SMOKE=1; shift ;;
     *) echo "run.sh: unknown argument '$1' (see the header of run.sh)" >&2; exit 2 ;;
   esac
 done
@@ -118,7 +121,7 @@ INIT_NAMES=("${INIT_NAMES[@]}") INIT_SPECS=("${INIT_SPECS[@]}")
 CONFIG="dataset=$DATASET shots=$SHOTS seed=$SEED teacher=$TEACHER student=$STUDENT img_size=$IMG_SIZE pool=$POOL"
 [[ $DATASET == demo ]] && CONFIG="dataset=demo shots=$SHOTS seed=$SEED pool=${POOL:-demo:unlabeled}"
 for setting in "split_files=$SPLIT_FILES" "budget=$BUDGET" "teacher_weights=$T_WEIGHTS" "inits=${INITS[*]}" \
-               "kt_init=${KT_INIT#scratch}" "embed=$EMBED" "embed_weights=$EMBED_WEIGHTS"; do
+               "kt_init=${KT_INIT#scratch}" "embed=$EMBED" "embed_weights=$EMBED_WEIGHTS" "smoke=${SMOKE#0}"; do
   [[ -n ${setting#*=} ]] && CONFIG="$CONFIG $setting"  # only what is not the default
 done
 HAVE=$(cat "$OUT/run.cfg" 2>/dev/null || true)
@@ -175,6 +178,12 @@ else
   T_SIZE=${IMG_SIZE:-224} S_SIZE=$IMG_SIZE
   VFM_WEIGHTS=${T_WEIGHTS:-hub}
   T_ARGS=() D_ARGS=() F_ARGS=() R_ARGS=() E_ARGS=() D_EPOCHS=20 KT_LR=1e-4
+fi
+X_ARGS=()
+if [[ $SMOKE == 1 ]]; then  # the whole path in minutes: one short epoch a step, tiny batches, no workers
+  T_ARGS+=(--epochs 1 --batch-size 4 --workers 0) F_ARGS+=(--epochs 1 --batch-size 4 --workers 0)
+  D_EPOCHS=1 D_ARGS+=(--batch-size 4 --workers 0) R_ARGS+=(--batch-size 8 --workers 0)
+  E_ARGS+=(--workers 0 --speed-batch 2) X_ARGS=(--images 2 --repeats 1)
 fi
 S_SIZE_ARG=(); [[ -n $S_SIZE ]] && S_SIZE_ARG=(--img-size "$S_SIZE")
 [[ -n $EMBED ]] && R_ARGS+=(--embed "$EMBED")
@@ -272,4 +281,4 @@ $PY evaluate.py --dataset "$DATASET" --split "$OUT/split.json" --data-root "${DA
 # checked against PyTorch on test images, and timed at batch 1 and 64.
 FIRST=${SEEDS%% *}
 step "$OUT/export/student_kt_target.pt2" $PY export.py --dataset "$DATASET" --data-root "${DATA_ROOT:-data}" \
-  --student "$OUT/s$FIRST/student_kt_target_ft.pt" --out "$OUT/export/student_kt_target.pt2"
+  --student "$OUT/s$FIRST/student_kt_target_ft.pt" "${X_ARGS[@]}" --out "$OUT/export/student_kt_target.pt2"

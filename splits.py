@@ -73,26 +73,30 @@ def from_split_files(dataset, folder, budget, root):
     read["labeled"] = read_split_file(os.path.join(folder, budget_file))
     if "test" not in read and "val" in read:  # ImageNet: the val split is the test set
         read["test"] = read.pop("val")
-    found, twice = {}, set()  # file name -> path, for every image under the dataset's folder
+    paths = {}  # file name -> its paths under the dataset's folder
     images_dir = dataset[len("folder:"):] if dataset.startswith("folder:") else os.path.join(root, dataset)
     for d, _, names in os.walk(images_dir, followlinks=True):
         for name in names:
-            if name in found:
-                twice.add(name)
-            elif name.lower().endswith(data.IMAGE_EXTS):
-                found[name] = os.path.join(d, name)
-    named = [n for rows in read.values() for n, _ in rows]
-    missing = [n for n in dict.fromkeys(named) if n not in found]
-    ambiguous = [n for n in dict.fromkeys(named) if n in twice]
-    if missing or ambiguous:
-        fail(f"{len(missing)} files of the split files are not under {images_dir} (e.g. {missing[:3]}), "
-             f"{len(ambiguous)} are there twice (e.g. {ambiguous[:3]}); download the dataset there first")
+            if name.lower().endswith(data.IMAGE_EXTS):
+                paths.setdefault(name, []).append(os.path.join(d, name))
+
+    def find(name, cls):  # a name in several class folders (Places365's 00000001.jpg): the one in its class's
+        hits = paths.get(name, [])
+        if len(hits) > 1 and cls:
+            hits = [p for p in hits if ("_" + os.path.dirname(p).replace(os.sep, "_")).endswith("_" + cls)]
+        return hits[0] if len(hits) == 1 else None
+    found = {(n, c): find(n, c) for rows in read.values() for n, c in rows}
+    lost = [n for (n, c), p in found.items() if p is None]
+    if lost:
+        fail(f"{len(lost)} files of the split files are not under {images_dir}, or not once (e.g. {lost[:3]}); "
+             "download the dataset there first")
     classes = sorted({c for rows in read.values() for _, c in rows})
     index = {c: i for i, c in enumerate(classes)}
-    files = {part: [[found[n], index[c]] for n, c in rows] for part, rows in read.items() if part != "train_full"}
-    taken = {n for part in ("labeled", "val", "test") for n, _ in read.get(part, [])}
-    rest = read["train_full"] if "train_full" in read else [(n, None) for n in sorted(found)]  # no list: the rest
-    files["unlabeled"] = [[found[n], -1] for n, _ in rest if n not in taken]
+    files = {part: [[found[n, c], index[c]] for n, c in rows] for part, rows in read.items() if part != "train_full"}
+    taken = {p for part in ("labeled", "val", "test") for p, _ in files.get(part, [])}
+    rest = ([found[n, c] for n, c in read["train_full"]] if "train_full" in read  # no train_full: all the others
+            else sorted(p for ps in paths.values() for p in ps))
+    files["unlabeled"] = [[p, -1] for p in rest if p not in taken]
     return classes, files
 
 

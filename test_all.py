@@ -1475,3 +1475,23 @@ def test_the_papers_datasets_by_name(tmp_path):
     assert classes == ["mel", "nv"] and labels == [1, 0, 1] and ds[1][0].size == (8, 8)
     with pytest.raises(SystemExit, match="ham10000 has no test split of its own; use the paper's split files"):
         data.load_dataset("ham10000", "test", str(root))
+
+
+def test_split_files_find_a_name_in_its_class_folder(tmp_path):
+    """Places365's train files repeat names across classes (airfield/00003554.jpg, airplane_cabin/00003554.jpg)."""
+    from PIL import Image
+    lines = []
+    for c in ("airfield", "apartment_building_outdoor"):  # Places365 keeps the second in apartment_building/outdoor
+        folder = tmp_path / "places" / "data_256" / c[0] / c.replace("_outdoor", "/outdoor")
+        os.makedirs(folder)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(folder / f"0000000{i}.jpg")
+            lines.append(f"0000000{i}.jpg,{c}")
+    os.makedirs(tmp_path / "files")
+    (tmp_path / "files" / "train_full.txt").write_text("\n".join(lines))
+    (tmp_path / "files" / "train_1img_per_class.txt").write_text(f"{lines[0]}\n{lines[3]}\n")
+    split = splits.load_split(tmp_path / "split.json", f"folder:{tmp_path / 'places'}", None, None,
+                              split_files=tmp_path / "files", budget="train_1img_per_class")
+    assert [os.path.relpath(p, tmp_path / "places") for p in split["labeled"]] == [
+        "data_256/a/airfield/00000000.jpg", "data_256/a/apartment_building/outdoor/00000000.jpg"]
+    assert len(split["files"]["unlabeled"]) == 4

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# A dress rehearsal of the real path, offline, on the CPU: the paper's real architectures (DINOv2 ViT-S/14
+# and OpenCLIP ViT-B/32 teachers, FastViT-T8 and MobileViT-V2 students, OpenCLIP ViT-B/32 as the retrieval
+# encoder) with random weights saved to local files as a user saves downloaded ones, a small JPEG folder at
+# 224px, every step through run.sh --smoke (one short epoch each) with local weights and HF_HUB_OFFLINE=1,
+# then the teacher-output cache. What would break on the way to a real run breaks here.
+# Usage: bash .ci/rehearsal.sh [WORKDIR]     (CI runs it after the tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+[[ -x .venv/bin/python && $PY == python ]] && PY=.venv/bin/python
+W=${1:-runs/rehearsal}
+export HF_HUB_OFFLINE=1 PY
+start=$(date +%s)
+rm -rf "$W" && mkdir -p "$W"
+
+$PY - "$W" <<'PYTHON'
+import os, sys
+import numpy as np
+import open_clip, timm, torch
+import demo
+w = sys.argv[1]
+# a task as a folder of JPEGs at 224px: 3 classes, 4 train and 2 test images each; a pool of 12 others
+for split, n, offset in (("train", 4, 0), ("test", 2, 50)):
+    for c in ("circle", "square", "triangle"):
+        os.makedirs(f"{w}/task/{split}/{c}")
+        for i in range(n):
+            rng = np.random.default_rng(1000 * demo.CLASSES.index(c) + offset + i)
+            demo.draw(c, rng, size=224).save(f"{w}/task/{split}/{c}/{i}.jpg", quality=90)
+os.makedirs(f"{w}/pool")
+for i in range(12):
+    demo.dataset("unlabeled")[i][0].resize((224, 224)).save(f"{w}/pool/{i:03d}.jpg", quality=90)
+# random weights of the real architectures, saved to files as one saves downloaded weights
+torch.save(timm.create_model("vit_small_patch14_dinov2.lvd142m").state_dict(), f"{w}/dinov2_vits14.pth")
+torch.save(timm.create_model("fastvit_t8").state_dict(), f"{w}/fastvit_t8.pth")
+torch.save(timm.create_model("mobilevitv2_050").state_dict(), f"{w}/mobilevitv2_050.pth")
+torch.save(open_clip.create_model("ViT-B-32").state_dict(), f"{w}/open_clip_vit_b_32.bin")
+print(f"rehearsal data and weights in {w}")
+PYTHON
+
+TASK=(--shots 2 --img-size 224 --smoke)
+# DINOv2 teacher -> FastViT student, a generic pool and retrieval with an OpenCLIP encoder
+bash run.sh "folder:$W/task" "${TASK[@]}" --teacher vit_small_patch14_dinov2.lvd142m \
+  --teacher-weights "$W/dinov2_vits14.pth" --student fastvit_t8 --init "imagenet=$W/fastvit_t8.pth" \
+  --pool "$W/pool" --embed open_clip:ViT-B-32 --embed-weights "$W/open_clip_vit_b_32.bin" --out "$W/dinov2"
+# OpenCLIP teacher -> MobileViT-V2 student
+bash run.sh "folder:$W/task" "${TASK[@]}" --teacher open_clip:ViT-B-32 \
+  --teacher-weights "$W/open_clip_vit_b_32.bin" --student mobilevitv2_050 \
+  --init "imagenet=$W/mobilevitv2_050.pth" --out "$W/open_clip"
+# the teacher-output cache, then a student trained from it alone
+D=$W/dinov2
+$PY cache_teacher.py --teacher "$D/teacher.pt" --student "$D/s0/student_scratch.pt" \
+  --transfer "$D/transfer_target.txt" --views 2 --topk 3 --batch-size 8 --workers 0 --out "$W/cache"
+$PY distill_cached.py --cache "$W/cache" --student "$D/s0/student_scratch.pt" --epochs 1 --batch-size 4 \
+  --workers 0 --out "$W/kt_cached.pt"
+echo "rehearsal passed in $(( $(date +%s) - start )) s"
