@@ -202,6 +202,14 @@ def _rgb(im):
     return im.convert("RGB")
 
 
+def hold_out(refs, n):
+    """Up to n references (at most 5% of the list), evenly spread over it, kept out of training to measure
+    progress on. -> (the rest, the held-out). distill.py and distill_agnostic.py hold out the same ones."""
+    n = min(n, len(refs) // 20)
+    held = set(refs[::max(1, len(refs) // n)][:n]) if n else set()
+    return [r for r in refs if r not in held], sorted(held)
+
+
 def read_transfer_list(path):
     """A transfer list (transfer_set.py): one image reference per line, checked before any work."""
     try:

@@ -118,11 +118,9 @@ def main(args):
     # then resizes and normalises it for each model on the device.
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]
     view = dict(s_cfg, input_size=max(t_cfg["input_size"], s_cfg["input_size"], key=lambda s: s[1]))
-    n_held = min(args.holdout, len(refs) // 20)
-    held = set(refs[::max(1, len(refs) // n_held)][:n_held]) if n_held else set()  # evenly spread over the list
-    refs = [r for r in refs if r not in held]
-    plain_view = data.Images(sorted(held), None, models.transform(view, train=False, normalize=False), args.data_root)
-    held_x = torch.stack([plain_view[i][0] for i in range(len(plain_view))]).to(device) if held else None
+    refs, held = data.hold_out(refs, args.holdout)
+    plain_view = data.Images(held, None, models.transform(view, train=False, normalize=False), args.data_root)
+    held_x = torch.stack([plain_view[i][0] for i in range(len(held))]).to(device) if held else None
     images = data.Images(refs, None, models.transform(view, train=True, normalize=False,
                                                       scale=(args.min_scale, 1.0)), args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)

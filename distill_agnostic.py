@@ -124,11 +124,9 @@ def main(args):
     # As in distill.py: one augmented view in [0, 1] at the larger resolution, normalised per model.
     s_cfg = s_ckpt["data_config"]
     view = dict(s_cfg, input_size=max(v_cfg["input_size"], s_cfg["input_size"], key=lambda s: s[1]))
-    n_held = min(args.holdout, len(refs) // 20)  # the images distill.py holds out, so both train on the same
-    held = set(refs[::max(1, len(refs) // n_held)][:n_held]) if n_held else set()
-    refs = [r for r in refs if r not in held]
-    plain_view = data.Images(sorted(held), None, models.transform(view, train=False, normalize=False), args.data_root)
-    held_x = torch.stack([plain_view[i][0] for i in range(len(plain_view))]).to(device) if held else None
+    refs, held = data.hold_out(refs, args.holdout)  # the images distill.py holds out: both train on the same
+    plain_view = data.Images(held, None, models.transform(view, train=False, normalize=False), args.data_root)
+    held_x = torch.stack([plain_view[i][0] for i in range(len(held))]).to(device) if held else None
     images = data.Images(refs, None, models.transform(view, train=True, normalize=False,
                                                       scale=(args.min_scale, 1.0)), args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)

@@ -65,14 +65,14 @@ class Encoder:
         self.key = [name, tag, open_clip.get_model_config(name), stamp(source), None if source else seed]
 
 
-def shard_file(cache_dir, s, ext):
+def shard_path(cache_dir, s, ext):
     return os.path.join(cache_dir, f"{s:05d}{ext}")
 
 
 def save_shard(cache_dir, s, z, meta):
     """Embeddings first, then the .json: the .json marks a finished shard, both written atomically."""
-    checkpoints.atomic_write(shard_file(cache_dir, s, ".npy"), lambda f: np.save(f, z))
-    checkpoints.atomic_write(shard_file(cache_dir, s, ".json"), lambda f: f.write(json.dumps(meta).encode()))
+    checkpoints.atomic_write(shard_path(cache_dir, s, ".npy"), lambda f: np.save(f, z))
+    checkpoints.atomic_write(shard_path(cache_dir, s, ".json"), lambda f: f.write(json.dumps(meta).encode()))
 
 
 def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
@@ -87,7 +87,7 @@ def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
     key = h.hexdigest()[:12]
     d = os.path.join(args.cache_dir, f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-50:]}-{key}")
     n = -(-len(refs) // S)
-    todo = [s for s in range(rank, n, world) if not os.path.exists(shard_file(d, s, ".json"))]
+    todo = [s for s in range(rank, n, world) if not os.path.exists(shard_path(d, s, ".json"))]
     B = args.batch_size
     batches = [[(s, i) for i in range(j, min(j + B, (s + 1) * S, len(refs)))]
                for s in todo for j in range(s * S, min((s + 1) * S, len(refs)), B)]
@@ -120,8 +120,8 @@ def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
 def read_shards(cache_dir, n):
     """Yield each finished shard as (z (n_ok, D) float16, ids (n_ok,) int64, meta dict)."""
     for s in range(n):
-        if not os.path.exists(shard_file(cache_dir, s, ".json")):
-            fail(f"{shard_file(cache_dir, s, '.json')} missing: did a rank die? rerun to finish it")
-        with open(shard_file(cache_dir, s, ".json")) as f:
+        if not os.path.exists(shard_path(cache_dir, s, ".json")):
+            fail(f"{shard_path(cache_dir, s, '.json')} missing: did a rank die? rerun to finish it")
+        with open(shard_path(cache_dir, s, ".json")) as f:
             meta = json.load(f)
-        yield np.load(shard_file(cache_dir, s, ".npy")), np.asarray(meta["ids"], dtype=np.int64), meta
+        yield np.load(shard_path(cache_dir, s, ".npy")), np.asarray(meta["ids"], dtype=np.int64), meta
