@@ -62,11 +62,12 @@ def student_step(student, opt, scaler, autocast, x, s_cfg, t_logits, temperature
 
 
 @torch.inference_mode()
-def held_out_loss(student, teacher, x, s_cfg, t_cfg, temperature):
+def held_out_loss(student, teacher, x, s_cfg, t_cfg, temperature, autocast):
     """The KD loss on unaugmented images the student never trains on: whether distillation has converged.
     `student` is the plain module (a DDP forward on rank 0 alone would wait for the other ranks)."""
     student.eval()
-    loss = kd_loss(student(models.normalize(x, s_cfg)), teacher(models.normalize(x, t_cfg)), temperature)
+    with autocast():  # as in training: a compiled teacher is not compiled again for another precision
+        loss = kd_loss(student(models.normalize(x, s_cfg)), teacher(models.normalize(x, t_cfg)), temperature)
     student.train()
     return loss.item()
 
@@ -133,7 +134,7 @@ def main(args):
 
     def measure():  # at each log: the KD loss on the held-out images
         return dict(held_out_kd=held_out_loss(training.unwrap(student), teacher, held_x, s_cfg, t_cfg,
-                                              args.temperature))
+                                              args.temperature, autocast))
     progress = training.Progress(args.out, student, opt, scaler, total, args.save_every, rank, args.resume,
                                  config=config, measure=measure if held else None)  # same state on every rank
     student.train()

@@ -63,10 +63,11 @@ class StudentWithProjection(nn.Module):
 
 
 @torch.inference_mode()
-def held_out_loss(pair, vfm, x, s_cfg, v_cfg):
+def held_out_loss(pair, vfm, x, s_cfg, v_cfg, autocast):
     """The agnostic loss on unaugmented images the student never trains on (`pair`: the plain module)."""
     pair.eval()
-    loss = agnostic_loss(pair(models.normalize(x, s_cfg)), image_embedding(vfm, models.normalize(x, v_cfg)))
+    with autocast():
+        loss = agnostic_loss(pair(models.normalize(x, s_cfg)), image_embedding(vfm, models.normalize(x, v_cfg)))
     pair.train()
     return loss.item()
 
@@ -138,7 +139,7 @@ def main(args):
     config = training.run_config(args, student=args.student, transfer=args.transfer, vfm_weights=args.vfm_weights)
 
     def measure():  # at each log: the loss on the held-out images
-        return dict(held_out_loss=held_out_loss(training.unwrap(pair), vfm, held_x, s_cfg, v_cfg))
+        return dict(held_out_loss=held_out_loss(training.unwrap(pair), vfm, held_x, s_cfg, v_cfg, autocast))
     progress = training.Progress(args.out, pair, opt, scaler, total, args.save_every, rank, args.resume,
                                  config=config, measure=measure if held else None)
     pair, _ = training.prepare(pair, device, world, args.compile)  # the student is never channels_last here
