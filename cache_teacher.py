@@ -88,7 +88,8 @@ def build(cache_dir, teacher, t_cfg, refs, meta, args, device, part, parts, auto
     for i, x, p in training.bar(loader, total=len(batches), unit="batch", desc="cache"):  # i (b,), x (b, K, 3, S, S)
         with torch.inference_mode(), autocast():
             logits = teacher(models.normalize(x.flatten(0, 1).to(device, non_blocking=True), t_cfg))
-        prob, cls = logits.float().softmax(-1).topk(meta["topk"], dim=-1)  # (b * K, k), largest first
+        # over the class dim: (b * K, k), or (b * K, k, h, w) per patch for segmentation; largest first
+        prob, cls = logits.float().softmax(1).topk(meta["topk"], dim=1)
         out.append((i, p, prob.half().unflatten(0, (len(i), K)), cls.unflatten(0, (len(i), K))))
         s = int(i[0]) // size
         if int(i[-1]) + 1 == min((s + 1) * size, len(refs)):  # the shard's last batch: write it

@@ -2,7 +2,9 @@
 
   * datasets: torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10; folder:PATH
     (PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/); demo; py:MODULE (any module of
-    yours with dataset(split), as demo.py has);
+    yours with dataset(split), as demo.py has); segmentation: ade20k, demo-seg, folder:PATH with
+    PATH/{train,test}/images/ + masks/ and PATH/classes.txt (a dataset with `dense = True`, whose labels are
+    mask references: where a class index travels with an image, a mask travels with it here);
   * image references, one a line in transfer lists: `cifar10:train:17`, a file path, `SHARD.tar::MEMBER`;
   * Images + EpochSampler: every image's augmentation is seeded by (seed, epoch, index), so a run is the
     same for any worker count and resumes mid-epoch exactly.
@@ -22,7 +24,7 @@ import torch
 from checks import fail, first_line
 
 TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
-PAPER = ("imagenet", "ham10000")  # the paper's other tasks, from files the user downloads into DATA_ROOT
+PAPER = ("imagenet", "ham10000", "ade20k")  # the paper's other tasks, from files the user downloads into DATA_ROOT
 SPLITS = ("train", "val", "test", "unlabeled")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -110,6 +112,82 @@ class HAM10000(torch.utils.data.Dataset):
             return im.convert("RGB"), y
 
 
+class Segmentation(torch.utils.data.Dataset):
+    """Image and mask files of one split: .samples [(image path, mask path)], .classes; dataset[i] -> (PIL
+    image, mask path). Masks are PNGs of class indices, 255 = not labeled (mmsegmentation's ignore index).
+
+    ade20k: DATA_ROOT/ADEChallengeData2016/images/{training,validation}/*.jpg and annotations/ (*.png), 150
+    classes; its 0 ("other") is not scored and 1-150 become 0-149 (mmsegmentation's reduce_zero_label).
+    The official validation set is the test split, as in the paper. folder:PATH: PATH/SPLIT/images/NAME.* and
+    PATH/SPLIT/masks/NAME.png, class names one a line in PATH/classes.txt."""
+    dense = True
+
+    def __init__(self, images, masks, classes, reduce_zero_label=False):
+        if not os.path.isdir(images) or not os.path.isdir(masks):
+            fail(f"segmentation dataset: expected the images in {images}/ and their masks in {masks}/")
+        stems = {os.path.splitext(n)[0]: os.path.join(masks, n) for n in os.listdir(masks) if n.endswith(".png")}
+        names = sorted(n for n in os.listdir(images) if n.lower().endswith(IMAGE_EXTS))
+        alone = [n for n in names if os.path.splitext(n)[0] not in stems]
+        if alone:
+            fail(f"{len(alone)} images in {images} have no mask NAME.png in {masks}, e.g. {alone[:3]}")
+        self.samples = [(os.path.join(images, n), stems[os.path.splitext(n)[0]]) for n in names]
+        self.classes, self.reduce_zero_label = classes, reduce_zero_label
+        self.targets = [-1] * len(self.samples)  # no image-level label
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return open_image(self.samples[i][0]), self.samples[i][1]
+
+
+def _ade20k(root, split):
+    base = os.path.join(root, "ADEChallengeData2016")
+    part = "training" if split == "train" else "validation"
+    if split not in ("train", "test"):
+        fail(f"ade20k has train and test (its official validation set); {split} comes from the paper's split files")
+    try:  # "Idx Ratio Train Val Name" rows; a name such as "building;edifice" is called by its first word
+        with open(os.path.join(base, "objectInfo150.txt")) as f:
+            classes = [line.split("\t")[-1].strip().split(";")[0] for line in f.readlines()[1:]]
+    except OSError:
+        classes = [f"class{i}" for i in range(1, 151)]
+    return Segmentation(os.path.join(base, "images", part), os.path.join(base, "annotations", part), classes,
+                        reduce_zero_label=True)
+
+
+def _segmentation_folder(root, split):
+    try:
+        with open(os.path.join(root, "classes.txt"), encoding="utf-8") as f:
+            classes = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        fail(f"segmentation folder {root}: cannot read classes.txt ({e.strerror}), one class name a line")
+    return Segmentation(os.path.join(root, split, "images"), os.path.join(root, split, "masks"), classes)
+
+
+def open_mask(ref, root="data", reduce_zero_label=False, num_classes=None, size=None):
+    """A mask reference (a PNG path, or NAME:SPLIT:INDEX of a dense dataset) -> (H, W) int64 class indices,
+    255 = not labeled. With num_classes and size (W, H), a value out of range or a size other than the image's
+    is a ValueError naming the mask."""
+    from PIL import Image
+    parts = ref.rsplit(":", 2)
+    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
+        mask = np.asarray(load_dataset(parts[0], parts[1], root)[0].mask(int(parts[2])), dtype=np.int64)
+    else:
+        with Image.open(ref) as im:
+            if im.mode not in ("L", "P", "I;16", "I"):
+                raise ValueError(f"mask {ref} is {im.mode}: save class indices as a 1-channel (L or P) PNG")
+            mask = np.asarray(im, dtype=np.int64)
+    if reduce_zero_label:  # ADE20K: 0 is "other", not scored; class k is stored as k + 1
+        mask = np.where(mask == 0, 256, mask) - 1
+    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        raise ValueError(f"mask {ref} is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}")
+    if num_classes is not None and ((mask >= num_classes) & (mask != 255)).any():
+        raise ValueError(f"mask {ref} holds class {int(mask[mask != 255].max())}: classes are 0-{num_classes - 1}, "
+                         "255 not labeled")
+    from torchvision import tv_tensors
+    return tv_tensors.Mask(torch.from_numpy(mask))
+
+
 def _labels(ds):
     """Integer labels of a dataset without decoding any image."""
     for attr in ("targets", "labels", "_labels"):
@@ -121,17 +199,22 @@ def _labels(ds):
 @functools.lru_cache(maxsize=None)
 def load_dataset(name, split, root="data", download=True):
     """(dataset, labels, classes) of one split; dataset[i] -> (PIL image, int label). Cached."""
-    if name == "demo" or name.startswith("py:"):
+    if name in ("demo", "demo-seg") or name.startswith("py:"):
         # imported by name when asked for: the offline demo's data lives in demo.py, which nothing else needs
-        module = name.removeprefix("py:")
+        module = "demo" if name == "demo-seg" else name.removeprefix("py:")
         try:
-            ds = importlib.import_module(module).dataset(split)
+            module = importlib.import_module(module)
+            ds = module.scenes(split) if name == "demo-seg" else module.dataset(split)
         except (ImportError, AttributeError) as e:
             fail(f"dataset {name}: {first_line(e)}; py:MODULE names a module that defines dataset(split)")
     elif name == "imagenet":  # DATA_ROOT/imagenet/train/<wnid>/*.JPEG and val/<wnid>/*: val is the test set
         ds = _folder(os.path.join(root, "imagenet"), "val" if split == "test" else split)
     elif name == "ham10000":
         ds = HAM10000(os.path.join(root, "ham10000"), split)
+    elif name == "ade20k":
+        ds = _ade20k(root, split)
+    elif name.startswith("folder:") and dense_by_name(name):
+        ds = _segmentation_folder(name[len("folder:"):], split)
     elif name.startswith("folder:"):
         ds = _folder(name[len("folder:"):], split)
         if split != "train":
@@ -158,9 +241,22 @@ def split_refs(dataset, split, indices=None, root="data"):
     if outside:
         fail(f"{len(outside)} indices outside {dataset}/{split} ({len(ds)} images), e.g. {outside[:3]}: "
              "the split file was made for other data")
-    if hasattr(ds, "samples"):  # real files (folder:, imagenet, ham10000): reference them by path
-        return [ds.samples[i][0] for i in indices], [labels[i] for i in indices]
-    return [f"{dataset}:{split}:{i}" for i in indices], [labels[i] for i in indices]
+    if hasattr(ds, "samples"):  # real files (folder:, imagenet, ham10000, ade20k): reference them by path
+        refs = [ds.samples[i][0] for i in indices]
+        return refs, [ds.samples[i][1] for i in indices] if is_dense(ds) else [labels[i] for i in indices]
+    refs = [f"{dataset}:{split}:{i}" for i in indices]
+    return refs, refs if is_dense(ds) else [labels[i] for i in indices]  # a dense dataset's ref names its mask too
+
+
+def is_dense(ds):
+    """Whether a dataset is for segmentation: its labels are masks."""
+    return getattr(ds, "dense", False)
+
+
+def dense_by_name(name):
+    """Whether a dataset is for segmentation, known from its name without listing its files."""
+    return name in ("ade20k", "demo-seg") or name.startswith("folder:") and \
+        os.path.isdir(os.path.join(name[len("folder:"):], "train", "masks"))
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -229,13 +325,17 @@ def read_transfer_list(path):
 class Images(torch.utils.data.Dataset):
     """Image references with optional labels -> (transformed image, label, or -1).
 
-    Items are (index, seed) pairs from EpochSampler: the augmentation of each image is seeded by the
-    sampler, so a run is reproducible across worker counts and can resume mid-epoch exactly.
+    A label that is a mask reference (segmentation) is read with its image, checked against its size and
+    num_classes, and both go through the same transform (models.pair_transform). Items are (index, seed)
+    pairs from EpochSampler: the augmentation of each image is seeded by the sampler, so a run is
+    reproducible across worker counts and can resume mid-epoch exactly.
     """
 
-    def __init__(self, refs, labels=None, transform=None, root="data", substitute=True):
+    def __init__(self, refs, labels=None, transform=None, root="data", substitute=True, num_classes=None,
+                 reduce_zero_label=False):
         self.refs, self.labels, self.transform, self.root = refs, labels, transform, root
         self.substitute = substitute  # an unreadable image: the next one takes its place, or None (evaluation)
+        self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
 
     def __len__(self):
         return len(self.refs)
@@ -246,6 +346,9 @@ class Images(torch.utils.data.Dataset):
         while True:  # a bad file never kills a long run: skip it, say so
             try:
                 img = open_image(self.refs[j], self.root)
+                label = self.labels[j] if self.labels is not None else -1
+                if isinstance(label, str):  # segmentation: the mask travels with its image
+                    label = open_mask(label, self.root, self.reduce_zero_label, self.num_classes, img.size)
                 break
             except Exception as e:  # missing, truncated, not an image, a decompression bomb, a broken tar, ...
                 print(f"warning: skipped unreadable image {self.refs[j]} ({type(e).__name__})",
@@ -258,8 +361,9 @@ class Images(torch.utils.data.Dataset):
         if seed is not None:  # timm's transforms draw from `random`, torchvision's from torch's CPU generator
             random.seed(seed)
             torch.default_generator.manual_seed(seed)  # torch.manual_seed would seed every GPU too: 100x slower
-        x = self.transform(img) if self.transform else img
-        return x, (self.labels[j] if self.labels is not None else -1)
+        if isinstance(label, torch.Tensor):
+            return self.transform(img, label)  # one random crop and flip for both
+        return (self.transform(img) if self.transform else img), label
 
 
 class EpochSampler(torch.utils.data.Sampler):

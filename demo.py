@@ -56,6 +56,12 @@ def draw(kind, rng, size=SIZE):
     img, d, col = _canvas(rng, size)
     r = rng.uniform(0.22, 0.42) * size
     cx, cy = rng.uniform(r, size - r, 2)
+    _shape(d, kind, rng, cx, cy, r, size, col)
+    return _noisy(img, rng, size)
+
+
+def _shape(d, kind, rng, cx, cy, r, size, col):
+    """Draw one task-class shape or pattern of radius r at (cx, cy) with ImageDraw d, in colour col."""
     box = [cx - r, cy - r, cx + r, cy + r]
     w = max(1, int(r / 3))
     if kind == "circle":
@@ -89,7 +95,6 @@ def draw(kind, rng, size=SIZE):
     else:  # generic pool clutter, none of the task's classes: random polygons and lines
         pts = [tuple(rng.uniform(0, size, 2)) for _ in range(int(rng.integers(3, 7)))]
         d.polygon(pts, fill=col) if kind == "polygon" else d.line(pts, fill=col, width=w)
-    return _noisy(img, rng, size)
 
 
 def _regular(cx, cy, r, n, rot, inner=None):
@@ -208,6 +213,60 @@ def dataset(split):
     return Shapes(split)
 
 
+# ---------------------------------------------------------------------------- the segmentation demo
+SCENE_SIZE = 64
+SCENE_CLASSES = ["background", "circle", "square", "triangle", "cross", "ring", "checker", "hbars", "dots"]
+PATTERNS = ("checker", "hbars", "dots")  # drawn inside a rectangle, which is the region labeled
+SCENES = {"train": 600, "test": 150}
+
+
+def scene(seed, size=SCENE_SIZE):
+    """A scene of `--dataset demo-seg`: 1-3 shapes and patterned patches of SCENE_CLASSES, each in its own
+    colour, on a noisy background. -> (PIL image, mask uint8 (size, size) of class indices; 0 background)."""
+    rng = np.random.default_rng(seed)
+    img, _, _ = _canvas(rng, size)
+    bg = np.asarray(img.getpixel((0, 0)))
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(int(rng.integers(1, 4))):  # later objects cover earlier ones, in the mask too
+        c = int(rng.integers(1, len(SCENE_CLASSES)))
+        r = rng.uniform(0.14, 0.28) * size
+        cx, cy = rng.uniform(r, size - r, 2)
+        ink = Image.new("L", (size, size), 0)
+        _shape(ImageDraw.Draw(ink), SCENE_CLASSES[c], rng, cx, cy, r, size, 255)
+        region = ink
+        if SCENE_CLASSES[c] in PATTERNS:  # a pattern fills the canvas: keep a rectangle of it
+            region = Image.new("L", (size, size), 0)
+            ImageDraw.Draw(region).rectangle([cx - r, cy - r, cx + r, cy + r], fill=255)
+            ink = Image.fromarray(np.minimum(np.asarray(ink), np.asarray(region)))
+        img.paste(tuple(int(v) for v in (bg + rng.integers(80, 176, 3)) % 256), mask=ink)
+        mask[np.asarray(region) > 0] = c
+    return _noisy(img, rng, size), mask
+
+
+class Scenes:
+    """demo-seg's split: dataset[i] -> (PIL image, mask); `.mask(i)`; `dense`: its labels are masks."""
+    dense = True
+
+    def __init__(self, split="train"):
+        if split not in SCENES:
+            raise SystemExit(f"error: the demo-seg dataset has splits {list(SCENES)}, not '{split}'")
+        self.split, self.classes, self.targets = split, list(SCENE_CLASSES), [-1] * SCENES[split]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return scene({"train": 5, "test": 6}[self.split] * 10_000_000 + i)
+
+    def mask(self, i):
+        return self[i][1]
+
+
+def scenes(split):
+    """The segmentation demo's split for data.load_dataset('demo-seg', split)."""
+    return Scenes(split)
+
+
 def broad_pool(per_class, offset=0):
     """The labeled broad pool, BROAD_CLASSES x per_class images: uint8 (N, 32, 32, 3) and labels (N,).
     Seeds 4e7 + offset + i: disjoint from every task split and from the generic pool."""
@@ -276,6 +335,7 @@ def preview(path, n=10):
     rows += [[draw_broad(BROAD_CLASSES[(r * n + k) % len(BROAD_CLASSES)], np.random.default_rng(r * n + k))
               for k in range(n)] for r in range(3)]
     rows += [[Shapes("unlabeled")[r * n + k][0] for k in range(n)] for r in range(3)]
+    rows = [[im.resize((SIZE, SIZE)) for im in row] for row in rows]
     grid = Image.new("RGB", (n * (SIZE + 2), len(rows) * (SIZE + 2)), (255, 255, 255))
     for r, row in enumerate(rows):
         for k, im in enumerate(row):

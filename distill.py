@@ -2,9 +2,9 @@
 
 Task-oriented knowledge transfer (Vemulapalli et al., ICML 2024): the teacher is the VFM finetuned on this
 task (teacher.py); on every image of the transfer set (transfer_set.py) the student matches its class
-probabilities with Hinton et al.'s loss, T^2 KL(softmax(teacher / T) || softmax(student / T)). Both see
-the same augmented view; the teacher is frozen. cache_teacher.py + distill_cached.py are the variant that
-runs the teacher once and replays its outputs.
+probabilities with Hinton et al.'s loss, T^2 KL(softmax(teacher / T) || softmax(student / T)), per pixel
+for segmentation. Both see the same augmented view; the teacher is frozen. cache_teacher.py +
+distill_cached.py are the variant that runs the teacher once and replays its outputs.
 
 Reads:  teacher.pt (teacher.py), student.pt (student.py), the transfer list (transfer_set.py).
 Writes: student_kt.pt = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, lineage};
@@ -31,17 +31,24 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0):
     KL(p_teacher || p_student) with p = softmax(logits / temperature). A temperature above 1 exposes the
     teacher's ranking of the wrong classes; the temperature^2 factor keeps gradient sizes independent of it.
     Computed in float32: a log-softmax in bf16 loses the small probabilities that carry the knowledge.
+    Segmentation: (B, C, H, W) logits, the teacher's resized to the student's grid; every pixel is one more
+    row of the same loss, averaged over the pixels.
     """
+    if student_logits.dim() == 4:
+        teacher_logits = F.interpolate(teacher_logits.float(), size=student_logits.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+        student_logits, teacher_logits = (z.permute(0, 2, 3, 1).flatten(0, 2)  # (B*H*W, C): a row per pixel
+                                          for z in (student_logits, teacher_logits))
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature ** 2
 
 
 def teacher_logits(teacher, x, t_cfg, autocast):
-    """The frozen teacher's logits (B, C) for views x (B, 3, H, W) in [0, 1]: inference mode, no graph."""
+    """The frozen teacher's logits (B, C), or (B, C, h, w) per patch, for views x (B, 3, H, W) in [0, 1]."""
     with torch.inference_mode(), autocast():
         t = teacher(models.normalize(x, t_cfg))
-    return t.clone()  # inference tensors cannot enter autograd: a (B, C) copy, negligible
+    return t.clone()  # inference tensors cannot enter autograd: a copy of the logits, negligible
 
 
 def student_step(student, opt, scaler, autocast, x, s_cfg, t_logits, temperature, channels_last):
@@ -108,6 +115,9 @@ def main(args):
     if t_ckpt["classes"] != s_ckpt["classes"]:
         fail(f"teacher has {len(t_ckpt['classes'])} classes, student {len(s_ckpt['classes'])}: "
              "they were made for different tasks")
+    task = ["segments" if c["recipe"].get("decoder") else "classifies" for c in (t_ckpt, s_ckpt)]
+    if task[0] != task[1]:
+        fail(f"the teacher {task[0]}, the student {task[1]}: they were made for different tasks")
     refs = data.read_transfer_list(args.transfer)
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     teacher = torch.compile(teacher) if args.compile else teacher

@@ -3,7 +3,8 @@
 The usual way to compress a foundation model: on the same unlabeled transfer set and budget as distill.py,
 the student learns to reproduce the *frozen, not finetuned* VFM's embedding (through a linear projection
 to the VFM's width, loss 1 - cosine), and is then finetuned on the labels (finetune.py). The embedding
-knows nothing of the task; the paper finds task-oriented transfer up to 11.6 points better.
+knows nothing of the task; the paper finds task-oriented transfer up to 11.6 points better. For a
+segmentation student the targets are the VFM's patch features, one per location (a 1x1 conv projection).
 
 Reads:  the VFM (a timm name or open_clip:MODEL/TAG; hub or local weights), student.pt, the transfer list.
 Writes: student_agnostic.pt, in distill.py's format (the projection is thrown away);
@@ -30,7 +31,13 @@ def agnostic_loss(student_embedding, vfm_embedding):
 
     Cosine ignores the embedding's scale, which differs wildly between VFMs. float32: the normalisation is
     fragile in bf16. The VFM side is detached, so gradients reach only the student and its projection.
+    Segmentation: feature maps (B, D, h, w), the student's resized to the VFM's patch grid; each patch a row.
     """
+    if student_embedding.dim() == 4:
+        student_embedding = F.interpolate(student_embedding.float(), size=vfm_embedding.shape[-2:], mode="bilinear",
+                                          align_corners=False)
+        student_embedding, vfm_embedding = (z.permute(0, 2, 3, 1).flatten(0, 2)  # (B*h*w, D): a row per patch
+                                            for z in (student_embedding, vfm_embedding))
     pred = F.normalize(student_embedding.float(), dim=-1)
     target = F.normalize(vfm_embedding.detach().float(), dim=-1)
     return 1 - (pred * target).sum(-1).mean()
@@ -38,7 +45,9 @@ def agnostic_loss(student_embedding, vfm_embedding):
 
 def image_embedding(model, x):
     """A model's image embedding (B, D): an OpenCLIP tower's projected embedding, or a timm model's pooled
-    pre-logits features (what its classifier would see)."""
+    pre-logits features (what its classifier would see); a segmenter's last feature map (B, D, h, w)."""
+    if isinstance(model, models.Segmenter):
+        return model.features(x)[-1]
     if isinstance(model, models.CLIPClassifier):
         return model.forward_features(x)
     return model.forward_head(model.forward_features(x), pre_logits=True)
@@ -54,7 +63,10 @@ class StudentWithProjection(nn.Module):
         super().__init__()
         self.student = student
         self.student.get_classifier().requires_grad_(False)
-        self.projection = nn.Linear(student.num_features, vfm_dim)
+        if isinstance(student, models.Segmenter):  # a feature map: the same linear projection at each location
+            self.projection = nn.Conv2d(student.num_features, vfm_dim, kernel_size=1)
+        else:
+            self.projection = nn.Linear(student.num_features, vfm_dim)
 
     def forward(self, x):
         embedding = image_embedding(self.student, x)
@@ -109,13 +121,15 @@ def main(args):
     refs = data.read_transfer_list(args.transfer)
     if args.vfm_weights == "none":
         fail("--vfm-weights none would distill a random network; give hub or a weights file")
-    # a 1-class head that is never used (image_embedding stops before it); a stored classifier is dropped
+    # a 1-class head that is never used (image_embedding stops before it); a stored classifier is dropped.
+    # For a segmentation student the VFM is read as a segmenter too: its last feature map (patch features).
     vfm, _, v_cfg = models.create_model(args.vfm, 1, pretrained=args.vfm_weights == "hub",
                                         weights=None if args.vfm_weights == "hub" else args.vfm_weights,
-                                        img_size=args.img_size)
+                                        img_size=args.img_size,
+                                        decoder="linear" if s_ckpt["recipe"].get("decoder") else None)
     vfm = vfm.to(device).eval().requires_grad_(False)
     with torch.inference_mode():  # the embedding width, from one dummy image
-        vfm_dim = image_embedding(vfm, torch.zeros(1, *v_cfg["input_size"], device=device)).shape[-1]
+        vfm_dim = image_embedding(vfm, torch.zeros(1, *v_cfg["input_size"], device=device)).shape[1]
     pair = StudentWithProjection(models.load_model(s_ckpt), vfm_dim).to(device)
     vfm = torch.compile(vfm) if args.compile else vfm
     autocast, scaler = training.amp(device)
@@ -155,9 +169,9 @@ def main(args):
                 for g in opt.param_groups:
                     g["lr"] = args.lr * training.cosine_lr(progress.step, total, warmup)
                 with torch.inference_mode(), autocast():
-                    v_emb = image_embedding(vfm, models.normalize(x, v_cfg))  # (B, D), no graph kept
+                    v_emb = image_embedding(vfm, models.normalize(x, v_cfg))  # (B, D) or a map, no graph kept
                 with autocast():
-                    s_emb = pair(models.normalize(x, s_cfg))  # (B, D), projected, through DDP when distributed
+                    s_emb = pair(models.normalize(x, s_cfg))  # the same shape, projected; through DDP if distributed
                 loss = agnostic_loss(s_emb, v_emb.clone())  # clone: inference tensors cannot enter autograd
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

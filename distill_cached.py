@@ -32,7 +32,12 @@ def kd_loss_topk(student_logits, prob, cls, temperature=1.0):
     The mass outside the top k was not stored, so the k probabilities are renormalised into a distribution
     q (zero elsewhere): the loss stays a proper KL (>= 0, zero when the student matches) and equals the
     dense loss when k = C. q^(1/T) renormalised is softmax(teacher / T) restricted to the top k.
+    Segmentation: (B, k, h, w) at the teacher's grid; the student's logits are resized to it, a row per pixel.
     """
+    if student_logits.dim() == 4:
+        student_logits = F.interpolate(student_logits.float(), size=prob.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+        student_logits, prob, cls = (t.permute(0, 2, 3, 1).flatten(0, 2) for t in (student_logits, prob, cls))
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, cls.long())  # (B, k)
     q = prob.float() ** (1 / temperature)
     q = q / q.sum(-1, keepdim=True)

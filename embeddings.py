@@ -31,7 +31,9 @@ class Encoder:
         if spec.startswith("teacher:"):
             ckpt = checkpoints.load_checkpoint(spec[len("teacher:"):], made_by="teacher.py")
             self.model = models.load_model(ckpt).eval()
-            if isinstance(self.model, models.CLIPClassifier):  # its forward_features is the CLIP embedding
+            if isinstance(self.model, models.Segmenter):  # a segmenter: its last feature map, averaged
+                self.fn = lambda x: self.model.features(x)[-1].mean((2, 3))
+            elif isinstance(self.model, models.CLIPClassifier):  # its forward_features is the CLIP embedding
                 self.fn = self.model.forward_features
             else:  # timm: the pooled, pre-logits features the teacher's head sees
                 self.fn = lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True)

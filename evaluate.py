@@ -1,6 +1,7 @@
 """Step 6, evaluation: every model on the task's test split, side by side with what it cost.
 
-For each checkpoint: top-1 and mean per-class accuracy (the metric for unbalanced test sets), parameters,
+For each checkpoint: top-1 and mean per-class accuracy (the metric for unbalanced test sets), or for
+segmentation mIoU, pixel accuracy and per-class IoU (in the JSON), beside parameters,
 GFLOPs per image, images/s on this device, and the training it took (steps x batch per stage, wall time).
 Runs named NAME@SEED are one row: mean ± std over the seeds.
 
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoints
@@ -27,25 +29,47 @@ from checks import fail, nonnegative, positive
 
 
 @torch.inference_mode()
-def predict(model, loader, device, autocast):
-    """Predicted and true classes of the images that could be read (an unreadable one is left out, never
-    replaced by another): two int arrays."""
-    predicted, true = [], []
+def predict(model, loader, device, autocast, num_classes):
+    """Over the images that could be read (an unreadable one is left out, never replaced by another):
+    the confusion matrix (C, C) of true x predicted classes, the predicted classes (classification; None for
+    segmentation) and the number of images. Segmentation counts pixels, at the mask's resolution; pixels
+    marked training.IGNORE are not counted."""
+    confusion, predicted, n = torch.zeros(num_classes ** 2, dtype=torch.long, device=device), [], 0
     for batch in training.bar(loader, unit="batch", leave=False):
-        if batch is not None:  # None: no readable image in this batch
-            x, y = batch
-            with autocast():
-                predicted.append(model(x.to(device, non_blocking=True)).argmax(-1).cpu())
-            true.append(y)
-    if not predicted:
+        if batch is None:  # no readable image in this batch
+            continue
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        with autocast():
+            logits = model(x)
+        if logits.dim() == 4:  # one image at a time: C x H x W floats each
+            p = torch.stack([F.interpolate(z[None].float(), size=y.shape[-2:], mode="bilinear",
+                                           align_corners=False)[0].argmax(0) for z in logits])
+            keep = y != training.IGNORE
+            y, p = y[keep], p[keep]
+        else:
+            p = logits.argmax(-1)
+            predicted.append(p.cpu())
+        confusion += torch.bincount(y * num_classes + p, minlength=num_classes ** 2)
+        n += len(x)
+    if not n:
         fail("no test image could be read")
-    return torch.cat(predicted).numpy(), torch.cat(true).numpy()
+    predicted = torch.cat(predicted).numpy() if predicted else None
+    return confusion.view(num_classes, num_classes).cpu().numpy(), predicted, n
 
 
-def accuracy(predicted, true):
-    """Top-1 and mean per-class accuracy (each class's recall, averaged), in percent."""
-    recalls = [np.mean(predicted[true == c] == c) for c in np.unique(true)]
-    return 100 * float(np.mean(predicted == true)), 100 * float(np.mean(recalls))
+def scores(confusion, dense, classes):
+    """Classification: top-1 and mean per-class accuracy (each class's recall, averaged over the classes in the
+    test set), in percent. Segmentation, as mmsegmentation reports it: mIoU (IoU = intersection / union per
+    class, averaged over the classes present in the masks or predictions), pixel accuracy, mean per-class
+    accuracy, and each class's IoU."""
+    hits, true, predicted = np.diag(confusion), confusion.sum(1), confusion.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall, iou = hits / true, hits / (true + predicted - hits)
+    accuracy, mean_class = 100 * hits.sum() / confusion.sum(), 100 * np.nanmean(recall)
+    if not dense:
+        return dict(top1=float(accuracy), mean_class=float(mean_class))
+    return dict(miou=float(100 * np.nanmean(iou)), pixel_acc=float(accuracy), mean_class=float(mean_class),
+                per_class_iou={c: None if np.isnan(v) else round(float(100 * v), 2) for c, v in zip(classes, iou)})
 
 
 def readable(batch):
@@ -86,7 +110,8 @@ def summarize(results):
     table = {}
     for name, runs in rows.items():
         row = dict(runs[0], seeds=len(runs))
-        for k in ("top1", "mean_class", "val_top1", "val_mean_class", "agreement", "train_wall_s"):
+        for k in ("top1", "mean_class", "val_top1", "val_mean_class", "miou", "pixel_acc", "val_miou", "val_pixel_acc",
+                  "agreement", "train_wall_s"):
             if k in runs[0]:
                 row[k], row[k + "_std"] = float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))
         table[name] = row
@@ -107,9 +132,13 @@ def markdown(table):
             return "-"
         train = r["images_per_s_training_form"]
         return f"{r['images_per_s']:.0f}" + (f" (training form {train:.0f})" if train else "")
-    columns = [("arch", lambda r: r["arch"]), ("top-1", score("top1")), ("mean/class", score("mean_class"))]
-    if any("val_top1" in r for r in table.values()):
-        columns.append(("val top-1", score("val_top1")))
+    columns = [("arch", lambda r: r["arch"])]
+    if any("miou" in r for r in table.values()):  # segmentation
+        columns += [("mIoU", score("miou")), ("pixel acc", score("pixel_acc")), ("mean/class acc", score("mean_class"))]
+        columns += [("val mIoU", score("val_miou"))] if any("val_miou" in r for r in table.values()) else []
+    else:
+        columns += [("top-1", score("top1")), ("mean/class", score("mean_class"))]
+        columns += [("val top-1", score("val_top1"))] if any("val_top1" in r for r in table.values()) else []
     if any("agreement" in r for r in table.values()):
         columns.append(("agrees with teacher", score("agreement")))
     columns += [("params (M)", lambda r: f"{r['params_m']:.2f}"), ("GFLOPs", lambda r: f"{r['gflops']:.3f}"),
@@ -123,25 +152,27 @@ def markdown(table):
 
 
 def bar_chart(table, path, width=640, height=360, pad=40):
-    """A PNG of top-1 per row, with the std over seeds as a whisker, drawn with PIL (no plotting library)."""
+    """A PNG of top-1 (mIoU for segmentation) per row, the std over seeds as a whisker, drawn with PIL."""
     from PIL import Image, ImageDraw
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     base, top, slot = height - pad, pad // 2, (width - 2 * pad) / len(table)
 
-    def y(v):  # top-1 in percent -> pixel row
+    key = "miou" if "miou" in next(iter(table.values())) else "top1"
+
+    def y(v):  # a score in percent -> pixel row
         return base - (base - top) * v / 100
     for v in range(0, 101, 20):  # the axis: gridlines every 20 points
         d.line([(pad, y(v)), (width - pad // 2, y(v))], fill=(225, 225, 225))
         d.text((4, y(v) - 6), f"{v}", fill="black")
     for i, (name, r) in enumerate(table.items()):
         left, mid = pad + i * slot + slot * 0.15, pad + (i + 0.5) * slot
-        d.rectangle([left, y(r["top1"]), left + slot * 0.7, base], fill=(31, 119, 180))
-        if r["top1_std"]:
-            d.line([(mid, y(r["top1"] - r["top1_std"])), (mid, y(r["top1"] + r["top1_std"]))], fill="black", width=2)
-        d.text((mid, y(r["top1"]) - 4), f"{r['top1']:.1f}", fill="black", anchor="md")
+        d.rectangle([left, y(r[key]), left + slot * 0.7, base], fill=(31, 119, 180))
+        if r[key + "_std"]:
+            d.line([(mid, y(r[key] - r[key + "_std"])), (mid, y(r[key] + r[key + "_std"]))], fill="black", width=2)
+        d.text((mid, y(r[key]) - 4), f"{r[key]:.1f}", fill="black", anchor="md")
         d.text((mid, base + 6), name, fill="black", anchor="ma")
-    d.text((pad, 2), "test top-1 (%)", fill="black")
+    d.text((pad, 2), f"test {'mIoU' if key == 'miou' else 'top-1'} (%)", fill="black")
     checkpoints.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
@@ -178,28 +209,32 @@ def main(args):
     ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
     if args.split:  # the split's own test (and val) images: the paper's split files, or the dataset's
         split = splits.read_split(args.split)
-        parts, classes = {p: splits.images(split, p, args.data_root) for p in ("val", "test")}, split["classes"]
-    else:
-        parts = dict(test=data.split_refs(args.dataset, "test", root=args.data_root))
-        classes = data.load_dataset(args.dataset, "test", args.data_root)[2]
-    parts = {p: refs_labels for p, refs_labels in parts.items() if refs_labels}
+    else:  # the dataset's test split, as a split of one part
+        ds, _, classes = data.load_dataset(args.dataset, "test", args.data_root)
+        refs, labels = data.split_refs(args.dataset, "test", root=args.data_root)
+        split = dict(classes=classes, files=dict(test=list(zip(refs, labels))), dense=data.is_dense(ds),
+                     reduce_zero_label=getattr(ds, "reduce_zero_label", False))
+    classes, dense = split["classes"], split.get("dense", False)
+    parts = [p for p in ("val", "test") if splits.images(split, p, args.data_root)]
     results, predictions = {}, {}
+    task = {True: "segmentation", False: "classification"}
     for name, ckpt in ckpts.items():
-        if ckpt["classes"] != classes:
-            fail(f"{name} was trained on {len(ckpt['classes'])} classes, the test set has {len(classes)}")
+        if ckpt["classes"] != classes or bool(ckpt["recipe"].get("decoder")) != dense:
+            fail(f"{name} was trained for {task[bool(ckpt['recipe'].get('decoder'))]} of {len(ckpt['classes'])} "
+                 f"classes, the test set is for {task[dense]} of {len(classes)}")
         model = models.load_model(ckpt).to(device).eval()
-        scores = {}
-        for part, (refs, labels) in parts.items():  # nothing is tuned on test: val is reported beside it
-            images = data.Images(refs, labels, models.transform(ckpt["data_config"], train=False), args.data_root,
-                                 substitute=False)
+        metrics = {}
+        for part in parts:  # nothing is tuned on test: val is reported beside it
+            images = splits.dataset(split, part, ckpt["data_config"], train=False, root=args.data_root,
+                                    substitute=False)
             loader = torch.utils.data.DataLoader(images, args.batch_size, collate_fn=readable,
                                                  num_workers=min(args.workers, os.cpu_count()))
-            predictions[name, part], true = predict(model, loader, device, autocast)
+            confusion, predictions[name, part], counted = predict(model, loader, device, autocast, len(classes))
             prefix = "" if part == "test" else f"{part}_"
-            scores.update(zip((prefix + "top1", prefix + "mean_class"), accuracy(predictions[name, part], true)))
-        counted = len(true)
-        if counted < len(refs):
-            training.log(0, f"warning: {len(refs) - counted} of {len(refs)} test images could not be read; "
+            metrics.update({prefix + k: v for k, v in scores(confusion, dense, classes).items()
+                            if part == "test" or k != "per_class_iou"})
+        if counted < len(images):
+            training.log(0, f"warning: {len(images) - counted} of {len(images)} test images could not be read; "
                             f"{name} is scored on the other {counted}")
         deployed, folded = models.deployed(model)  # what a deployment runs: counted and timed in this form
         cfg, batch = ckpt["data_config"], 64 if device.type == "cuda" else 8
@@ -208,16 +243,17 @@ def main(args):
         ips_train = images_per_second(model, cfg, device, autocast, batch, iters) if batch and folded else None
         cost = ckpt.get("cost", [])
         results[name] = dict(
-            arch=ckpt["recipe"]["arch"], **scores,
+            arch=ckpt["recipe"]["arch"], **metrics,
             params_m=sum(p.numel() for p in deployed.parameters()) / 1e6, gflops=gflops(deployed, cfg, device),
             images_per_s=ips, images_per_s_training_form=ips_train, reparameterized=folded,
             training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in cost) or "none",
             train_images=sum(c["images"] for c in cost), train_wall_s=sum(c["wall_s"] for c in cost),
-            test_images=counted, unreadable_test_images=len(refs) - counted, device=str(device),
+            test_images=counted, unreadable_test_images=len(images) - counted, device=str(device),
             checkpoint=paths[name])
-        training.log(0, f"{name}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        training.log(0, f"{name}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                                                if k != "per_class_iou"))
     teacher = predictions.get((args.teacher_row, "test"))  # does each model predict what the teacher does?
-    for name in results:
+    for name in results:  # (classification: per image; not computed per pixel)
         if teacher is not None and name != args.teacher_row:
             results[name]["agreement"] = 100 * float(np.mean(predictions[name, "test"] == teacher))
     table = summarize(results)

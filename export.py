@@ -107,7 +107,9 @@ def main(args):
     if os.path.exists(tmp):
         os.replace(tmp, stem + ".onnx")
         files.append(stem + ".onnx")
-    report = dict(student=args.student, arch=ckpt["recipe"]["arch"], reparameterized=folded,
+    output = ("segmentation logits (B, classes, h, w): resize to the image, argmax over classes"
+              if ckpt["recipe"].get("decoder") else "classification logits (B, classes)")
+    report = dict(student=args.student, arch=ckpt["recipe"]["arch"], reparameterized=folded, output=output,
                   classes=ckpt["classes"], data_config=cfg, check=dict(images=len(x), max_relative_diff=check),
                   latency_ms=latency, note=note, files=files)
     checkpoints.atomic_write(stem + ".json", lambda f: f.write(json.dumps(report, indent=1).encode()))

@@ -1,4 +1,4 @@
-"""Step 5, finetuning: train a student on the labeled images with cross-entropy.
+"""Step 5, finetuning: train a student on the labeled images with cross-entropy (per pixel, on masks).
 
 The last stage of task-oriented transfer: the distilled student (distill.py) learns from the ground-truth
 labels. The same script trains the baselines: a student from random, ImageNet, CLIP or DINO weights
@@ -15,7 +15,6 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 
 import checkpoints
 import data
@@ -59,8 +58,7 @@ def main(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
 
-    refs, labels = splits.images(split, "labeled", args.data_root)
-    images = data.Images(refs, labels, models.transform(ckpt["data_config"], train=True), args.data_root)
+    images = splits.dataset(split, "labeled", ckpt["data_config"], train=True, root=args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)
@@ -80,7 +78,7 @@ def main(args):
                 for g in opt.param_groups:
                     g["lr"] = args.lr * training.cosine_lr(progress.step, total, warmup)
                 with autocast():
-                    loss = F.cross_entropy(model(x), y, label_smoothing=args.smoothing)
+                    loss = training.label_loss(model(x), y, args.smoothing)  # per pixel, if dense
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

@@ -35,15 +35,92 @@ class CLIPClassifier(nn.Module):
 
     def group_matcher(self, coarse=False):
         """The tower's layers bottom to top, for timm's layer-wise lr decay (the new head comes last)."""
-        trunk = getattr(self.backbone, "trunk", None)
-        if trunk is not None:  # a timm network inside the tower (ConvNeXt, ...): its own groups, renamed
-            def inside(pattern):
-                return r"^backbone\.trunk\." + pattern.lstrip("^")
-            return {k: inside(v) if isinstance(v, str) else [(inside(p), order) for p, order in v]
-                    for k, v in trunk.group_matcher(coarse).items()}
-        return dict(stem=r"^backbone\.(?:class_embedding|positional_embedding|conv1|ln_pre)",  # OpenCLIP's ViT
-                    blocks=[(r"^backbone\.transformer\.resblocks\.(\d+)", None),
-                            (r"^backbone\.(?:ln_post|proj)", (99999,))])
+        return backbone_groups(self.backbone, coarse)
+
+
+def backbone_groups(backbone, coarse=False):
+    """timm's group matcher (layer-wise lr decay) of a model's `backbone` attribute: a timm network's own
+    groups, an OpenCLIP tower's timm trunk (ConvNeXt, ...) or its ViT blocks, each renamed under backbone."""
+    def inside(prefix, pattern):
+        return prefix + pattern.lstrip("^")
+    net, prefix = (backbone.trunk, r"^backbone\.trunk\.") if hasattr(backbone, "trunk") else (backbone, r"^backbone\.")
+    if hasattr(net, "group_matcher"):
+        return {k: inside(prefix, v) if isinstance(v, str) else [(inside(prefix, p), order) for p, order in v]
+                for k, v in net.group_matcher(coarse).items()}
+    return dict(stem=r"^backbone\.(?:class_embedding|positional_embedding|conv1|ln_pre)",  # OpenCLIP's ViT
+                blocks=[(r"^backbone\.transformer\.resblocks\.(\d+)", None),
+                        (r"^backbone\.(?:ln_post|proj)", (99999,))])
+
+
+class Segmenter(nn.Module):
+    """Semantic segmentation: a backbone's feature maps -> a light decoder -> logits (B, C, H/s, W/s).
+
+    The same classification backbones (timm, OpenCLIP towers), read through their forward_intermediates:
+    decoder="linear" (the teacher): BatchNorm + 1x1 conv on the last map, DINOv2's linear segmentation head
+    on the patch tokens; decoder="lraspp" (the student): MobileNetV3's LR-ASPP, the last map gated by its
+    global context plus the last map at 1/8 or finer, for detail. The logits stay at the decoder's resolution; losses and
+    scores resize them to the mask's (mmsegmentation's convention).
+    """
+
+    def __init__(self, backbone, num_classes, decoder="linear"):
+        super().__init__()
+        self.backbone, self.clip = backbone, type(backbone).__module__.startswith("open_clip")
+        if self.clip and not hasattr(backbone, "trunk"):  # an OpenCLIP ViT tower: the patch tokens of each block
+            maps = [(backbone.transformer.width, backbone.patch_size[0])] * len(backbone.transformer.resblocks)
+        else:  # timm (also inside an OpenCLIP tower): (channels, stride) of each map
+            maps = [(f["num_chs"], f["reduction"]) for f in getattr(backbone, "trunk", backbone).feature_info]
+        last = len(maps) - 1
+        fine = max([i for i, (_, stride) in enumerate(maps) if stride <= 8] or [0])  # a ViT has no 1/8 map: its first
+        self.indices = [last] if decoder == "linear" else [fine, last]
+        backbone.prune_intermediate_layers(self.indices, prune_head=True)  # no unused classifier (DDP)
+        channels = [maps[i][0] for i in self.indices]
+        self.head = LinearHead(channels[-1], num_classes) if decoder == "linear" else LRASPP(*channels, num_classes)
+        self.num_features = channels[-1]
+
+    def features(self, x):
+        """The decoder's inputs: a list of (B, C_i, H/s_i, W/s_i) maps."""
+        if self.clip:
+            return self.backbone.forward_intermediates(x, self.indices, normalize_intermediates=True,
+                                                     intermediates_only=True)["image_intermediates"]
+        return self.backbone.forward_intermediates(x, self.indices, norm=True, intermediates_only=True)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def get_classifier(self):
+        return self.head
+
+    def group_matcher(self, coarse=False):
+        return backbone_groups(self.backbone, coarse)
+
+
+class LinearHead(nn.Module):
+    """BatchNorm + 1x1 conv on the last feature map: a linear classifier of each patch."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.norm, self.classify = nn.BatchNorm2d(channels), nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, maps):
+        return self.classify(self.norm(maps[-1]))
+
+
+class LRASPP(nn.Module):
+    """Lite R-ASPP (Howard et al. 2019, MobileNetV3): the last map, gated per channel by its global average,
+    classified and upsampled to the 1/8 map, plus a linear classifier of that 1/8 map."""
+
+    def __init__(self, low_channels, high_channels, num_classes, inter=128):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(high_channels, inter, 1, bias=False), nn.BatchNorm2d(inter), nn.ReLU())
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(high_channels, inter, 1), nn.Sigmoid())
+        self.high_classifier = nn.Conv2d(inter, num_classes, 1)
+        self.low_classifier = nn.Conv2d(low_channels, num_classes, 1)
+
+    def forward(self, maps):
+        low, high = maps
+        x = self.reduce(high) * self.gate(high)
+        x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.high_classifier(x) + self.low_classifier(low)
 
 
 def _open_clip(spec, num_classes, pretrained, weights, img_size, kwargs):
@@ -99,15 +176,16 @@ def _timm(arch, num_classes, pretrained, img_size, kwargs):
         return build()
 
 
-def create_model(arch, num_classes, pretrained=False, weights=None, img_size=None, **kwargs):
+def create_model(arch, num_classes, pretrained=False, weights=None, img_size=None, decoder=None, **kwargs):
     """Build `arch` with a `num_classes` head. Returns (model, recipe, data_config).
 
     arch: a timm name (`vit_large_patch14_dinov2.lvd142m`, `resnet18`, `test_vit`) or
     `open_clip:MODEL/TAG` (`open_clip:ViT-L-14/datacomp_xl_s13b_b90k`; MODEL may also be a .json config).
     pretrained: load the hub weights; weights: a local weights file instead (offline users).
+    decoder: None (classification), or linear / lraspp: a Segmenter on the same backbone (per-pixel logits).
     kwargs: timm overrides such as depth=2 (tests). The recipe rebuilds the model with random weights.
     """
-    recipe = dict(arch=arch, num_classes=num_classes, img_size=img_size, kwargs=kwargs)
+    recipe = dict(arch=arch, num_classes=num_classes, img_size=img_size, kwargs=kwargs, decoder=decoder)
     if arch.startswith("open_clip:"):
         model, recipe["kwargs"], cfg = _open_clip(arch[len("open_clip:"):], num_classes, pretrained, weights,
                                                   img_size, kwargs)
@@ -117,6 +195,8 @@ def create_model(arch, num_classes, pretrained=False, weights=None, img_size=Non
         if weights:
             load_weights(model, weights)
         cfg = timm.data.resolve_data_config({}, model=model)
+    if decoder:  # the backbone as it is (its weights loaded), read by a segmentation decoder
+        model = Segmenter(getattr(model, "backbone", model), num_classes, decoder)
     if img_size:
         cfg["input_size"] = (3, img_size, img_size)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # plain types only
@@ -162,6 +242,8 @@ def load_model(ckpt):
         model = _open_clip(arch[len("open_clip:"):], n, False, None, size, kwargs)[0]
     else:
         model = _timm(arch, n, False, size, kwargs)
+    if ckpt["recipe"].get("decoder"):
+        model = Segmenter(getattr(model, "backbone", model), n, ckpt["recipe"]["decoder"])
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -182,6 +264,22 @@ def transform(cfg, train, normalize=True, scale=(0.08, 1.0)):
     kw = dict(scale=scale, hflip=0.5, color_jitter=0.4) if train else dict(crop_pct=cfg["crop_pct"])
     return create_transform(tuple(cfg["input_size"]), is_training=train, interpolation=cfg["interpolation"],
                             mean=tuple(mean), std=tuple(std), **kw)
+
+
+def pair_transform(cfg, train, scale=(0.25, 1.0)):
+    """The segmentation transform: (PIL image, mask) -> (normalised image (3, H, W), mask (H, W) int64).
+
+    torchvision.transforms.v2 moves both through the same random crop and flip (the mask resized with
+    nearest, so labels stay labels); colour jitter and normalisation touch the image alone. Evaluation
+    resizes both to the model's input size.
+    """
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    size = tuple(cfg["input_size"][1:])
+    ops = ([v2.RandomResizedCrop(size, scale=scale), v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.4)]
+           if train else [v2.Resize(size)])
+    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+                       v2.Normalize(cfg["mean"], cfg["std"])])
 
 
 @functools.lru_cache(maxsize=None)

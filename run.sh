@@ -20,8 +20,10 @@
 #                    [--embed-weights FILE] [--out DIR] [--force]
 #   DATASET  demo (default: offline, generated images, a stand-in VFM pretrained on the CPU, about 5
 #            minutes on 2 cores; it sets its own tiny models and schedules),
-#            eurosat, flowers102, dtd, pets, food101, cifar10, cifar100, stl10, or folder:PATH.
-#   --shots  labeled images per class (10), or a percentage of each class (1%).
+#            eurosat, flowers102, dtd, pets, food101, cifar10, cifar100, stl10, or folder:PATH;
+#            segmentation (mIoU): demo-seg (offline, like demo), ade20k, or folder:PATH with masks.
+#   --shots  labeled images per class (10), or a percentage of each class (1%); segmentation: images in
+#            all (demo-seg: 40), or a percentage of them.
 #   --seed   the label budget (which images are labeled) and the teacher's seed.
 #   --split-files DIR --budget NAME
 #            the paper's subsets instead (apple/ml-vfm-kt datasplits/<Task>/, e.g. --budget
@@ -54,7 +56,7 @@ cd "$(dirname "$0")"
 
 DATASET=demo
 if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
-SHOTS=10 SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 IMG_SIZE="" RETRIEVAL=1 VFM_PID=""
+SHOTS="" SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 IMG_SIZE="" RETRIEVAL=1 VFM_PID=""
 TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8 T_WEIGHTS="" KT_INIT=scratch INITS=()
 SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS="" SMOKE=0
 while [[ $# -gt 0 ]]; do
@@ -83,6 +85,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 SEEDS=${SEEDS:-$SEED}
+DENSE=0  # segmentation: the same steps, per pixel
+[[ $DATASET == demo-seg || $DATASET == ade20k || ( $DATASET == folder:* && -d ${DATASET#folder:}/train/masks ) ]] && DENSE=1
+[[ -z $SHOTS && $DATASET == demo-seg ]] && SHOTS=40
+SHOTS=${SHOTS:-10}
 
 PY=${PY:-python}
 [[ -x .venv/bin/python && $PY == python ]] && PY=.venv/bin/python
@@ -119,7 +125,7 @@ INIT_NAMES=("${INIT_NAMES[@]}") INIT_SPECS=("${INIT_SPECS[@]}")
 # One directory, one configuration: a finished step is skipped, so other settings would be answered
 # with the old outputs. (--seeds may change: each seed has its own sSEED/ directory.)
 CONFIG="dataset=$DATASET shots=$SHOTS seed=$SEED teacher=$TEACHER student=$STUDENT img_size=$IMG_SIZE pool=$POOL"
-[[ $DATASET == demo ]] && CONFIG="dataset=demo shots=$SHOTS seed=$SEED pool=${POOL:-demo:unlabeled}"
+[[ $DATASET == demo* ]] && CONFIG="dataset=$DATASET shots=$SHOTS seed=$SEED pool=${POOL:-demo:unlabeled}"
 for setting in "split_files=$SPLIT_FILES" "budget=$BUDGET" "teacher_weights=$T_WEIGHTS" "inits=${INITS[*]}" \
                "kt_init=${KT_INIT#scratch}" "embed=$EMBED" "embed_weights=$EMBED_WEIGHTS" "smoke=${SMOKE#0}"; do
   [[ -n ${setting#*=} ]] && CONFIG="$CONFIG $setting"  # only what is not the default
@@ -150,19 +156,21 @@ step() {
   "$@"
 }
 
-if [[ $DATASET == demo ]]; then
+if [[ $DATASET == demo* ]]; then
   # Offline and on the CPU: generated 32px images (demo.py), tiny timm models, short schedules. The VFM
   # is a stand-in that demo.py pretrains here on its broad pool (classes that are not the task's); the
   # 'imagenet' init likewise, with a fifth of the images and half the epochs (ImageNet is the smaller
   # dataset). Both are the student's tiny architecture: here the VFM's edge is its pretraining alone.
-  TEACHER=test_resnet STUDENT=test_resnet T_SIZE=32 S_SIZE=32
+  # demo-seg: the same stand-ins, segmenting 64px scenes of the task's shapes.
+  TEACHER=test_resnet STUDENT=test_resnet T_SIZE=32 S_SIZE=32 P_SIZE=32
+  [[ $DATASET == demo-seg ]] && T_SIZE=64 S_SIZE=64
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny tensors: one thread per process is the fastest
   # The stand-in VFM pretrains on one core while the steps that do not need it run on the other.
   echo "== stand-in VFM: pretraining in the background, log in $OUT/standin_vfm.log"
-  step "$OUT/standin_vfm.pth" $PY demo.py --arch "$TEACHER" --img-size "$T_SIZE" --per-class 100 \
+  step "$OUT/standin_vfm.pth" $PY demo.py --arch "$TEACHER" --img-size "$P_SIZE" --per-class 100 \
     --epochs 15 --out "$OUT/standin_vfm.pth" > "$OUT/standin_vfm.log" 2>&1 &
   VFM_PID=$!
-  step "$OUT/standin_imagenet.pth" $PY demo.py --arch "$STUDENT" --img-size "$S_SIZE" --per-class 20 \
+  step "$OUT/standin_imagenet.pth" $PY demo.py --arch "$STUDENT" --img-size "$P_SIZE" --per-class 20 \
     --epochs 8 --out "$OUT/standin_imagenet.pth"
   VFM_WEIGHTS=$OUT/standin_vfm.pth
   for k in "${!INIT_NAMES[@]}"; do  # imagenet=hub is the demo's stand-in ImageNet
@@ -178,6 +186,16 @@ else
   T_SIZE=${IMG_SIZE:-224} S_SIZE=$IMG_SIZE
   VFM_WEIGHTS=${T_WEIGHTS:-hub}
   T_ARGS=() D_ARGS=() F_ARGS=() R_ARGS=() E_ARGS=() D_EPOCHS=20 KT_LR=1e-4
+  [[ $DENSE == 1 ]] && T_SIZE=${IMG_SIZE:-448} S_SIZE=${IMG_SIZE:-448}  # masks need resolution
+fi
+RET_SOURCE=retrieval
+if [[ $DENSE == 1 ]]; then  # segmentation: no label smoothing, as mmsegmentation's recipes
+  T_ARGS+=(--smoothing 0) F_ARGS+=(--smoothing 0)
+  if [[ $DATASET == demo-seg ]]; then  # the stand-in VFM is a CNN (its last map is 1/32): LR-ASPP, not linear
+    T_ARGS+=(--decoder lraspp --epochs 60 --batch-size 16 --lr 2e-3 --head-lr 5e-3 --layer-decay 0.9) D_EPOCHS=12
+  fi
+  # the paper's ADE20K transfer sets: the labeled images plus an equal number retrieved for each, 153.6K in all
+  [[ $DATASET == ade20k ]] && RET_SOURCE=labeled,retrieval R_ARGS+=(--total 153600)
 fi
 X_ARGS=()
 if [[ $SMOKE == 1 ]]; then  # the whole path in minutes: one short epoch a step, tiny batches, no workers
@@ -242,7 +260,7 @@ agnostic() {
     --student "$D/student_agnostic.pt" --lr 1e-3 --out "$D/student_agnostic_ft.pt" --resume
 }
 AGNOSTIC_PID=""
-if [[ $DATASET == demo ]]; then
+if [[ $DATASET == demo* ]]; then
   echo "== agnostic rows: in the background, log in $OUT/agnostic.log"
   (for s in $SEEDS; do agnostic "$s"; done) > "$OUT/agnostic.log" 2>&1 &
   AGNOSTIC_PID=$!
@@ -250,7 +268,7 @@ fi
 step "$OUT/teacher.pt" $PY teacher.py "${TASK[@]}" --train-seed "$SEED" --model "$TEACHER" --img-size "$T_SIZE" \
   --weights "$VFM_WEIGHTS" "${T_ARGS[@]}" --out "$OUT/teacher.pt" --resume
 if [[ -n $POOL && $RETRIEVAL == 1 ]]; then  # the pool's images nearest the labeled ones
-  step "$OUT/transfer_retrieval.txt" $PY transfer_set.py "${TASK[@]}" --source retrieval --pool "$POOL" \
+  step "$OUT/transfer_retrieval.txt" $PY transfer_set.py "${TASK[@]}" --source "$RET_SOURCE" --pool "$POOL" \
     "${R_ARGS[@]}" --cache-dir "$OUT/embeddings" --out "$OUT/transfer_retrieval.txt"
   SETS+=(retrieval)
 fi

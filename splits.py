@@ -7,6 +7,9 @@ Made once and recorded in split.json, which every later step reads, so all model
     (apple/ml-vfm-kt datasplits/<Task>/): lines `filename,class` in DIR/NAME.txt (the labeled images),
     train_full.txt (the train split: the rest are unlabeled), val.txt and test.txt (val.txt is the test set
     where there is no test.txt, as ImageNet's). Each filename is found under the dataset's folder.
+Segmentation (ade20k, demo-seg, a folder with masks): --shots N is N images (not per class), split files
+name images alone (ADE20K's `train_1200img`), and every labeled, val and test mask is checked when the split
+is made (its size is its image's, its values are classes or 255).
 """
 import argparse
 import json
@@ -15,8 +18,11 @@ import re
 import warnings
 
 import numpy as np
+from PIL import Image
 
 import data
+import models
+import training
 from checkpoints import atomic_write
 from checks import fail, first_line, positive
 
@@ -49,30 +55,44 @@ def label_budget(labels, shots, seed):
     return sorted(labeled), [i for i in range(len(labels)) if i not in chosen]
 
 
-def read_split_file(path):
-    """A split file: one `filename,class` a line -> [(filename, class)]."""
+def read_split_file(path, dense=False):
+    """A split file: one `filename,class` a line -> [(filename, class)]; segmentation: `filename` (class None)."""
     try:
         with open(path, encoding="utf-8") as f:
             rows = [line.strip().split(",") for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read split file {path} ({first_line(e)})")
-    bad = [",".join(r) for r in rows if len(r) != 2 or not all(r)]
+    form = "`filename`" if dense else "`filename,class`"
+    bad = [",".join(r) for r in rows if len(r) != (1 if dense else 2) or not all(r)]
     if bad:
-        fail(f"{path}: {len(bad)} lines are not `filename,class`, e.g. {bad[0]!r}")
-    return [(name, c) for name, c in rows]
+        fail(f"{path}: {len(bad)} lines are not {form}, e.g. {bad[0]!r}")
+    return [(r[0], None if dense else r[1]) for r in rows]
 
 
-def from_split_files(dataset, folder, budget, root):
+def from_split_files(dataset, folder, budget, root, dense=False):
     """The subsets the split files name, each image found under the dataset's folder by its file name."""
-    read = {p: read_split_file(os.path.join(folder, p + ".txt")) for p in ("train_full", "val", "test")
+    read = {p: read_split_file(os.path.join(folder, p + ".txt"), dense) for p in ("train_full", "val", "test")
             if os.path.exists(os.path.join(folder, p + ".txt"))}
     budget_file = budget if budget.endswith(".txt") else budget + ".txt"
     if not os.path.exists(os.path.join(folder, budget_file)):
         have = sorted(f[:-4] for f in os.listdir(folder) if f.startswith("train_") and f.endswith(".txt"))
         fail(f"no budget {budget} in {folder}: choose one of {', '.join(have) or 'none (no train_*.txt)'}")
-    read["labeled"] = read_split_file(os.path.join(folder, budget_file))
+    read["labeled"] = read_split_file(os.path.join(folder, budget_file), dense)
     if "test" not in read and "val" in read:  # ImageNet: the val split is the test set
         read["test"] = read.pop("val")
+    if dense:  # segmentation: each name is an image of the dataset's own listing, whose mask comes with it
+        train, test = (data.load_dataset(dataset, part, root)[0] for part in ("train", "test"))
+        if not hasattr(train, "samples"):
+            fail(f"split files name image files; {dataset} has none")
+        pairs = {os.path.basename(img): [img, mask] for img, mask in train.samples + test.samples}
+        lost = [n for rows in read.values() for n, _ in rows if n not in pairs]
+        if lost:
+            fail(f"{len(lost)} images of the split files are not in {dataset} under {root} (e.g. {lost[:3]})")
+        files = {part: [pairs[n] for n, _ in rows] for part, rows in read.items() if part != "train_full"}
+        taken = {img for part in ("labeled", "val", "test") for img, _ in files.get(part, [])}
+        rest = [pairs[n] for n, _ in read["train_full"]] if "train_full" in read else [list(s) for s in train.samples]
+        files["unlabeled"] = [p for p in rest if p[0] not in taken]
+        return train.classes, files
     paths = {}  # file name -> its paths under the dataset's folder
     images_dir = dataset[len("folder:"):] if dataset.startswith("folder:") else os.path.join(root, dataset)
     for d, _, names in os.walk(images_dir, followlinks=True):
@@ -100,6 +120,25 @@ def from_split_files(dataset, folder, budget, root):
     return classes, files
 
 
+def check_masks(split, root):
+    """Every labeled, val and test mask read once: the wrong size or a class out of range is one line, before
+    any training (data.Images would otherwise skip that image with a warning)."""
+    for part in ("labeled", "val", "test"):
+        refs, masks = images(split, part, root) or ([], [])
+        for ref, mask in training.bar(list(zip(refs, masks)), desc=f"checking {part} masks", leave=False):
+            try:
+                if os.path.isfile(ref):  # the image's size from its header, without decoding it
+                    with Image.open(ref) as im:
+                        size = im.size
+                else:
+                    size = data.open_image(ref, root).size
+                data.open_mask(mask, root, split["reduce_zero_label"], len(split["classes"]), size)
+            except ValueError as e:  # our own one-line message names the mask
+                fail(f"{e}; fix or remove it (its {part} image: {ref})")
+            except OSError as e:
+                fail(f"cannot read the mask {mask} ({first_line(e)}) of {part} image {ref}")
+
+
 def read_split(path):
     """A split.json, checked."""
     try:
@@ -124,13 +163,20 @@ def load_split(path, dataset, shots, seed, root="data", split_files=None, budget
     if split_files:
         if not budget:
             fail("--split-files needs --budget NAME (the file of labeled images, e.g. train_10img_per_class)")
-        classes, files = from_split_files(dataset, split_files, budget, root)
+        # the dataset is not listed (ImageNet's 1.2M files), but for segmentation: its listing pairs image and mask
+        dense = data.dense_by_name(dataset)
+        ds = data.load_dataset(dataset, "train", root)[0] if dense else None
+        classes, files = from_split_files(dataset, split_files, budget, root, dense)
         split = dict(want, classes=classes, labeled=[p for p, _ in files["labeled"]], files=files)
     else:
-        _, labels, classes = data.load_dataset(dataset, "train", root)
+        ds, labels, classes = data.load_dataset(dataset, "train", root)
+        dense = data.is_dense(ds)
         data.load_dataset(dataset, "test", root)  # a missing or mismatched test split is refused now, not later
-        labeled, unlabeled = label_budget(labels, shots, seed)
+        labeled, unlabeled = label_budget([0] * len(labels) if dense else labels, shots, seed)  # dense: N images
         split = dict(want, classes=classes, labeled=labeled, unlabeled=unlabeled)
+    if dense:
+        split.update(dense=True, reduce_zero_label=getattr(ds, "reduce_zero_label", False))
+        check_masks(split, root)
     atomic_write(path, lambda f: f.write(json.dumps(split).encode()))
     return split
 
@@ -148,14 +194,27 @@ def images(split, part, root="data"):
     return data.split_refs(dataset, part, None, root)
 
 
+def dataset(split, part, cfg, train, root="data", substitute=True):
+    """data.Images of one part of the split with a model's transform (cfg: its data config); segmentation:
+    the masks come with the images, through the paired transform."""
+    refs, labels = images(split, part, root)
+    if split.get("dense"):
+        return data.Images(refs, labels, models.pair_transform(cfg, train), root, substitute,
+                           len(split["classes"]), split["reduce_zero_label"])
+    return data.Images(refs, labels, models.transform(cfg, train), root, substitute)
+
+
 def add_task_args(parser):
     """The flags that name the task and its label budget, the same in every step that reads split.json."""
     parser.add_argument("--dataset", default="demo", help="demo; torchvision's eurosat, flowers102, dtd, pets, "
                         "food101, cifar10, cifar100, stl10, places365; imagenet or ham10000 (downloaded into "
-                        "DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE")
+                        "DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE; "
+                        "segmentation: demo-seg, ade20k (DATA_ROOT/ADEChallengeData2016), folder:PATH "
+                        "(PATH/{train,test}/images/ + masks/, PATH/classes.txt)")
     parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
     parser.add_argument("--shots", type=shots, default=10, help="the label budget: labeled images per class "
-                        "(10), or a percentage of each class (1%%)")
+                        "(10), or a percentage of each class (1%%); segmentation: images in all (1200), or a "
+                        "percentage of them")
     parser.add_argument("--seed", type=int, default=0, help="picks the labeled images (the label budget)")
     parser.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and "
                         "data order: repeats a run on the same labels (run.sh --seeds)")

@@ -3,6 +3,7 @@
 Any timm model the target device can run (fastvit_t8, mobilevitv2_100, mobilenetv3_large_100, resnet18,
 ...), from random weights (`--weights none`: task-oriented transfer needs no pretraining), ImageNet
 weights (`--weights hub`, the usual baseline) or a local file (`--weights PATH`, offline machines).
+For segmentation the same backbone gets a light decoder (LR-ASPP) and outputs logits at 1/8.
 
 Reads:  split.json (for the class names; made on first use).
 Writes: student.pt = {kind: "student", recipe, data_config, classes, model, args, cost: []}.
@@ -27,6 +28,8 @@ def get_args_parser():
                    "mobilenetv3_large_100, resnet18, resnet50, convnext_atto, ...")
     p.add_argument("--weights", default="none", help="none (random init), hub (ImageNet), or a local file")
     p.add_argument("--img-size", type=positive, default=None, help="input resolution (default: the model's)")
+    p.add_argument("--decoder", default="lraspp", choices=["lraspp", "linear"], help="segmentation only: "
+                   "LR-ASPP on its 1/8 and last feature maps, or a linear head on the last map")
     p.add_argument("--out", default="runs/demo/student_scratch.pt")
     return p
 
@@ -40,7 +43,8 @@ def main(args):
         fail("students are timm models; a VFM belongs in teacher.py")
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
-        weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size)
+        weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size,
+        decoder=args.decoder if split.get("dense") else None)  # segmentation: a light decoder on its maps
     params = sum(p.numel() for p in model.parameters())
     checkpoints.save_checkpoint(dict(kind="student", recipe=recipe, data_config=cfg, classes=split["classes"],
                                      model=model.state_dict(), args=checkpoints.plain(args), cost=[]), args.out)

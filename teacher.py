@@ -3,7 +3,8 @@
 The finetuned VFM is far more accurate than a small model trained on the same labels; its class
 probabilities on unlabeled images are what the student learns from (distill.py). `--mode finetune`
 (default) trains every layer with layer-wise lr decay, so the lower blocks keep their general features;
-`--mode linear` trains the head alone (try it with 1-5 labels per class).
+`--mode linear` trains the head alone (try it with 1-5 labels per class). For segmentation (a dense
+dataset) the head is linear on each patch token (models.Segmenter) and the loss is per pixel.
 
 Reads:  the dataset and split.json (made on first use).
 Writes: teacher.pt = {kind: "teacher", recipe, data_config, classes, model, args, split, metrics, cost};
@@ -16,7 +17,6 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 import timm.optim
 
 import checkpoints
@@ -59,6 +59,8 @@ def get_args_parser():
                    "224 makes DINOv2-L ~5x cheaper than its native 518")
     p.add_argument("--mode", default="finetune", choices=["finetune", "linear"],
                    help="finetune with layer-wise lr decay, or linear probe (try it with 1-5 shots)")
+    p.add_argument("--decoder", default="linear", choices=["linear", "lraspp"], help="segmentation only: a "
+                   "linear head on the last feature map (a ViT's patch tokens), or LR-ASPP (a CNN's last map is 1/32)")
     p.add_argument("--epochs", type=positive, default=30, help="passes over the labeled images")
     p.add_argument("--batch-size", type=positive, default=32, help="per process")
     p.add_argument("--lr", type=rate, default=5e-5, help="top block's lr (try 1e-5 .. 1e-4)")
@@ -82,14 +84,14 @@ def main(args):
                               args.budget)
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
-        weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size)
+        weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size,
+        decoder=args.decoder if split.get("dense") else None)  # segmentation: a head on the patch features
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, args.mode, args.lr, args.head_lr, args.layer_decay,
                                          args.weight_decay), lr=args.lr, fused=device.type == "cuda")
     autocast, scaler = training.amp(device)
 
-    refs, labels = splits.images(split, "labeled", args.data_root)
-    images = data.Images(refs, labels, models.transform(cfg, train=True), args.data_root)
+    images = splits.dataset(split, "labeled", cfg, train=True, root=args.data_root)  # with masks, if dense
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)
@@ -109,7 +111,7 @@ def main(args):
                 for g in opt.param_groups:
                     g["lr"] = args.lr * g["lr_scale"] * training.cosine_lr(progress.step, total, warmup)
                 with autocast():
-                    loss = F.cross_entropy(model(x), y, label_smoothing=args.smoothing)
+                    loss = training.label_loss(model(x), y, args.smoothing)  # per pixel, if dense
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

@@ -7,6 +7,7 @@ Read a section at a time; each opens with a banner:
   3. speed and scale: the top-k cache loss and replay, torchrun (2 gloo processes), ranks stopping
      together, no host reads in the step, bench.py, then the CUDA-only checks
   4. the paper's comparison: the task-agnostic loss, the demo's stand-in VFM, run.sh's table and run.cfg
+  5. dense transfer (segmentation): per-pixel losses, paired augmentation, mIoU, ADE20K, bad masks
 
 Run: python -m pytest -q test_all.py
 """
@@ -1505,3 +1506,281 @@ def test_split_files_find_a_name_in_its_class_folder(tmp_path):
     assert [os.path.relpath(p, tmp_path / "places") for p in split["labeled"]] == [
         "data_256/a/airfield/00000000.jpg", "data_256/a/apartment_building/outdoor/00000000.jpg"]
     assert len(split["files"]["unlabeled"]) == 4
+
+
+# ====================================================================== 5. dense transfer: segmentation
+def seg_args(d, shots=8):
+    return ["--dataset", "demo-seg", "--shots", shots, "--seed", 0, "--split", d / "split.json"]
+
+
+def test_per_pixel_kd_loss_is_the_same_loss_over_pixels():
+    s, t = torch.randn(2, 5, 4, 4), torch.randn(2, 5, 4, 4)
+    assert distill.kd_loss(t, t, temperature=3.0).abs() < 1e-6  # zero at a match
+    rows = lambda z: z.permute(0, 2, 3, 1).reshape(-1, 5)  # noqa: E731  (each pixel a row of the classic loss)
+    for temperature in (1.0, 2.0, 4.0):
+        assert torch.allclose(distill.kd_loss(s, t, temperature), distill.kd_loss(rows(s), rows(t), temperature))
+    # T^2 scaling: the gradient is T (softmax(s / T) - softmax(t / T)) / pixels, exactly; its size does not
+    # shrink as T grows (the 1/T of the softmax is undone)
+    s.requires_grad_(True)
+    for temperature in (1.0, 4.0, 100.0):
+        (g,) = torch.autograd.grad(distill.kd_loss(s, t, temperature), s)
+        analytic = temperature * ((s / temperature).softmax(1) - (t / temperature).softmax(1)) / (2 * 4 * 4)
+        assert torch.allclose(g, analytic, atol=1e-6) and g.abs().max() > 1e-3
+    # the teacher's coarser grid is resized to the student's: a constant teacher map stays that constant
+    coarse = torch.randn(2, 5, 1, 1)
+    fine = coarse.expand(2, 5, 8, 8)
+    assert distill.kd_loss(fine, coarse, 2.0).abs() < 1e-6
+
+
+def test_segmentation_augmentation_moves_image_and_mask_together():
+    from PIL import Image
+    left = np.zeros((40, 60), np.uint8)
+    left[:, 30:] = 1  # class 1 on the right half, painted white; class 0 black
+    img = Image.fromarray(np.stack([left * 255] * 3, -1))
+    cfg = dict(input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3)
+    transform = models.pair_transform(cfg, train=True)
+    from torchvision import tv_tensors
+    flipped = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        x, m = transform(img, tv_tensors.Mask(torch.from_numpy(left.astype(np.int64))))
+        assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.int64
+        assert set(m.unique().tolist()) <= {0, 1}  # nearest: no label is blended into a new one
+        if (m == 0).any() and (m == 1).any():  # the bright pixels are the ones labeled 1
+            assert x.mean(0)[m == 1].mean() > x.mean(0)[m == 0].mean()
+            flipped += int(m[:, 0].float().mean() > m[:, -1].float().mean())
+    assert flipped > 0  # some crops were flipped: class 1 then lies on the left, in the image too
+
+
+class FixedLogits(nn.Module):
+    """A 'model' whose per-pixel logits are one-hot of a fixed prediction, at a coarser grid when asked."""
+
+    def __init__(self, predicted, num_classes):
+        super().__init__()
+        self.logits = torch.nn.functional.one_hot(predicted, num_classes).permute(0, 3, 1, 2).float()
+
+    def forward(self, x):
+        return self.logits[: len(x)]
+
+
+def test_miou_against_a_hand_computed_case():
+    true = torch.tensor([[[0, 0, 1], [1, 2, 255]]])  # (1, 2, 3); 255 is not scored
+    predicted = torch.tensor([[[0, 1, 1], [1, 0, 2]]])
+    loader = [(torch.zeros(1, 3, 2, 3), true)]
+    confusion, none, n = evaluate.predict(FixedLogits(predicted, 3), loader, torch.device("cpu"),
+                                          training.amp(torch.device("cpu"))[0], 3)
+    assert none is None and n == 1
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]  # true x predicted, 5 pixels
+    got = evaluate.scores(confusion, True, ["a", "b", "c"])
+    # IoU: a 1 / (2 + 2 - 1), b 2 / (2 + 3 - 2), c 0 / 1; pixel accuracy 3 / 5; recalls 1/2, 1, 0
+    assert got["miou"] == pytest.approx(100 / 3) and got["pixel_acc"] == pytest.approx(60)
+    assert got["mean_class"] == pytest.approx(50) and got["per_class_iou"] == {"a": 33.33, "b": 66.67, "c": 0.0}
+    # a class never in the masks nor predicted is left out of the mean, as mmsegmentation does
+    wide = np.zeros((4, 4), np.int64)
+    wide[:3, :3] = confusion
+    assert evaluate.scores(wide, True, list("abcd"))["miou"] == pytest.approx(100 / 3)
+    # classification keeps every class, 255 included (ImageNet has one)
+    cls = evaluate.scores(np.diag([3, 1]), False, ["x", "y"])
+    assert cls == dict(top1=100.0, mean_class=100.0)
+
+
+def _ade_layout(root, n_train=6, n_val=3, bad=None):
+    """ADEChallengeData2016 in miniature: 40x30 JPEGs, masks with 0 ('other') and classes 1-150."""
+    from PIL import Image
+    base = root / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    for part, prefix, n in (("training", "ADE_train", n_train), ("validation", "ADE_val", n_val)):
+        (base / "images" / part).mkdir(parents=True)
+        (base / "annotations" / part).mkdir(parents=True)
+        for i in range(1, n + 1):
+            name = f"{prefix}_{i:08d}"
+            Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(base / "images" / part / f"{name}.jpg")
+            mask = rng.integers(0, 151, (30, 40)).astype(np.uint8)
+            if bad == name:
+                mask = mask[:20]  # the wrong size
+            Image.fromarray(mask).save(base / "annotations" / part / f"{name}.png")
+    return base
+
+
+def test_ade20k_layout_and_the_papers_split_files(tmp_path):
+    _ade_layout(tmp_path / "data")
+    files = tmp_path / "ADE20K"
+    files.mkdir()
+    (files / "train_full.txt").write_text("".join(f"ADE_train_{i:08d}.jpg\n" for i in range(1, 5)))
+    (files / "train_2img.txt").write_text("ADE_train_00000001.jpg\nADE_train_00000003.jpg\n")
+    (files / "val.txt").write_text("ADE_train_00000005.jpg\nADE_train_00000006.jpg\n")
+    (files / "test.txt").write_text("ADE_val_00000001.jpg\nADE_val_00000002.jpg\nADE_val_00000003.jpg\n")
+    split = splits.load_split(tmp_path / "split.json", "ade20k", 10, 0, tmp_path / "data", files, "train_2img")
+    assert split["dense"] and split["reduce_zero_label"] and len(split["classes"]) == 150
+    refs, masks = splits.images(split, "labeled", tmp_path / "data")
+    assert [os.path.basename(r) for r in refs] == ["ADE_train_00000001.jpg", "ADE_train_00000003.jpg"]
+    assert all(m.endswith(".png") and "annotations" in m for m in masks)
+    assert [os.path.basename(r) for r in splits.images(split, "unlabeled", tmp_path / "data")[0]] == \
+        ["ADE_train_00000002.jpg", "ADE_train_00000004.jpg"]  # train_full minus the labeled; val stays out
+    assert len(splits.images(split, "val")[0]) == 2 and len(splits.images(split, "test")[0]) == 3
+    # reduce_zero_label: ADE's 0 ("other") is not scored, class k is stored as k + 1
+    from PIL import Image
+    raw = np.asarray(Image.open(masks[0])).astype(np.int64)
+    read = data.open_mask(masks[0], reduce_zero_label=True, num_classes=150).numpy()
+    assert (read[raw == 0] == 255).all() and (read[raw > 0] == raw[raw > 0] - 1).all()
+    # without split files: --shots N is N images, and the official validation set is the test split
+    plain = splits.load_split(tmp_path / "plain.json", "ade20k", 4, 0, tmp_path / "data")
+    assert len(plain["labeled"]) == 4 and len(plain["unlabeled"]) == 2
+    assert len(data.load_dataset("ade20k", "test", str(tmp_path / "data"))[0]) == 3
+
+
+def test_bad_masks_are_one_line_and_nothing_is_lost(tmp_path):
+    _ade_layout(tmp_path / "data", bad="ADE_train_00000002")
+    keep = tmp_path / "teacher.pt"
+    keep.write_bytes(b"precious")
+    argv = ["--dataset", "ade20k", "--data-root", tmp_path / "data", "--shots", 6, "--split", tmp_path / "split.json",
+            "--model", "test_resnet", "--img-size", 32, "--weights", "none", "--out", keep]
+    with pytest.raises(SystemExit, match="ADE_train_00000002.png is 40x20, its image 40x30") as e:
+        run(teacher, *argv)
+    assert "\n" not in str(e.value) and keep.read_bytes() == b"precious" and not (tmp_path / "split.json").exists()
+    folder = tmp_path / "shapes"  # a folder dataset whose mask holds a class it does not have
+    for part in ("train", "test"):
+        (folder / part / "images").mkdir(parents=True)
+        (folder / part / "masks").mkdir(parents=True)
+        for i in range(2):
+            from PIL import Image
+            Image.new("RGB", (8, 8)).save(folder / part / "images" / f"{i}.jpg")
+            Image.fromarray(np.full((8, 8), 7 if part == "test" and i else 1, np.uint8)).save(
+                folder / part / "masks" / f"{i}.png")
+    (folder / "classes.txt").write_text("background\nthing\n")
+    with pytest.raises(SystemExit, match="1.png holds class 7: classes are 0-1, 255 not labeled"):
+        run(teacher, "--dataset", f"folder:{folder}", "--shots", 1, "--split", tmp_path / "f.json",
+            "--model", "test_resnet", "--img-size", 32, "--weights", "none", "--out", keep)
+    assert keep.read_bytes() == b"precious"
+
+
+@pytest.fixture(scope="module")
+def seg(tmp_path_factory):
+    """The five steps on demo-seg: tiny models, an LR-ASPP student, a linear-head ViT teacher."""
+    d = tmp_path_factory.mktemp("seg")
+    quick = ["--workers", 0, "--epochs", 1, "--smoothing", 0]
+    run(teacher, *seg_args(d), "--model", "test_vit", "--img-size", 64, "--weights", "none", "--batch-size", 4,
+        *quick, "--out", d / "teacher.pt")
+    run(student, *seg_args(d), "--model", "test_resnet", "--img-size", 64, "--out", d / "student.pt")
+    run(transfer_set, *seg_args(d), "--source", "target", "--out", d / "transfer.txt")
+    (d / "small.txt").write_text("\n".join((d / "transfer.txt").read_text().split()[:48]))
+    return d
+
+
+def test_segmentation_end_to_end(seg, tmp_path, capsys):
+    d = seg
+    t = torch.load(d / "teacher.pt", weights_only=True)
+    assert t["recipe"]["decoder"] == "linear" and torch.load(d / "student.pt", weights_only=True)["recipe"]["decoder"] == "lraspp"
+    assert models.load_model(t)(torch.zeros(1, 3, 64, 64)).shape == (1, 9, 4, 4)  # ViT patch grid, 16 px
+    run(distill, "--teacher", d / "teacher.pt", "--student", d / "student.pt", "--transfer", d / "small.txt",
+        "--epochs", 1, "--batch-size", 16, "--workers", 0, "--out", tmp_path / "kt.pt")
+    vfm = tmp_path / "vfm.pth"  # the frozen VFM's patch features: what the task-agnostic baseline matches
+    torch.save(models.create_model("test_vit", 1, img_size=64)[0].state_dict(), vfm)
+    run(distill_agnostic, "--vfm", "test_vit", "--vfm-weights", vfm, "--img-size", 64, "--student", d / "student.pt",
+        "--transfer", d / "small.txt", "--epochs", 1, "--batch-size", 16, "--workers", 0, "--out", tmp_path / "ag.pt")
+    assert torch.load(tmp_path / "ag.pt", weights_only=True)["recipe"]["decoder"] == "lraspp"
+    run(finetune, *seg_args(d), "--student", tmp_path / "kt.pt", "--epochs", 1, "--workers", 0, "--smoothing", 0,
+        "--out", tmp_path / "kt_ft.pt")
+    table = run(evaluate, "--dataset", "demo-seg", "--split", d / "split.json", "--workers", 0, "--speed-batch", 1,
+                "--out", tmp_path / "results.json", f"teacher={d / 'teacher.pt'}", f"kt={tmp_path / 'kt_ft.pt'}")
+    for row in table.values():
+        assert 0 <= row["miou"] <= 100 and 0 <= row["pixel_acc"] <= 100 and len(row["per_class_iou"]) == 9
+    md = (tmp_path / "results.md").read_text()
+    assert "| mIoU | pixel acc |" in md and "top-1" not in md
+    assert (tmp_path / "results.png").exists()
+    # a classification checkpoint is refused by a segmentation teacher, in one line
+    random_checkpoint(tmp_path / "cls.pt", "student", "test_resnet", demo.SCENE_CLASSES)
+    with pytest.raises(SystemExit, match="the teacher segments, the student classifies: they were made for different tasks"):
+        run(distill, "--teacher", d / "teacher.pt", "--student", tmp_path / "cls.pt", "--transfer", d / "small.txt",
+            "--out", tmp_path / "x.pt")
+
+
+def test_segmenters_read_timm_and_open_clip_backbones(tmp_path):
+    clip = f"open_clip:{tiny_clip(tmp_path)}"
+    for arch, decoder, grid in (("test_resnet", "lraspp", 8), ("test_vit", "linear", 4), (clip, "linear", 4)):
+        kw = dict(img_size=64) if arch == "test_vit" else {}
+        model, recipe, _ = models.create_model(arch, 3, decoder=decoder, **kw)
+        x = torch.randn(2, 3, 64 if arch != clip else 32, 64 if arch != clip else 32)
+        assert model(x).shape == (2, 3, grid, grid)
+        model(x).sum().backward()  # every parameter is used (DDP needs it): the classifier was pruned away
+        assert not [n for n, p in model.named_parameters() if p.grad is None]
+        groups = teacher.param_groups(model, "finetune", 1e-4, 1e-3, 0.75, 0.05)  # layer-wise lr decay
+        assert len({g["lr_scale"] for g in groups}) > 2
+        rebuilt = models.load_model(dict(recipe=recipe, model=model.state_dict()))
+        assert torch.equal(rebuilt.eval()(x), model.eval()(x))
+
+
+def test_total_sets_an_equal_number_of_neighbours_per_query(tmp_path):
+    cfg = tiny_clip(tmp_path)
+    run(transfer_set, *seg_args(tmp_path, shots=4), "--source", "labeled,retrieval", "--pool", "demo:unlabeled",
+        "--embed", f"open_clip:{cfg}", "--embed-pretrained", "none", "--total", 20, "--workers", 0,
+        "--cache-dir", tmp_path / "cache", "--out", tmp_path / "t.txt")
+    refs = (tmp_path / "t.txt").read_text().split()
+    report = json.loads((tmp_path / "t.report.json").read_text())
+    assert report["k"] == 4 and len(refs) == 4 + 4 * 4  # the 4 queries, then ceil(20 / 4) - 1 = 4 each
+    assert refs[:4] == splits.images(splits.read_split(tmp_path / "split.json"), "labeled")[0]
+
+
+def test_run_sh_demo_seg_has_the_same_rows_per_pixel(tmp_path):
+    calls = run_stubbed(tmp_path, "demo-seg")
+    assert rows_of(calls) == ["teacher", "kt_target@0", "kt_generic@0", "agnostic@0", "scratch@0", "imagenet@0"]
+    teacher_call = next(c for c in calls if c[0] == "teacher.py")
+    assert teacher_call[teacher_call.index("--shots") + 1] == "40"  # 40 labeled scenes
+    assert teacher_call[teacher_call.index("--decoder") + 1] == "lraspp" and "--smoothing" in teacher_call
+    assert all(c[c.index("--img-size") + 1] == "64" for c in calls if c[0] in ("teacher.py", "student.py"))
+
+
+def test_a_killed_segmentation_finetune_resumes_to_the_same_weights(seg, tmp_path, monkeypatch):
+    argv = lambda out: [*seg_args(seg), "--student", seg / "student.pt", "--epochs", 2, "--batch-size", 4,  # noqa: E731
+                        "--workers", 0, "--smoothing", 0, "--save-every", 2, "--out", out, "--resume"]
+    run(finetune, *argv(tmp_path / "a.pt"))  # 8 scenes, 2 epochs of 2 steps: uninterrupted
+    update, calls = training.Progress.update, []
+
+    def dies_at_step_3(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after the state of step 2 was written
+        return update(self, *a)
+    monkeypatch.setattr(training.Progress, "update", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(finetune, *argv(tmp_path / "b.pt"))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b.pt.state", weights_only=True)["step"] == 2 and not (tmp_path / "b.pt").exists()
+    run(finetune, *argv(tmp_path / "b.pt"))
+    a, b = (torch.load(tmp_path / f, weights_only=True)["model"] for f in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_sh_ade20k_builds_the_papers_transfer_sets(tmp_path):
+    files = tmp_path / "ADE20K"
+    files.mkdir()
+    (files / "train_1200img.txt").write_text("ADE_train_00000001.jpg\n")
+    calls = run_stubbed(tmp_path, "ade20k", "--split-files", files, "--budget", "train_1200img", "--pool", "pool")
+    retrieval = next(c for c in calls if c[0] == "transfer_set.py" and "labeled,retrieval" in c)
+    assert retrieval[retrieval.index("--total") + 1] == "153600"  # the labeled images + an equal share each
+    teacher_call = next(c for c in calls if c[0] == "teacher.py")
+    assert "--decoder" not in teacher_call and teacher_call[teacher_call.index("--img-size") + 1] == "448"
+    assert teacher_call[teacher_call.index("--smoothing") + 1] == "0"
+
+
+def test_segmentation_from_the_cache_and_under_torchrun(seg, tmp_path, cpu):
+    run(cache_teacher, "--teacher", seg / "teacher.pt", "--student", seg / "student.pt", "--transfer",
+        seg / "small.txt", "--views", 2, "--topk", 3, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "cache")
+    shard = torch.load(next((tmp_path / "cache").glob("shard_*.pt")), weights_only=True)
+    assert shard["prob"].shape == (48, 2, 3, 4, 4)  # images x views x top-k x the teacher's patch grid
+    run(distill_cached, "--cache", tmp_path / "cache", "--student", seg / "student.pt", "--epochs", 1,
+        "--batch-size", 16, "--workers", 0, "--out", tmp_path / "cached.pt")
+    torchrun("distill.py", "--teacher", seg / "teacher.pt", "--student", seg / "student.pt", "--transfer",
+             seg / "small.txt", "--epochs", 1, "--batch-size", 8, "--workers", 0, "--out", tmp_path / "ddp.pt")
+    for name in ("cached", "ddp"):
+        model = models.load_model(checkpoints.load_checkpoint(tmp_path / f"{name}.pt")).eval()
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 9, 8, 8) and math.isfinite(
+            checkpoints.load_checkpoint(tmp_path / f"{name}.pt")["metrics"]["distill_loss"])
+
+
+def test_a_segmenter_exports_and_says_what_it_outputs(seg, tmp_path, cpu):
+    report = _export(tmp_path, seg / "student.pt", "--dataset", "demo-seg")
+    program = torch.export.load(str(tmp_path / "export/s.pt2")).module()
+    x = torch.rand(3, 3, 64, 64)
+    torch.testing.assert_close(program(x), models.load_model(checkpoints.load_checkpoint(seg / "student.pt")).eval()(x))
+    assert report["output"].startswith("segmentation logits (B, classes, h, w)")

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import digest, load_checkpoint, plain, release, save_checkpoint
@@ -49,6 +50,18 @@ def amp(device):
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return (lambda: torch.autocast("cuda", dtype=dtype)), torch.amp.GradScaler("cuda",
                                                                                enabled=dtype == torch.float16)
+
+
+IGNORE = 255  # mask pixels that are not labeled (mmsegmentation's ignore index)
+
+
+def label_loss(logits, labels, smoothing=0.0):
+    """Cross-entropy with the labels: (B, C) logits and (B,) classes; or per pixel (segmentation), the
+    (B, C, h, w) logits resized to the (B, H, W) masks, pixels marked IGNORE left out."""
+    if logits.dim() == 4:  # (a class 255 of ImageNet's is a class: IGNORE is for masks alone)
+        logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=smoothing)
+    return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
 def cosine_lr(step, total, warmup):

@@ -2,8 +2,9 @@
 
 Which images matters a lot (the paper's transfer-set study): the task's own unlabeled images transfer
 best, a generic pool much worse, and images retrieved from the pool near the few labeled images close most
-of the gap. --source mixes target (split.json's unlabeled images), generic (all of --pool) and retrieval
-(each labeled image's top --k pool neighbours by embedding cosine, minus duplicates and test near-copies).
+of the gap. --source mixes labeled (the labeled images themselves), target (split.json's unlabeled images),
+generic (all of --pool) and retrieval (each labeled image's top --k pool neighbours by embedding cosine,
+minus duplicates and test near-copies; --total N sets k for about N images with the queries).
 
 Reads:  split.json (made if missing), the pool (pools.py), the encoder (embeddings.py).
 Writes: --out, one image reference a line (read by distill.py); with a pool also OUT.report.json; with
@@ -14,6 +15,7 @@ Run:    python transfer_set.py --dataset demo --shots 5 --source target,retrieva
 """
 import argparse
 import json
+import math
 import os
 
 import numpy as np
@@ -221,8 +223,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Build the transfer set (the images distill.py trains on).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     splits.add_task_args(p)  # the task and its label budget: the labeled images are the queries
-    p.add_argument("--source", default="target",
-                   help="comma list of target, generic, retrieval; try target,retrieval when few unlabeled")
+    p.add_argument("--source", default="target", help="comma list of labeled, target, generic, retrieval; try "
+                   "target,retrieval when few unlabeled, labeled,retrieval as the paper's ADE20K sets")
     p.add_argument("--pool", help="folder of images, text file of paths, .tar shards (folder or glob), "
                                   "or DATASET:SPLIT such as stl10:unlabeled")
     p.add_argument("--out", default="runs/demo/transfer_target.txt", help="the transfer list (one ref a line)")
@@ -233,6 +235,8 @@ def get_args_parser():
                    help="none: random weights (tests only; the neighbours are then meaningless)")
     p.add_argument("--k", type=positive, default=100,
                    help="neighbours per labeled image (balanced); more: a larger, less on-task set; try 100-1000")
+    p.add_argument("--total", type=positive, help="instead of --k: about N images, the labeled queries plus "
+                   "k = ceil(N / queries) - 1 neighbours each (the paper's ADE20K sets: 153,600; 1,200 x 127)")
     p.add_argument("--dedup-threshold", type=auto_or_number, default="auto",
                    help="drop a retrieved image this cosine-close to a better-ranked one; auto: calibrated on "
                    "the test set (how close distinct images come), at least 0.95")
@@ -249,8 +253,8 @@ def get_args_parser():
 
 def main(args):
     sources = [s for s in args.source.split(",") if s]
-    if not sources or set(sources) - {"target", "generic", "retrieval"}:
-        fail(f"--source {args.source}: a comma list of target, generic, retrieval")
+    if not sources or set(sources) - {"labeled", "target", "generic", "retrieval"}:
+        fail(f"--source {args.source}: a comma list of labeled, target, generic, retrieval")
     if {"generic", "retrieval"} & set(sources) and not args.pool:
         fail("--source generic/retrieval needs --pool")
     checkpoints.check_writable(args.out)
@@ -259,6 +263,8 @@ def main(args):
                               args.budget)
     refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] else ([], [])
     out, report, sheet = [], dict(pool=args.pool, pool_images=len(refs)), None
+    if args.total:  # a fixed size, an equal share per query: the queries plus k neighbours each
+        args.k = max(1, math.ceil(args.total / len(split["labeled"])) - 1)
     if "retrieval" in sources:
         got = retrieve(refs, args, split, device, rank, world)
         if got is None:
@@ -268,6 +274,8 @@ def main(args):
         report["dropped"]["unreadable"] = len(report["unreadable_files"])
     elif rank != 0:
         return
+    if "labeled" in sources:
+        out += splits.images(split, "labeled", args.data_root)[0]
     if "target" in sources:
         out += splits.images(split, "unlabeled", args.data_root)[0]
     if "generic" in sources:
@@ -280,7 +288,7 @@ def main(args):
             report.update(unreadable_files=bad + more, dropped=dict(unreadable=len(bad + more)))
     if "retrieval" in sources:
         out += kept
-    out = list(dict.fromkeys(out))  # one copy of each ref: target, then generic, then retrieved images
+    out = list(dict.fromkeys(out))  # one copy of each ref: labeled, target, generic, then retrieved images
     n_bad = len(report.get("unreadable_files", []))
     if not out:
         fail(f"the transfer set from --source {args.source} is empty (pool: {len(refs)} images, "

@@ -3,7 +3,7 @@
 # and OpenCLIP ViT-B/32 teachers, FastViT-T8 and MobileViT-V2 students, OpenCLIP ViT-B/32 as the retrieval
 # encoder) with random weights saved to local files as a user saves downloaded ones, a small JPEG folder at
 # 224px, every step through run.sh --smoke (one short epoch each) with local weights and HF_HUB_OFFLINE=1,
-# then the teacher-output cache. What would break on the way to a real run breaks here.
+# the same for ADE20K segmentation (its layout and split files in miniature), then the teacher-output cache. What would break on the way to a real run breaks here.
 # Usage: bash .ci/rehearsal.sh [WORKDIR]     (CI runs it after the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,21 @@ torch.save(timm.create_model("vit_small_patch14_dinov2.lvd142m").state_dict(), f
 torch.save(timm.create_model("fastvit_t8").state_dict(), f"{w}/fastvit_t8.pth")
 torch.save(timm.create_model("mobilevitv2_050").state_dict(), f"{w}/mobilevitv2_050.pth")
 torch.save(open_clip.create_model("ViT-B-32").state_dict(), f"{w}/open_clip_vit_b_32.bin")
+# ADE20K in miniature (ADEChallengeData2016's layout, 224px scenes, masks with 0 = other) and split files
+from PIL import Image
+base = f"{w}/data/ADEChallengeData2016"
+for part, prefix, n in (("training", "ADE_train", 8), ("validation", "ADE_val", 3)):
+    os.makedirs(f"{base}/images/{part}"), os.makedirs(f"{base}/annotations/{part}")
+    for i in range(1, n + 1):
+        img, mask = demo.scene(7_000_000 + 100 * (part == "validation") + i)
+        img.resize((224, 224)).save(f"{base}/images/{part}/{prefix}_{i:08d}.jpg", quality=90)
+        Image.fromarray(mask + 1).resize((224, 224), Image.NEAREST).save(f"{base}/annotations/{part}/{prefix}_{i:08d}.png")
+os.makedirs(f"{w}/ADE20K")
+names = lambda prefix, ids: "".join(f"{prefix}_{i:08d}.jpg\n" for i in ids)
+open(f"{w}/ADE20K/train_full.txt", "w").write(names("ADE_train", range(1, 7)))
+open(f"{w}/ADE20K/train_2img.txt", "w").write(names("ADE_train", (1, 2)))
+open(f"{w}/ADE20K/val.txt", "w").write(names("ADE_train", (7, 8)))
+open(f"{w}/ADE20K/test.txt", "w").write(names("ADE_val", (1, 2, 3)))
 print(f"rehearsal data and weights in {w}")
 PYTHON
 
@@ -47,6 +62,11 @@ bash run.sh "folder:$W/task" "${TASK[@]}" --teacher vit_small_patch14_dinov2.lvd
 bash run.sh "folder:$W/task" "${TASK[@]}" --teacher open_clip:ViT-B-32 \
   --teacher-weights "$W/open_clip_vit_b_32.bin" --student mobilevitv2_050 \
   --init "imagenet=$W/mobilevitv2_050.pth" --out "$W/open_clip"
+# ADE20K segmentation with the paper's split files: DINOv2 linear head -> FastViT LR-ASPP, retrieval by --total
+DATA_ROOT=$W/data bash run.sh ade20k --split-files "$W/ADE20K" --budget train_2img --img-size 224 --smoke \
+  --teacher vit_small_patch14_dinov2.lvd142m --teacher-weights "$W/dinov2_vits14.pth" --student fastvit_t8 \
+  --init "imagenet=$W/fastvit_t8.pth" --pool "$W/pool" --embed open_clip:ViT-B-32 \
+  --embed-weights "$W/open_clip_vit_b_32.bin" --out "$W/ade20k"
 # the teacher-output cache, then a student trained from it alone
 D=$W/dinov2
 $PY cache_teacher.py --teacher "$D/teacher.pt" --student "$D/s0/student_scratch.pt" \
