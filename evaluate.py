@@ -32,25 +32,28 @@ from checks import fail, nonnegative, positive
 def predict(model, loader, device, autocast, num_classes):
     """Over the images that could be read (an unreadable one is left out, never replaced by another):
     the confusion matrix (C, C) of true x predicted classes, the predicted classes (classification; None for
-    segmentation) and the number of images. Segmentation counts pixels, at the mask's resolution; pixels
-    marked training.IGNORE are not counted."""
+    segmentation) and the number of images. Segmentation counts pixels, each mask at its own resolution
+    (the logits upsampled to it); pixels marked training.IGNORE are not counted."""
     confusion, predicted, n = torch.zeros(num_classes ** 2, dtype=torch.long, device=device), [], 0
+
+    def count(true, guess):
+        confusion.add_(torch.bincount(true * num_classes + guess, minlength=num_classes ** 2))
     for batch in training.bar(loader, unit="batch", leave=False):
         if batch is None:  # no readable image in this batch
             continue
-        x, y = (t.to(device, non_blocking=True) for t in batch)
+        x, y = batch
         with autocast():
-            logits = model(x)
-        if logits.dim() == 4:  # one image at a time: C x H x W floats each
-            p = torch.stack([F.interpolate(z[None].float(), size=y.shape[-2:], mode="bilinear",
-                                           align_corners=False)[0].argmax(0) for z in logits])
-            keep = y != training.IGNORE
-            y, p = y[keep], p[keep]
-        else:
-            p = logits.argmax(-1)
-            predicted.append(p.cpu())
-        confusion += torch.bincount(y * num_classes + p, minlength=num_classes ** 2)
+            logits = model(x.to(device, non_blocking=True))
         n += len(x)
+        if logits.dim() == 2:
+            predicted.append(logits.argmax(-1).cpu())
+            count(y.to(device), predicted[-1].to(device))
+            continue
+        for z, mask in zip(logits, y):  # one image at a time: C x H x W floats each
+            mask = mask.to(device)
+            guess = F.interpolate(z[None].float(), size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0)
+            keep = mask != training.IGNORE
+            count(mask[keep], guess[keep])
     if not n:
         fail("no test image could be read")
     predicted = torch.cat(predicted).numpy() if predicted else None
@@ -73,9 +76,15 @@ def scores(confusion, dense, classes):
 
 
 def readable(batch):
-    """Collate the images that could be read (data.Images gives None for the others)."""
+    """Collate the images that could be read (data.Images gives None for the others); masks of different
+    sizes stay a list."""
     batch = [b for b in batch if b is not None]
-    return torch.utils.data.default_collate(batch) if batch else None
+    if not batch:
+        return None
+    labels = [y for _, y in batch]
+    if isinstance(labels[0], torch.Tensor) and any(y.shape != labels[0].shape for y in labels):
+        return torch.stack([x for x, _ in batch]), labels
+    return torch.utils.data.default_collate(batch)
 
 
 @torch.inference_mode()

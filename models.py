@@ -269,17 +269,30 @@ def transform(cfg, train, normalize=True, scale=(0.08, 1.0)):
 def pair_transform(cfg, train, scale=(0.25, 1.0)):
     """The segmentation transform: (PIL image, mask) -> (normalised image (3, H, W), mask (H, W) int64).
 
-    torchvision.transforms.v2 moves both through the same random crop and flip (the mask resized with
-    nearest, so labels stay labels); colour jitter and normalisation touch the image alone. Evaluation
-    resizes both to the model's input size.
+    Training: torchvision.transforms.v2 moves both through the same random crop and flip (the mask resized
+    with nearest, so labels stay labels); colour jitter and normalisation touch the image alone.
+    Evaluation: the image resized to the model's input, the mask left at its own resolution, where
+    evaluate.py scores the upsampled prediction (as mmsegmentation does).
     """
     from torchvision import tv_tensors
     from torchvision.transforms import v2
     size = tuple(cfg["input_size"][1:])
-    ops = ([v2.RandomResizedCrop(size, scale=scale), v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.4)]
-           if train else [v2.Resize(size)])
-    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-                       v2.Normalize(cfg["mean"], cfg["std"])])
+    to_input = [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+                v2.Normalize(cfg["mean"], cfg["std"])]
+    if train:
+        return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale), v2.RandomHorizontalFlip(),
+                           v2.ColorJitter(0.4, 0.4, 0.4), *to_input])
+    return ImageOnly(v2.Compose([v2.ToImage(), v2.Resize(size), *to_input]))
+
+
+class ImageOnly:
+    """(image, mask) -> (transform(image), mask): evaluation keeps each mask at its own resolution."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, mask):
+        return self.transform(image), mask
 
 
 @functools.lru_cache(maxsize=None)

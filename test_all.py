@@ -1784,3 +1784,20 @@ def test_a_segmenter_exports_and_says_what_it_outputs(seg, tmp_path, cpu):
     x = torch.rand(3, 3, 64, 64)
     torch.testing.assert_close(program(x), models.load_model(checkpoints.load_checkpoint(seg / "student.pt")).eval()(x))
     assert report["output"].startswith("segmentation logits (B, classes, h, w)")
+
+
+def test_masks_are_scored_at_their_own_resolution():
+    from PIL import Image
+    from torchvision import tv_tensors
+    cfg = dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3)
+    transform = models.pair_transform(cfg, train=False)
+    big, small = (tv_tensors.Mask(torch.zeros(h, w, dtype=torch.int64)) for h, w in ((30, 40), (20, 20)))
+    items = [transform(Image.new("RGB", (40, 30)), big), transform(Image.new("RGB", (20, 20)), small)]
+    assert items[0][0].shape == (3, 16, 16) and items[0][1].shape == (30, 40)  # the image resized, the mask not
+    x, y = evaluate.readable(items)
+    assert x.shape == (2, 3, 16, 16) and [m.shape for m in y] == [(30, 40), (20, 20)]
+    logits = torch.zeros(2, 3, 4, 4)
+    logits[:, 0] = 1  # predicts class 0 everywhere: every pixel of both masks is right
+    confusion, _, n = evaluate.predict(lambda x: logits, [(x, y)], torch.device("cpu"),
+                                       training.amp(torch.device("cpu"))[0], 3)
+    assert n == 2 and confusion[0, 0] == 30 * 40 + 20 * 20 and confusion.sum() == confusion[0, 0]
