@@ -1801,3 +1801,20 @@ def test_masks_are_scored_at_their_own_resolution():
     confusion, _, n = evaluate.predict(lambda x: logits, [(x, y)], torch.device("cpu"),
                                        training.amp(torch.device("cpu"))[0], 3)
     assert n == 2 and confusion[0, 0] == 30 * 40 + 20 * 20 and confusion.sum() == confusion[0, 0]
+
+
+def test_a_segmentation_teacher_embeds_images_for_retrieval(seg):
+    encoder = embeddings.Encoder(f"teacher:{seg / 'teacher.pt'}")
+    z = encoder.fn(torch.rand(2, 3, 64, 64))
+    assert z.shape == (2, 64)  # test_vit's width: its last map, averaged over the patches
+
+
+@cuda
+def test_cuda_segmentation_distills_and_scores_under_amp(seg, tmp_path):
+    run(distill, "--teacher", seg / "teacher.pt", "--student", seg / "student.pt", "--transfer", seg / "small.txt",
+        "--epochs", 2, "--batch-size", 16, "--workers", 2, "--out", tmp_path / "kt.pt")  # bf16 autocast on the GPU
+    ckpt = checkpoints.load_checkpoint(tmp_path / "kt.pt", kinds=("student",))
+    assert math.isfinite(ckpt["metrics"]["distill_loss"]) and math.isfinite(ckpt["metrics"]["held_out_kd"])
+    table = run(evaluate, "--dataset", "demo-seg", "--split", seg / "split.json", "--workers", 2, "--out",
+                tmp_path / "results.json", f"teacher={seg / 'teacher.pt'}", f"kt={tmp_path / 'kt.pt'}")
+    assert all(0 <= row["miou"] <= 100 and row["device"].startswith("cuda") for row in table.values())
