@@ -172,6 +172,8 @@ def load_split(path, dataset, shots, seed, root="data", split_files=None, budget
         ds, labels, classes = data.load_dataset(dataset, "train", root)
         dense = data.is_dense(ds)
         data.load_dataset(dataset, "test", root)  # a missing or mismatched test split is refused now, not later
+        if dense and isinstance(shots, int) and shots > len(labels):
+            fail(f"--shots {shots}: {dataset} has {len(labels)} train images (segmentation: --shots counts images)")
         labeled, unlabeled = label_budget([0] * len(labels) if dense else labels, shots, seed)  # dense: N images
         split = dict(want, classes=classes, labeled=labeled, unlabeled=unlabeled)
     if dense:

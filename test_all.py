@@ -1626,6 +1626,8 @@ def test_ade20k_layout_and_the_papers_split_files(tmp_path):
     # without split files: --shots N is N images, and the official validation set is the test split
     plain = splits.load_split(tmp_path / "plain.json", "ade20k", 4, 0, tmp_path / "data")
     assert len(plain["labeled"]) == 4 and len(plain["unlabeled"]) == 2
+    with pytest.raises(SystemExit, match="--shots 7: ade20k has 6 train images"):
+        splits.load_split(tmp_path / "more.json", "ade20k", 7, 0, tmp_path / "data")
     assert len(data.load_dataset("ade20k", "test", str(tmp_path / "data"))[0]) == 3
 
 
