@@ -1820,3 +1820,16 @@ def test_cuda_segmentation_distills_and_scores_under_amp(seg, tmp_path):
     table = run(evaluate, "--dataset", "demo-seg", "--split", seg / "split.json", "--workers", 2, "--out",
                 tmp_path / "results.json", f"teacher={seg / 'teacher.pt'}", f"kt={tmp_path / 'kt.pt'}")
     assert all(0 <= row["miou"] <= 100 and row["device"].startswith("cuda") for row in table.values())
+
+
+def test_a_segmentation_dataset_of_your_own_by_module(tmp_path, monkeypatch):
+    (tmp_path / "myseg.py").write_text(
+        "import demo\n"
+        "def dataset(split):\n"
+        "    return demo.Scenes(split)  # dense = True, .classes, (image, mask) items, .mask(i)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    split = splits.load_split(tmp_path / "split.json", "py:myseg", 3, 0)
+    assert split["dense"] and len(split["labeled"]) == 3
+    images = splits.dataset(split, "labeled", dict(input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3), True)
+    x, mask = images[(0, 123)]
+    assert x.shape == (3, 32, 32) and mask.shape == (32, 32) and int(mask.max()) < len(split["classes"])
