@@ -139,6 +139,9 @@ def main(args):
     if t_ckpt["classes"] != s_ckpt["classes"]:
         fail(f"teacher has {len(t_ckpt['classes'])} classes, student {len(s_ckpt['classes'])}: "
              "they were made for different tasks")
+    task = ["segments" if ckpt["recipe"].get("decoder") else "classifies" for ckpt in (t_ckpt, s_ckpt)]
+    if task[0] != task[1]:
+        fail(f"the teacher {task[0]}, the student {task[1]}: they were made for different tasks")
     refs, classes = data.read_transfer_list(args.transfer), t_ckpt["classes"]
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]

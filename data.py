@@ -2,7 +2,8 @@
 
   * datasets: torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10; folder:PATH
     (PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/); demo; py:MODULE (any module of
-    yours with dataset(split), as demo.py has); segmentation: ade20k, demo-seg, folder:PATH with
+    yours with dataset(split), as demo.py has); file_datasets.py holds those read from their own layouts
+    (ham10000, ade20k, segmentation folders); segmentation: ade20k, demo-seg, folder:PATH with
     PATH/{train,test}/images/ + masks/ and PATH/classes.txt (a dataset with `dense = True`, whose labels are
     mask references: where a class index travels with an image, a mask travels with it here);
   * image references, one a line in transfer lists: `cifar10:train:17`, a file path, `SHARD.tar::MEMBER`;
@@ -22,11 +23,11 @@ import numpy as np
 import torch
 
 from checks import fail, first_line
+from file_datasets import HAM10000, ade20k, segmentation_folder
 
 TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
 PAPER = ("imagenet", "ham10000", "ade20k")  # the paper's other tasks, from files the user downloads into DATA_ROOT
 SPLITS = ("train", "val", "test", "unlabeled")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 # -------------------------------------------------------------------------------------------- datasets
@@ -77,117 +78,6 @@ def _folder(root, split):
         fail(f"folder dataset {path}: {e}")
 
 
-class HAM10000(torch.utils.data.Dataset):
-    """HAM10000 as ISIC ships it: ROOT/HAM10000_metadata.csv (image_id, dx, ...) and the images in any folder
-    below ROOT (HAM10000_images_part_1/, ..._2/). 7 classes by `dx`, heavily imbalanced (mean per-class
-    accuracy is the metric to read). It has no test split of its own: the paper's split files give one."""
-
-    def __init__(self, root, split):
-        import csv
-        if split != "train":
-            fail(f"ham10000 has no {split} split of its own; use the paper's split files (--split-files "
-                 "DIR/HAM10K --budget ...), which name val and test images from ISIC 2018")
-        try:
-            with open(os.path.join(root, "HAM10000_metadata.csv"), newline="") as f:
-                rows = [(r["image_id"], r["dx"]) for r in csv.DictReader(f)]
-        except (OSError, KeyError) as e:
-            fail(f"ham10000: cannot read {root}/HAM10000_metadata.csv ({first_line(e)}); download HAM10000 "
-                 f"(metadata and both image folders) into {root}")
-        files = {os.path.splitext(n)[0]: os.path.join(d, n) for d, _, names in os.walk(root) for n in names
-                 if n.lower().endswith(".jpg")}
-        missing = [i for i, _ in rows if i not in files]
-        if missing:
-            fail(f"ham10000: {len(missing)} images of the metadata are not under {root}, e.g. {missing[:3]}")
-        self.classes = sorted({dx for _, dx in rows})
-        self.samples = [(files[i], self.classes.index(dx)) for i, dx in rows]
-        self.targets = [y for _, y in self.samples]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        path, y = self.samples[i]
-        with Image.open(path) as im:
-            return im.convert("RGB"), y
-
-
-class Segmentation(torch.utils.data.Dataset):
-    """Image and mask files of one split: .samples [(image path, mask path)], .classes; dataset[i] -> (PIL
-    image, mask path). Masks are PNGs of class indices, 255 = not labeled (mmsegmentation's ignore index).
-
-    ade20k: DATA_ROOT/ADEChallengeData2016/images/{training,validation}/*.jpg and annotations/ (*.png), 150
-    classes; its 0 ("other") is not scored and 1-150 become 0-149 (mmsegmentation's reduce_zero_label).
-    The official validation set is the test split, as in the paper. folder:PATH: PATH/SPLIT/images/NAME.* and
-    PATH/SPLIT/masks/NAME.png, class names one a line in PATH/classes.txt."""
-    dense = True
-
-    def __init__(self, images, masks, classes, reduce_zero_label=False):
-        if not os.path.isdir(images) or not os.path.isdir(masks):
-            fail(f"segmentation dataset: expected the images in {images}/ and their masks in {masks}/")
-        stems = {os.path.splitext(n)[0]: os.path.join(masks, n) for n in os.listdir(masks) if n.endswith(".png")}
-        names = sorted(n for n in os.listdir(images) if n.lower().endswith(IMAGE_EXTS))
-        alone = [n for n in names if os.path.splitext(n)[0] not in stems]
-        if alone:
-            fail(f"{len(alone)} images in {images} have no mask NAME.png in {masks}, e.g. {alone[:3]}")
-        self.samples = [(os.path.join(images, n), stems[os.path.splitext(n)[0]]) for n in names]
-        self.classes, self.reduce_zero_label = classes, reduce_zero_label
-        self.targets = [-1] * len(self.samples)  # no image-level label
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        return open_image(self.samples[i][0]), self.samples[i][1]
-
-
-def _ade20k(root, split):
-    base = os.path.join(root, "ADEChallengeData2016")
-    part = "training" if split == "train" else "validation"
-    if split not in ("train", "test"):
-        fail(f"ade20k has train and test (its official validation set); {split} comes from the paper's split files")
-    try:  # "Idx Ratio Train Val Name" rows; a name such as "building;edifice" is called by its first word
-        with open(os.path.join(base, "objectInfo150.txt")) as f:
-            classes = [line.split("\t")[-1].strip().split(";")[0] for line in f.readlines()[1:]]
-    except OSError:
-        classes = [f"class{i}" for i in range(1, 151)]
-    return Segmentation(os.path.join(base, "images", part), os.path.join(base, "annotations", part), classes,
-                        reduce_zero_label=True)
-
-
-def _segmentation_folder(root, split):
-    try:
-        with open(os.path.join(root, "classes.txt"), encoding="utf-8") as f:
-            classes = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        fail(f"segmentation folder {root}: cannot read classes.txt ({e.strerror}), one class name a line")
-    return Segmentation(os.path.join(root, split, "images"), os.path.join(root, split, "masks"), classes)
-
-
-def open_mask(ref, root="data", reduce_zero_label=False, num_classes=None, size=None):
-    """A mask reference (a PNG path, or NAME:SPLIT:INDEX of a dense dataset) -> (H, W) int64 class indices,
-    255 = not labeled. With num_classes and size (W, H), a value out of range or a size other than the image's
-    is a ValueError naming the mask."""
-    from PIL import Image
-    parts = ref.rsplit(":", 2)
-    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
-        mask = np.asarray(load_dataset(parts[0], parts[1], root)[0].mask(int(parts[2])), dtype=np.int64)
-    else:
-        with Image.open(ref) as im:
-            if im.mode not in ("L", "P", "I;16", "I"):
-                raise ValueError(f"mask {ref} is {im.mode}: save class indices as a 1-channel (L or P) PNG")
-            mask = np.asarray(im, dtype=np.int64)
-    if reduce_zero_label:  # ADE20K: 0 is "other", not scored; class k is stored as k + 1
-        mask = np.where(mask == 0, 256, mask) - 1
-    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
-        raise ValueError(f"mask {ref} is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}")
-    if num_classes is not None and ((mask >= num_classes) & (mask != 255)).any():
-        raise ValueError(f"mask {ref} holds class {int(mask[mask != 255].max())}: classes are 0-{num_classes - 1}, "
-                         "255 not labeled")
-    from torchvision import tv_tensors
-    return tv_tensors.Mask(torch.from_numpy(mask))
-
-
 def _labels(ds):
     """Integer labels of a dataset without decoding any image."""
     for attr in ("targets", "labels", "_labels"):
@@ -212,9 +102,9 @@ def load_dataset(name, split, root="data", download=True):
     elif name == "ham10000":
         ds = HAM10000(os.path.join(root, "ham10000"), split)
     elif name == "ade20k":
-        ds = _ade20k(root, split)
+        ds = ade20k(root, split)
     elif name.startswith("folder:") and dense_by_name(name):
-        ds = _segmentation_folder(name[len("folder:"):], split)
+        ds = segmentation_folder(name[len("folder:"):], split)
     elif name.startswith("folder:"):
         ds = _folder(name[len("folder:"):], split)
         if split != "train":
@@ -296,6 +186,30 @@ def _rgb(im):
     elif im.mode in ("I", "F"):
         raise ValueError(f"a 32-bit image (mode {im.mode}): save it with 8 or 16 bits per channel")
     return im.convert("RGB")
+
+
+def open_mask(ref, root="data", reduce_zero_label=False, num_classes=None, size=None):
+    """A mask reference (a PNG path, or NAME:SPLIT:INDEX of a dense dataset) -> (H, W) int64 class indices,
+    255 = not labeled. With num_classes and size (W, H), a value out of range or a size other than the image's
+    is a ValueError naming the mask."""
+    from PIL import Image
+    parts = ref.rsplit(":", 2)
+    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
+        mask = np.asarray(load_dataset(parts[0], parts[1], root)[0].mask(int(parts[2])), dtype=np.int64)
+    else:
+        with Image.open(ref) as im:
+            if im.mode not in ("L", "P", "I;16", "I"):
+                raise ValueError(f"mask {ref} is {im.mode}: save class indices as a 1-channel (L or P) PNG")
+            mask = np.asarray(im, dtype=np.int64)
+    if reduce_zero_label:  # ADE20K: 0 is "other", not scored; class k is stored as k + 1
+        mask = np.where(mask == 0, 256, mask) - 1
+    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        raise ValueError(f"mask {ref} is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}")
+    if num_classes is not None and ((mask >= num_classes) & (mask != 255)).any():
+        raise ValueError(f"mask {ref} holds class {int(mask[mask != 255].max())}: classes are 0-{num_classes - 1}, "
+                         "255 not labeled")
+    from torchvision import tv_tensors
+    return tv_tensors.Mask(torch.from_numpy(mask))
 
 
 def hold_out(refs, n):

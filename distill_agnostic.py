@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import checkpoints
 import data
 import models
+import segmenters
 import training
 from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
 
@@ -46,7 +47,7 @@ def agnostic_loss(student_embedding, vfm_embedding):
 def image_embedding(model, x):
     """A model's image embedding (B, D): an OpenCLIP tower's projected embedding, or a timm model's pooled
     pre-logits features (what its classifier would see); a segmenter's last feature map (B, D, h, w)."""
-    if isinstance(model, models.Segmenter):
+    if isinstance(model, segmenters.Segmenter):
         return model.features(x)[-1]
     if isinstance(model, models.CLIPClassifier):
         return model.forward_features(x)
@@ -63,7 +64,7 @@ class StudentWithProjection(nn.Module):
         super().__init__()
         self.student = student
         self.student.get_classifier().requires_grad_(False)
-        if isinstance(student, models.Segmenter):  # a feature map: the same linear projection at each location
+        if isinstance(student, segmenters.Segmenter):  # a feature map: the same linear projection at each location
             self.projection = nn.Conv2d(student.num_features, vfm_dim, kernel_size=1)
         else:
             self.projection = nn.Linear(student.num_features, vfm_dim)

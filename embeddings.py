@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import checkpoints
 import models
+import segmenters
 import training
 from checks import fail
 from pools import PoolImages, collate
@@ -31,7 +32,7 @@ class Encoder:
         if spec.startswith("teacher:"):
             ckpt = checkpoints.load_checkpoint(spec[len("teacher:"):], made_by="teacher.py")
             self.model = models.load_model(ckpt).eval()
-            if isinstance(self.model, models.Segmenter):  # a segmenter: its last feature map, averaged
+            if isinstance(self.model, segmenters.Segmenter):  # a segmenter: its last feature map, averaged
                 self.fn = lambda x: self.model.features(x)[-1].mean((2, 3))
             elif isinstance(self.model, models.CLIPClassifier):  # its forward_features is the CLIP embedding
                 self.fn = self.model.forward_features

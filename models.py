@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checks import fail, first_line
+from segmenters import Segmenter, backbone_groups  # segmentation: the same backbones, a decoder
 
 
 class CLIPClassifier(nn.Module):
@@ -36,91 +37,6 @@ class CLIPClassifier(nn.Module):
     def group_matcher(self, coarse=False):
         """The tower's layers bottom to top, for timm's layer-wise lr decay (the new head comes last)."""
         return backbone_groups(self.backbone, coarse)
-
-
-def backbone_groups(backbone, coarse=False):
-    """timm's group matcher (layer-wise lr decay) of a model's `backbone` attribute: a timm network's own
-    groups, an OpenCLIP tower's timm trunk (ConvNeXt, ...) or its ViT blocks, each renamed under backbone."""
-    def inside(prefix, pattern):
-        return prefix + pattern.lstrip("^")
-    net, prefix = (backbone.trunk, r"^backbone\.trunk\.") if hasattr(backbone, "trunk") else (backbone, r"^backbone\.")
-    if hasattr(net, "group_matcher"):
-        return {k: inside(prefix, v) if isinstance(v, str) else [(inside(prefix, p), order) for p, order in v]
-                for k, v in net.group_matcher(coarse).items()}
-    return dict(stem=r"^backbone\.(?:class_embedding|positional_embedding|conv1|ln_pre)",  # OpenCLIP's ViT
-                blocks=[(r"^backbone\.transformer\.resblocks\.(\d+)", None),
-                        (r"^backbone\.(?:ln_post|proj)", (99999,))])
-
-
-class Segmenter(nn.Module):
-    """Semantic segmentation: a backbone's feature maps -> a light decoder -> logits (B, C, H/s, W/s).
-
-    The same classification backbones (timm, OpenCLIP towers), read through their forward_intermediates:
-    decoder="linear" (the teacher): BatchNorm + 1x1 conv on the last map, DINOv2's linear segmentation head
-    on the patch tokens; decoder="lraspp" (the student): MobileNetV3's LR-ASPP, the last map gated by its
-    global context plus the last map at 1/8 or finer, for detail. The logits stay at the decoder's resolution; losses and
-    scores resize them to the mask's (mmsegmentation's convention).
-    """
-
-    def __init__(self, backbone, num_classes, decoder="linear"):
-        super().__init__()
-        self.backbone, self.clip = backbone, type(backbone).__module__.startswith("open_clip")
-        if self.clip and not hasattr(backbone, "trunk"):  # an OpenCLIP ViT tower: the patch tokens of each block
-            maps = [(backbone.transformer.width, backbone.patch_size[0])] * len(backbone.transformer.resblocks)
-        else:  # timm (also inside an OpenCLIP tower): (channels, stride) of each map
-            maps = [(f["num_chs"], f["reduction"]) for f in getattr(backbone, "trunk", backbone).feature_info]
-        last = len(maps) - 1
-        fine = max([i for i, (_, stride) in enumerate(maps) if stride <= 8] or [0])  # a ViT has no 1/8 map: its first
-        self.indices = [last] if decoder == "linear" else [fine, last]
-        backbone.prune_intermediate_layers(self.indices, prune_head=True)  # no unused classifier (DDP)
-        channels = [maps[i][0] for i in self.indices]
-        self.head = LinearHead(channels[-1], num_classes) if decoder == "linear" else LRASPP(*channels, num_classes)
-        self.num_features = channels[-1]
-
-    def features(self, x):
-        """The decoder's inputs: a list of (B, C_i, H/s_i, W/s_i) maps."""
-        if self.clip:
-            return self.backbone.forward_intermediates(x, self.indices, normalize_intermediates=True,
-                                                     intermediates_only=True)["image_intermediates"]
-        return self.backbone.forward_intermediates(x, self.indices, norm=True, intermediates_only=True)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-    def get_classifier(self):
-        return self.head
-
-    def group_matcher(self, coarse=False):
-        return backbone_groups(self.backbone, coarse)
-
-
-class LinearHead(nn.Module):
-    """BatchNorm + 1x1 conv on the last feature map: a linear classifier of each patch."""
-
-    def __init__(self, channels, num_classes):
-        super().__init__()
-        self.norm, self.classify = nn.BatchNorm2d(channels), nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, maps):
-        return self.classify(self.norm(maps[-1]))
-
-
-class LRASPP(nn.Module):
-    """Lite R-ASPP (Howard et al. 2019, MobileNetV3): the last map, gated per channel by its global average,
-    classified and upsampled to the 1/8 map, plus a linear classifier of that 1/8 map."""
-
-    def __init__(self, low_channels, high_channels, num_classes, inter=128):
-        super().__init__()
-        self.reduce = nn.Sequential(nn.Conv2d(high_channels, inter, 1, bias=False), nn.BatchNorm2d(inter), nn.ReLU())
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(high_channels, inter, 1), nn.Sigmoid())
-        self.high_classifier = nn.Conv2d(inter, num_classes, 1)
-        self.low_classifier = nn.Conv2d(low_channels, num_classes, 1)
-
-    def forward(self, maps):
-        low, high = maps
-        x = self.reduce(high) * self.gate(high)
-        x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return self.high_classifier(x) + self.low_classifier(low)
 
 
 def _open_clip(spec, num_classes, pretrained, weights, img_size, kwargs):

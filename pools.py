@@ -11,6 +11,7 @@ import tarfile
 import torch
 
 import data
+import file_datasets
 import training
 from checks import fail
 
@@ -21,7 +22,7 @@ def tar_refs(shards):
         try:
             with tarfile.open(shard) as tf:
                 refs += [f"{shard}::{m.name}" for m in tf.getmembers()
-                         if m.isfile() and m.name.lower().endswith(data.IMAGE_EXTS)]
+                         if m.isfile() and m.name.lower().endswith(file_datasets.IMAGE_EXTS)]
         except (OSError, tarfile.TarError) as e:
             bad.append([shard, f"{type(e).__name__}: {e}"])
     return refs, bad
@@ -35,7 +36,7 @@ def pool_refs(pool, root):
             refs, bad = tar_refs(shards)
         else:  # sidecars (.json, .txt) are skipped by extension; a bad image is found when decoded
             refs, bad = sorted(os.path.abspath(os.path.join(d, f)) for d, _, fs in os.walk(pool)
-                               for f in fs if f.lower().endswith(data.IMAGE_EXTS)), []
+                               for f in fs if f.lower().endswith(file_datasets.IMAGE_EXTS)), []
     elif any(c in pool for c in "*?[") or pool.endswith(".tar"):
         shards = sorted(os.path.abspath(s) for s in glob.glob(pool))
         if not shards:

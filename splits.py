@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 import data
+import file_datasets
 import models
 import training
 from checkpoints import atomic_write
@@ -97,7 +98,7 @@ def from_split_files(dataset, folder, budget, root, dense=False):
     images_dir = dataset[len("folder:"):] if dataset.startswith("folder:") else os.path.join(root, dataset)
     for d, _, names in os.walk(images_dir, followlinks=True):
         for name in names:
-            if name.lower().endswith(data.IMAGE_EXTS):
+            if name.lower().endswith(file_datasets.IMAGE_EXTS):
                 paths.setdefault(name, []).append(os.path.join(d, name))
 
     def find(name, cls):  # a name in several class folders (Places365's 00000001.jpg): the one in its class's

@@ -4,7 +4,7 @@ The finetuned VFM is far more accurate than a small model trained on the same la
 probabilities on unlabeled images are what the student learns from (distill.py). `--mode finetune`
 (default) trains every layer with layer-wise lr decay, so the lower blocks keep their general features;
 `--mode linear` trains the head alone (try it with 1-5 labels per class). For segmentation (a dense
-dataset) the head is linear on each patch token (models.Segmenter) and the loss is per pixel.
+dataset) the head is linear on each patch token (segmenters.Segmenter) and the loss is per pixel.
 
 Reads:  the dataset and split.json (made on first use).
 Writes: teacher.pt = {kind: "teacher", recipe, data_config, classes, model, args, split, metrics, cost};

@@ -1695,6 +1695,9 @@ def test_segmentation_end_to_end(seg, tmp_path, capsys):
     with pytest.raises(SystemExit, match="the teacher segments, the student classifies: they were made for different tasks"):
         run(distill, "--teacher", d / "teacher.pt", "--student", tmp_path / "cls.pt", "--transfer", d / "small.txt",
             "--out", tmp_path / "x.pt")
+    with pytest.raises(SystemExit, match="the teacher segments, the student classifies"):
+        run(cache_teacher, "--teacher", d / "teacher.pt", "--student", tmp_path / "cls.pt", "--transfer",
+            d / "small.txt", "--out", tmp_path / "cache")
 
 
 def test_segmenters_read_timm_and_open_clip_backbones(tmp_path):

@@ -1,0 +1,101 @@
+"""Datasets read from files in their published layouts: HAM10000 (ISIC's metadata CSV), ADE20K
+(ADEChallengeData2016) and segmentation folders (images/ + masks/). data.load_dataset names them.
+"""
+import csv
+import os
+
+import torch
+
+from checks import fail, first_line
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class HAM10000(torch.utils.data.Dataset):
+    """HAM10000 as ISIC ships it: ROOT/HAM10000_metadata.csv (image_id, dx, ...) and the images in any folder
+    below ROOT (HAM10000_images_part_1/, ..._2/). 7 classes by `dx`, heavily imbalanced (mean per-class
+    accuracy is the metric to read). It has no test split of its own: the paper's split files give one."""
+
+    def __init__(self, root, split):
+        if split != "train":
+            fail(f"ham10000 has no {split} split of its own; use the paper's split files (--split-files "
+                 "DIR/HAM10K --budget ...), which name val and test images from ISIC 2018")
+        try:
+            with open(os.path.join(root, "HAM10000_metadata.csv"), newline="") as f:
+                rows = [(r["image_id"], r["dx"]) for r in csv.DictReader(f)]
+        except (OSError, KeyError) as e:
+            fail(f"ham10000: cannot read {root}/HAM10000_metadata.csv ({first_line(e)}); download HAM10000 "
+                 f"(metadata and both image folders) into {root}")
+        files = {os.path.splitext(n)[0]: os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+                 if n.lower().endswith(".jpg")}
+        missing = [i for i, _ in rows if i not in files]
+        if missing:
+            fail(f"ham10000: {len(missing)} images of the metadata are not under {root}, e.g. {missing[:3]}")
+        self.classes = sorted({dx for _, dx in rows})
+        self.samples = [(files[i], self.classes.index(dx)) for i, dx in rows]
+        self.targets = [y for _, y in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, y = self.samples[i]
+        with Image.open(path) as im:
+            return im.convert("RGB"), y
+
+
+class Segmentation(torch.utils.data.Dataset):
+    """Image and mask files of one split: .samples [(image path, mask path)], .classes; dataset[i] -> (PIL
+    image, mask path). Masks are PNGs of class indices, 255 = not labeled (mmsegmentation's ignore index).
+
+    ade20k: DATA_ROOT/ADEChallengeData2016/images/{training,validation}/*.jpg and annotations/ (*.png), 150
+    classes; its 0 ("other") is not scored and 1-150 become 0-149 (mmsegmentation's reduce_zero_label).
+    The official validation set is the test split, as in the paper. folder:PATH: PATH/SPLIT/images/NAME.* and
+    PATH/SPLIT/masks/NAME.png, class names one a line in PATH/classes.txt."""
+    dense = True
+
+    def __init__(self, images, masks, classes, reduce_zero_label=False):
+        if not os.path.isdir(images) or not os.path.isdir(masks):
+            fail(f"segmentation dataset: expected the images in {images}/ and their masks in {masks}/")
+        stems = {os.path.splitext(n)[0]: os.path.join(masks, n) for n in os.listdir(masks) if n.endswith(".png")}
+        names = sorted(n for n in os.listdir(images) if n.lower().endswith(IMAGE_EXTS))
+        alone = [n for n in names if os.path.splitext(n)[0] not in stems]
+        if alone:
+            fail(f"{len(alone)} images in {images} have no mask NAME.png in {masks}, e.g. {alone[:3]}")
+        self.samples = [(os.path.join(images, n), stems[os.path.splitext(n)[0]]) for n in names]
+        self.classes, self.reduce_zero_label = classes, reduce_zero_label
+        self.targets = [-1] * len(self.samples)  # no image-level label
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.samples[i][0]) as im:
+            return im.convert("RGB"), self.samples[i][1]
+
+
+def ade20k(root, split):
+    """ADEChallengeData2016 as the challenge zip unpacks, under root."""
+    base = os.path.join(root, "ADEChallengeData2016")
+    part = "training" if split == "train" else "validation"
+    if split not in ("train", "test"):
+        fail(f"ade20k has train and test (its official validation set); {split} comes from the paper's split files")
+    try:  # "Idx Ratio Train Val Name" rows; a name such as "building;edifice" is called by its first word
+        with open(os.path.join(base, "objectInfo150.txt")) as f:
+            classes = [line.split("\t")[-1].strip().split(";")[0] for line in f.readlines()[1:]]
+    except OSError:
+        classes = [f"class{i}" for i in range(1, 151)]
+    return Segmentation(os.path.join(base, "images", part), os.path.join(base, "annotations", part), classes,
+                        reduce_zero_label=True)
+
+
+def segmentation_folder(root, split):
+    """folder:PATH with PATH/SPLIT/images/, PATH/SPLIT/masks/ and PATH/classes.txt."""
+    try:
+        with open(os.path.join(root, "classes.txt"), encoding="utf-8") as f:
+            classes = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        fail(f"segmentation folder {root}: cannot read classes.txt ({e.strerror}), one class name a line")
+    return Segmentation(os.path.join(root, split, "images"), os.path.join(root, split, "masks"), classes)
