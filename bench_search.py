@@ -1,9 +1,9 @@
 """Benchmark of transfer_set.py's retrieval: the exact streaming search against faiss, and the embedding
 pipeline against the encoder alone.
 
-1. Search. transfer_set.search computes an exact cosine top-k by streaming the pool in chunks (a matrix
-   product, then topk merged into a running (queries, k) top-k), so its memory does not grow with the
-   pool. Here it runs on the same random unit vectors as faiss.IndexFlatIP (exact inner product, the
+1. Search. knn.search (transfer_set.py's retrieval) computes an exact cosine top-k by streaming the pool
+   in chunks (a matrix product, then topk merged into a running (queries, k) top-k), so its memory does
+   not grow with the pool. Here it runs on the same random unit vectors as faiss.IndexFlatIP (exact inner product, the
    usual reference); we check that both return the same neighbours (an index may differ only where two
    scores tie to float rounding) and time each, best of --repeats, interleaved (a shared machine is noisy).
 2. Embedding throughput. embeddings.embed_shards (JPEG decoding in DataLoader workers, the encoder, the cached
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import data
 import embeddings
+import knn
 import transfer_set
 
 BENCH_CLIP = {"embed_dim": 256, "vision_cfg": {"image_size": 96, "layers": 6, "width": 256, "patch_size": 16,
@@ -63,7 +64,7 @@ def bench_search(args):
     ours, theirs = [], []
     for _ in range(args.repeats):  # interleaved, so a burst of load elsewhere hits both alike
         t = time.perf_counter()
-        s, i = transfer_set.search(q, [(p, ids)], args.k, torch.device("cpu"), chunk=args.chunk)
+        s, i = knn.search(q, [(p, ids)], args.k, torch.device("cpu"), chunk=args.chunk)
         ours.append(time.perf_counter() - t)
         if faiss:
             t = time.perf_counter()
@@ -82,7 +83,7 @@ def bench_search(args):
 def bench_embedding(args):
     from PIL import Image
     tmp = tempfile.mkdtemp(prefix="bench_search_")
-    ds = data.load_dataset("demo", "unlabeled")[0]
+    ds = data.indexed("demo", "unlabeled")
     refs = []
     for n in range(args.images):  # JPEGs at a web-like size, so decoding and resizing cost what they do
         refs.append(os.path.join(tmp, f"{n:06d}.jpg"))

@@ -1,18 +1,17 @@
-"""The task's images: datasets by name, image references, and loading batches (splits.py: the label budget).
+"""The task's images: its split (split.json), image references, and loading batches.
 
-  * datasets: torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10; folder:PATH
-    (PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/); demo; py:MODULE (any module of
-    yours with dataset(split), as demo.py has); file_datasets.py holds those read from their own layouts
-    (ham10000, ade20k, segmentation folders); segmentation: ade20k, demo-seg, folder:PATH with
-    PATH/{train,test}/images/ + masks/ and PATH/classes.txt (a dataset with `dense = True`, whose labels are
-    mask references: where a class index travels with an image, a mask travels with it here);
-  * image references, one a line in transfer lists: `cifar10:train:17`, a file path, `SHARD.tar::MEMBER`;
+  * split.json (split.py makes it): the task's classes and, for each part (labeled, unlabeled, val, test),
+    its images as [reference, label] pairs; a segmentation split's labels are mask references;
+  * image references, one a line in transfer lists: a file path, `SHARD.tar::MEMBER`, or `NAME:SPLIT:INDEX`
+    for an image that is not a file of its own (torchvision's cifar10, the demo, py:MODULE);
   * Images + EpochSampler: every image's augmentation is seeded by (seed, epoch, index), so a run is the
     same for any worker count and resumes mid-epoch exactly.
+(catalog.py lists a dataset by name; only split.py and the pools need it.)
 """
 import functools
 import importlib
 import io
+import json
 import math
 import os
 import random
@@ -22,15 +21,63 @@ import tarfile
 import numpy as np
 import torch
 
+import models
 from checks import fail, first_line
-from file_datasets import HAM10000, ade20k, segmentation_folder
 
 TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
-PAPER = ("imagenet", "ham10000", "ade20k")  # the paper's other tasks, from files the user downloads into DATA_ROOT
 SPLITS = ("train", "val", "test", "unlabeled")
 
 
-# -------------------------------------------------------------------------------------------- datasets
+# ----------------------------------------------------------------------------------------- the split
+def read_split(path):
+    """A split.json (split.py), checked."""
+    try:
+        with open(path) as f:
+            split = json.load(f)
+        split["classes"], split["files"]["labeled"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{path} is not a split file ({first_line(e)}); split.py makes it (split.py --out {path})")
+    return split
+
+
+def images(split, part):
+    """(refs, labels) of one part of a split: labeled, unlabeled, val or test; None if it has no such part."""
+    pairs = split["files"].get(part)
+    return None if pairs is None else ([r for r, _ in pairs], [y for _, y in pairs])
+
+
+def split_images(split, part, cfg, train, root="data", substitute=True):
+    """Images of one part of the split with a model's transform (cfg: its data config); segmentation: the
+    masks come with the images, through the paired transform."""
+    refs, labels = images(split, part)
+    if split.get("dense"):
+        return Images(refs, labels, models.pair_transform(cfg, train), root, substitute,
+                      len(split["classes"]), split["reduce_zero_label"])
+    return Images(refs, labels, models.transform(cfg, train), root, substitute)
+
+
+# ------------------------------------------------------------------------------ images kept by index
+@functools.lru_cache(maxsize=None)
+def indexed(name, split, root="data", download=True):
+    """A dataset whose images are not files of their own, opened by `NAME:SPLIT:INDEX`: torchvision's
+    (their own download and layout), the demo's, or py:MODULE's (any module of yours with dataset(split))."""
+    if name in ("demo", "demo-seg") or name.startswith("py:"):
+        # imported by name when asked for: the offline demo's data lives in demo.py, which nothing else needs
+        module = "demo" if name == "demo-seg" else name.removeprefix("py:")
+        try:
+            module = importlib.import_module(module)
+            return module.scenes(split) if name == "demo-seg" else module.dataset(split)
+        except (ImportError, AttributeError) as e:
+            fail(f"dataset {name}: {first_line(e)}; py:MODULE names a module that defines dataset(split)")
+    if name not in TORCHVISION:
+        fail(f"image reference {name}:{split}:INDEX: {name} is not a dataset of torchvision's, demo or py:MODULE")
+    try:
+        return _torchvision(name, split, root, download)
+    except (RuntimeError, OSError) as e:  # offline, or "Dataset not found or corrupted"
+        fail(f"could not load {name}/{split} under {root} ({first_line(e)}); offline? copy torchvision's "
+             f"files for {name} into {root}, or use folder:PATH")
+
+
 def _torchvision(name, split, root, download=True):
     import torchvision.datasets as D
     if name in ("cifar10", "cifar100"):
@@ -58,97 +105,6 @@ def _torchvision(name, split, root, download=True):
     return sub
 
 
-def _folder(root, split):
-    """`folder:PATH` datasets: PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-    path = os.path.join(root, split)
-    if not os.path.isdir(path):
-        fail(f"folder dataset {root} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
-    seen = set()  # real paths: a file reached again (a directory symlink loop, a second link) counts once
-
-    def first_visit(f):
-        real = os.path.realpath(f)
-        new = real not in seen
-        seen.add(real)
-        return new and has_file_allowed_extension(f, IMG_EXTENSIONS)
-    try:
-        return ImageFolder(path, is_valid_file=first_visit)
-    except (FileNotFoundError, RuntimeError) as e:
-        fail(f"folder dataset {path}: {e}")
-
-
-def _labels(ds):
-    """Integer labels of a dataset without decoding any image."""
-    for attr in ("targets", "labels", "_labels"):
-        if hasattr(ds, attr):
-            return [int(y) for y in getattr(ds, attr)]
-    return [int(ds[i][1]) for i in range(len(ds))]
-
-
-@functools.lru_cache(maxsize=None)
-def load_dataset(name, split, root="data", download=True):
-    """(dataset, labels, classes) of one split; dataset[i] -> (PIL image, int label). Cached."""
-    if name in ("demo", "demo-seg") or name.startswith("py:"):
-        # imported by name when asked for: the offline demo's data lives in demo.py, which nothing else needs
-        module = "demo" if name == "demo-seg" else name.removeprefix("py:")
-        try:
-            module = importlib.import_module(module)
-            ds = module.scenes(split) if name == "demo-seg" else module.dataset(split)
-        except (ImportError, AttributeError) as e:
-            fail(f"dataset {name}: {first_line(e)}; py:MODULE names a module that defines dataset(split)")
-    elif name == "imagenet":  # DATA_ROOT/imagenet/train/<wnid>/*.JPEG and val/<wnid>/*: val is the test set
-        ds = _folder(os.path.join(root, "imagenet"), "val" if split == "test" else split)
-    elif name == "ham10000":
-        ds = HAM10000(os.path.join(root, "ham10000"), split)
-    elif name == "ade20k":
-        ds = ade20k(root, split)
-    elif name.startswith("folder:") and dense_by_name(name):
-        ds = segmentation_folder(name[len("folder:"):], split)
-    elif name.startswith("folder:"):
-        ds = _folder(name[len("folder:"):], split)
-        if split != "train":
-            train_classes = _folder(name[len("folder:"):], "train").classes
-            if ds.classes != train_classes:
-                fail(f"{name}: {split}/ classes {ds.classes} differ from train/ classes {train_classes}")
-    elif name in TORCHVISION:
-        try:
-            ds = _torchvision(name, split, root, download)
-        except (RuntimeError, OSError) as e:  # offline, or "Dataset not found or corrupted"
-            fail(f"could not load {name}/{split} under {root} ({first_line(e)}); offline? copy torchvision's "
-                 f"files for {name} into {root}, or use folder:PATH")
-    else:
-        fail(f"unknown dataset '{name}'; choose demo, {', '.join(TORCHVISION + PAPER)}, folder:PATH or py:MODULE")
-    classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
-    return ds, _labels(ds), [str(c) for c in classes]
-
-
-def split_refs(dataset, split, indices=None, root="data"):
-    """References like `cifar10:train:17` for indices of a split (all of it when indices is None)."""
-    ds, labels, _ = load_dataset(dataset, split, root)
-    indices = range(len(ds)) if indices is None else indices
-    outside = [i for i in indices if not 0 <= i < len(ds)]
-    if outside:
-        fail(f"{len(outside)} indices outside {dataset}/{split} ({len(ds)} images), e.g. {outside[:3]}: "
-             "the split file was made for other data")
-    if hasattr(ds, "samples"):  # real files (folder:, imagenet, ham10000, ade20k): reference them by path
-        refs = [ds.samples[i][0] for i in indices]
-        return refs, [ds.samples[i][1] for i in indices] if is_dense(ds) else [labels[i] for i in indices]
-    refs = [f"{dataset}:{split}:{i}" for i in indices]
-    return refs, refs if is_dense(ds) else [labels[i] for i in indices]  # a dense dataset's ref names its mask too
-
-
-def is_dense(ds):
-    """Whether a dataset is for segmentation: its labels are masks."""
-    return getattr(ds, "dense", False)
-
-
-def dense_by_name(name):
-    """Whether a dataset is for segmentation, known from its name without listing its files."""
-    return name in ("ade20k", "demo-seg") or name.startswith("folder:") and \
-        os.path.isdir(os.path.join(name[len("folder:"):], "train", "masks"))
-
-
 # ---------------------------------------------------------------------------------------------- images
 _tars = {}  # (pid, shard) -> (open TarFile, {member name: member}); per pid: forked workers need their own
 
@@ -158,7 +114,7 @@ def open_image(ref, root="data"):
     from PIL import Image
     parts = ref.rsplit(":", 2)
     if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():  # NAME:SPLIT:INDEX
-        return _rgb(load_dataset(parts[0], parts[1], root)[0][int(parts[2])][0])
+        return _rgb(indexed(parts[0], parts[1], root)[int(parts[2])][0])
     if "::" in ref:  # a member of a webdataset / img2dataset tar shard
         shard, member = ref.split("::", 1)
         if (os.getpid(), shard) not in _tars:
@@ -195,7 +151,7 @@ def open_mask(ref, root="data", reduce_zero_label=False, num_classes=None, size=
     from PIL import Image
     parts = ref.rsplit(":", 2)
     if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
-        mask = np.asarray(load_dataset(parts[0], parts[1], root)[0].mask(int(parts[2])), dtype=np.int64)
+        mask = np.asarray(indexed(parts[0], parts[1], root).mask(int(parts[2])), dtype=np.int64)
     else:
         with Image.open(ref) as im:
             if im.mode not in ("L", "P", "I;16", "I"):

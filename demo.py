@@ -209,7 +209,7 @@ class Shapes:
 
 
 def dataset(split):
-    """The demo's split for data.load_dataset('demo', split)."""
+    """The demo's split, for catalog.load_dataset('demo', split) and data.indexed."""
     return Shapes(split)
 
 
@@ -263,7 +263,7 @@ class Scenes:
 
 
 def scenes(split):
-    """The segmentation demo's split for data.load_dataset('demo-seg', split)."""
+    """The segmentation demo's split, for catalog.load_dataset('demo-seg', split)."""
     return Scenes(split)
 
 

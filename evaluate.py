@@ -5,10 +5,11 @@ segmentation mIoU, pixel accuracy and per-class IoU (in the JSON), beside parame
 GFLOPs per image, images/s on this device, and the training it took (steps x batch per stage, wall time).
 Runs named NAME@SEED are one row: mean ± std over the seeds.
 
-Reads:  checkpoints (any step's), the dataset's test split.
+Reads:  checkpoints (any step's), the test (and val) images of split.json (split.py).
 Writes: results.json ({rows: {name: metrics}, runs: {...}}), results.md (the table, also printed) and
         results.png (a bar chart). Speed is timed in the deployed form (models.deployed).
-Run:    python evaluate.py --dataset eurosat teacher=runs/eurosat/teacher.pt kt=runs/eurosat/student_kt_ft.pt
+Run:    python evaluate.py --split runs/eurosat/split.json teacher=runs/eurosat/teacher.pt \
+            kt=runs/eurosat/student_kt_ft.pt
 """
 import argparse
 import json
@@ -23,7 +24,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoints
 import data
 import models
-import splits
 import training
 from checks import fail, nonnegative, positive
 
@@ -190,9 +190,8 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="NAME=PATH pairs, e.g. teacher=runs/demo/teacher.pt; "
                    "kt@0=... kt@1=... are seeds of one row")
-    p.add_argument("--dataset", default="demo", help="see teacher.py --help")
-    p.add_argument("--split", help="split.json: evaluate on its test images (and its val images, beside them); "
-                   "default: the dataset's test split")
+    p.add_argument("--split", default="runs/demo/split.json", help="split.json (split.py): evaluate on its "
+                   "test images (and its val images, beside them)")
     p.add_argument("--teacher-row", default="teacher", help="every other row's top-1 agreement with this one")
     p.add_argument("--data-root", default="data")
     p.add_argument("--batch-size", type=positive, default=128)
@@ -216,15 +215,9 @@ def main(args):
         fail(f"{', '.join(twice)} named twice: give each checkpoint its own NAME (NAME@SEED for seeds of a row)")
     paths = {name: path for name, _, path in pairs}
     ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
-    if args.split:  # the split's own test (and val) images: the paper's split files, or the dataset's
-        split = splits.read_split(args.split)
-    else:  # the dataset's test split, as a split of one part
-        ds, _, classes = data.load_dataset(args.dataset, "test", args.data_root)
-        refs, labels = data.split_refs(args.dataset, "test", root=args.data_root)
-        split = dict(classes=classes, files=dict(test=list(zip(refs, labels))), dense=data.is_dense(ds),
-                     reduce_zero_label=getattr(ds, "reduce_zero_label", False))
+    split = data.read_split(args.split)  # its test (and val) images: the paper's split files, or the dataset's
     classes, dense = split["classes"], split.get("dense", False)
-    parts = [p for p in ("val", "test") if splits.images(split, p, args.data_root)]
+    parts = [p for p in ("val", "test") if data.images(split, p)]
     results, predictions = {}, {}
     task = {True: "segmentation", False: "classification"}
     for name, ckpt in ckpts.items():
@@ -234,8 +227,8 @@ def main(args):
         model = models.load_model(ckpt).to(device).eval()
         metrics = {}
         for part in parts:  # nothing is tuned on test: val is reported beside it
-            images = splits.dataset(split, part, ckpt["data_config"], train=False, root=args.data_root,
-                                    substitute=False)
+            images = data.split_images(split, part, ckpt["data_config"], train=False, root=args.data_root,
+                                       substitute=False)
             loader = torch.utils.data.DataLoader(images, args.batch_size, collate_fn=readable,
                                                  num_workers=min(args.workers, os.cpu_count()))
             confusion, predictions[name, part], counted = predict(model, loader, device, autocast, len(classes))

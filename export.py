@@ -6,9 +6,9 @@ as ONNX (OUT.onnx, opset 18); both take any batch size. OUT.json holds what prep
 input size, interpolation, crop, class names), the check (each export's largest difference from the
 PyTorch model on a few test images) and the latency at batch 1 and 64. A failed check writes nothing.
 
-Reads:  a student checkpoint (finetune.py), a few images of the dataset's test split.
+Reads:  a student checkpoint (finetune.py), a few test images of split.json (split.py).
 Writes: OUT.pt2, OUT.onnx (optional), OUT.json.
-Run:    python export.py --dataset eurosat --student runs/eurosat/s0/student_kt_target_ft.pt \
+Run:    python export.py --split runs/eurosat/split.json --student runs/eurosat/s0/student_kt_target_ft.pt \
             --out runs/eurosat/export/student.pt2
 """
 import argparse
@@ -60,8 +60,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="export: the deployable student, as torch.export and ONNX programs",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--student", default="runs/demo/s0/student_kt_target_ft.pt", help="made by finetune.py")
-    p.add_argument("--dataset", default="demo", help="its test images check the exports")
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--split", default="runs/demo/split.json", help="split.json (split.py): its test images "
+                   "check the exports")
+    p.add_argument("--data-root", default="data", help="where dataset references resolve")
     p.add_argument("--images", type=positive, default=8, help="test images the exports are checked on")
     p.add_argument("--tolerance", type=number("a number above 0", lambda x: x > 0), default=1e-3,
                    help="largest allowed difference from PyTorch, relative to the largest logit")
@@ -75,7 +76,7 @@ def main(args):
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="finetune.py")
     model, folded = models.deployed(models.load_model(ckpt).eval())
     cfg, stem = ckpt["data_config"], os.path.splitext(args.out)[0]
-    refs, _ = data.split_refs(args.dataset, "test", range(args.images), args.data_root)
+    refs = data.images(data.read_split(args.split), "test")[0][:args.images]
     images = data.Images(refs, None, models.transform(cfg, train=False), args.data_root)
     x = torch.stack([images[i][0] for i in range(len(images))])  # (N, 3, H, W), preprocessed as deployed
     with torch.inference_mode():

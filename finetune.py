@@ -4,10 +4,10 @@ The last stage of task-oriented transfer: the distilled student (distill.py) lea
 labels. The same script trains the baselines: a student from random, ImageNet, CLIP or DINO weights
 (student.py), with the same labels and budget.
 
-Reads:  a student checkpoint (student.py or distill.py), the dataset and split.json.
+Reads:  a student checkpoint (student.py or distill.py), split.json (split.py) and its labeled images.
 Writes: OUT = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, split};
         OUT.state while training (resumable with --resume).
-Run:    python finetune.py --dataset eurosat --shots 10 --split runs/eurosat/split.json \
+Run:    python finetune.py --split runs/eurosat/split.json \
             --student runs/eurosat/student_kt.pt --out runs/eurosat/student_kt_ft.pt
         torchrun --nproc_per_node 8 finetune.py ...   (DDP; the same script runs as one process)
 """
@@ -19,7 +19,6 @@ import torch
 import checkpoints
 import data
 import models
-import splits
 import training
 from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, smoothing
 
@@ -27,7 +26,10 @@ from checks import fail, fraction, nonnegative, nonnegative_number, positive, ra
 def get_args_parser():
     p = argparse.ArgumentParser(description="finetune: train a student on the labeled images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    splits.add_task_args(p)
+    p.add_argument("--split", default="runs/demo/split.json", help="split.json (split.py): the task's classes "
+                   "and its images")
+    p.add_argument("--data-root", default="data", help="where dataset references resolve")
+    p.add_argument("--train-seed", type=int, default=0, help="seeds augmentation and data order")
     p.add_argument("--student", default="runs/demo/student_kt.pt", help="made by student.py or distill.py")
     p.add_argument("--epochs", type=positive, default=30, help="passes over the labeled images")
     p.add_argument("--batch-size", type=positive, default=32, help="per process")
@@ -48,17 +50,16 @@ def main(args):
     if rank == 0:
         checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py or distill.py")
-    split = splits.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root, args.split_files,
-                              args.budget)
+    split = data.read_split(args.split)
     if ckpt["classes"] != split["classes"]:
-        fail(f"{args.student} has {len(ckpt['classes'])} classes, {args.dataset} has "
+        fail(f"{args.student} has {len(ckpt['classes'])} classes, {args.split} has "
              f"{len(split['classes'])}: it was made for another task")
     model = models.load_model(ckpt).to(device)
     autocast, scaler = training.amp(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
 
-    images = splits.dataset(split, "labeled", ckpt["data_config"], train=True, root=args.data_root)
+    images = data.split_images(split, "labeled", ckpt["data_config"], train=True, root=args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)

@@ -10,8 +10,8 @@ import tarfile
 
 import torch
 
+import catalog
 import data
-import file_datasets
 import training
 from checks import fail
 
@@ -22,7 +22,7 @@ def tar_refs(shards):
         try:
             with tarfile.open(shard) as tf:
                 refs += [f"{shard}::{m.name}" for m in tf.getmembers()
-                         if m.isfile() and m.name.lower().endswith(file_datasets.IMAGE_EXTS)]
+                         if m.isfile() and m.name.lower().endswith(catalog.IMAGE_EXTS)]
         except (OSError, tarfile.TarError) as e:
             bad.append([shard, f"{type(e).__name__}: {e}"])
     return refs, bad
@@ -36,7 +36,7 @@ def pool_refs(pool, root):
             refs, bad = tar_refs(shards)
         else:  # sidecars (.json, .txt) are skipped by extension; a bad image is found when decoded
             refs, bad = sorted(os.path.abspath(os.path.join(d, f)) for d, _, fs in os.walk(pool)
-                               for f in fs if f.lower().endswith(file_datasets.IMAGE_EXTS)), []
+                               for f in fs if f.lower().endswith(catalog.IMAGE_EXTS)), []
     elif any(c in pool for c in "*?[") or pool.endswith(".tar"):
         shards = sorted(os.path.abspath(s) for s in glob.glob(pool))
         if not shards:
@@ -50,7 +50,7 @@ def pool_refs(pool, root):
         except UnicodeDecodeError:
             fail(f"--pool {pool} is not a UTF-8 text file of image paths")
     elif pool.rpartition(":")[0] and pool.rpartition(":")[2] in data.SPLITS:
-        refs, bad = data.split_refs(*pool.rsplit(":", 1), root=root)[0], []
+        refs, bad = catalog.split_refs(*pool.rsplit(":", 1), root=root)[0], []
     else:
         fail(f"--pool {pool}: not a folder, a file of paths, .tar shards, or DATASET:SPLIT ({data.SPLITS})")
     bad += [[r, "newline in the path"] for r in refs if "\n" in r]  # the transfer list is one ref a line

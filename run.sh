@@ -2,7 +2,7 @@
 # The paper's comparison, end to end: task-oriented knowledge transfer from a vision foundation model to a
 # small model, against its baselines (Vemulapalli et al., ICML 2024, arXiv 2311.18237):
 #
-#   labeled budget ──> teacher.py (finetune VFM) ─────────────┐
+#   split.py ────────> teacher.py (finetune VFM) ─────────────┐
 #   (split.json)                                              v
 #   unlabeled images ─> transfer_set.py ─> transfer list ─> distill.py ──────────┐
 #                       (target | generic | retrieval)  └─> distill_agnostic.py ─┤ (frozen VFM's embedding)
@@ -144,9 +144,9 @@ if [[ $FORCE == 1 && -d $OUT ]]; then  # --force: no step may resume a state of 
 fi
 mkdir -p "$OUT"
 echo "$CONFIG" > "$OUT/run.cfg"
-TASK=(--dataset "$DATASET" --shots "$SHOTS" --seed "$SEED" --split "$OUT/split.json"
-      --data-root "${DATA_ROOT:-data}")
-[[ -n $SPLIT_FILES ]] && TASK+=(--split-files "$SPLIT_FILES" --budget "$BUDGET")
+BUDGET_ARGS=(--shots "$SHOTS" --seed "$SEED")
+[[ -n $SPLIT_FILES ]] && BUDGET_ARGS=(--split-files "$SPLIT_FILES" --budget "$BUDGET")
+TASK=(--split "$OUT/split.json" --data-root "${DATA_ROOT:-data}")  # every step reads the task from split.json
 
 # step OUTPUT COMMAND...: run COMMAND unless OUTPUT exists (and --force was not given).
 step() {
@@ -206,9 +206,10 @@ fi
 S_SIZE_ARG=(); [[ -n $S_SIZE ]] && S_SIZE_ARG=(--img-size "$S_SIZE")
 [[ -n $EMBED ]] && R_ARGS+=(--embed "$EMBED")
 [[ -n $EMBED_WEIGHTS ]] && R_ARGS+=(--embed-weights "$EMBED_WEIGHTS")
-# --seed picks the labeled images in every step; --train-seed seeds initialisation and training, so that
+# --seed picks the labeled images (split.py); --train-seed seeds initialisation and training, so that
 # --seeds varies those and nothing else.
-
+step "$OUT/split.json" $PY split.py --dataset "$DATASET" "${BUDGET_ARGS[@]}" --data-root "${DATA_ROOT:-data}" \
+  --out "$OUT/split.json"
 step "$OUT/transfer_target.txt" $PY transfer_set.py "${TASK[@]}" --source target \
   --out "$OUT/transfer_target.txt"
 SETS=(target)
@@ -236,7 +237,7 @@ for s in $SEEDS; do
     if [[ $weights != none && $weights != hub && ! -f $weights ]]; then  # another timm model.tag: its own arch
       model=$weights weights=hub
     fi
-    step "$D/student_$init.pt" $PY student.py "${TASK[@]}" --train-seed "$s" \
+    step "$D/student_$init.pt" $PY student.py --split "$OUT/split.json" --train-seed "$s" \
       --model "$model" "${S_SIZE_ARG[@]}" --weights "$weights" --out "$D/student_$init.pt"
     step "$D/student_${init}_ft.pt" $PY finetune.py "${TASK[@]}" --train-seed "$s" \
       "${F_ARGS[@]}" --student "$D/student_$init.pt" --lr 1e-3 --out "$D/student_${init}_ft.pt" --resume
@@ -292,11 +293,11 @@ if [[ -n $AGNOSTIC_PID ]] && ! wait "$AGNOSTIC_PID"; then
 fi
 for s in $SEEDS; do ROWS+=("agnostic@$s=$OUT/s$s/student_agnostic_ft.pt"); done
 
-$PY evaluate.py --dataset "$DATASET" --split "$OUT/split.json" --data-root "${DATA_ROOT:-data}" "${E_ARGS[@]}" \
+$PY evaluate.py "${TASK[@]}" "${E_ARGS[@]}" \
   --out "$OUT/results.json" "${ROWS[@]}" "${BASE_ROWS[@]}"
 
 # The small model as it ships: reparameterised, exported (torch.export; ONNX when onnx is installed),
 # checked against PyTorch on test images, and timed at batch 1 and 64.
 FIRST=${SEEDS%% *}
-step "$OUT/export/student_kt_target.pt2" $PY export.py --dataset "$DATASET" --data-root "${DATA_ROOT:-data}" \
+step "$OUT/export/student_kt_target.pt2" $PY export.py "${TASK[@]}" \
   --student "$OUT/s$FIRST/student_kt_target_ft.pt" "${X_ARGS[@]}" --out "$OUT/export/student_kt_target.pt2"

@@ -5,10 +5,10 @@ Any timm model the target device can run (fastvit_t8, mobilevitv2_100, mobilenet
 weights (`--weights hub`, the usual baseline) or a local file (`--weights PATH`, offline machines).
 For segmentation the same backbone gets a light decoder (LR-ASPP) and outputs logits at 1/8.
 
-Reads:  split.json (for the class names; made on first use).
+Reads:  split.json (split.py), for the class names.
 Writes: student.pt = {kind: "student", recipe, data_config, classes, model, args, cost: []}.
-Run:    python student.py --dataset eurosat --shots 10 --model fastvit_t8 --img-size 224 \
-            --split runs/eurosat/split.json --out runs/eurosat/student_scratch.pt
+Run:    python student.py --split runs/eurosat/split.json --model fastvit_t8 --img-size 224 \
+            --out runs/eurosat/student_scratch.pt
 """
 import argparse
 
@@ -16,14 +16,15 @@ import torch
 
 import checkpoints
 import models
-import splits
+import data
 from checks import fail, positive
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="student: create a small timm model for the task",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    splits.add_task_args(p)
+    p.add_argument("--split", default="runs/demo/split.json", help="split.json (split.py): the task's classes")
+    p.add_argument("--train-seed", type=int, default=0, help="seeds the random initialisation")
     p.add_argument("--model", default="fastvit_t8", help="any timm model: fastvit_t8, mobilevitv2_100, "
                    "mobilenetv3_large_100, resnet18, resnet50, convnext_atto, ...")
     p.add_argument("--weights", default="none", help="none (random init), hub (ImageNet), or a local file")
@@ -37,8 +38,7 @@ def get_args_parser():
 def main(args):
     checkpoints.check_writable(args.out)
     torch.manual_seed(args.train_seed)  # the random initialisation
-    split = splits.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root, args.split_files,
-                              args.budget)
+    split = data.read_split(args.split)
     if args.model.startswith("open_clip:"):
         fail("students are timm models; a VFM belongs in teacher.py")
     model, recipe, cfg = models.create_model(

@@ -6,11 +6,11 @@ probabilities on unlabeled images are what the student learns from (distill.py).
 `--mode linear` trains the head alone (try it with 1-5 labels per class). For segmentation (a dense
 dataset) the head is linear on each patch token (segmenters.Segmenter) and the loss is per pixel.
 
-Reads:  the dataset and split.json (made on first use).
+Reads:  split.json (split.py) and its labeled images.
 Writes: teacher.pt = {kind: "teacher", recipe, data_config, classes, model, args, split, metrics, cost};
         teacher.pt.state while training (resumable with --resume).
-Run:    python teacher.py --dataset eurosat --shots 10 --model vit_large_patch14_dinov2.lvd142m \
-            --img-size 224 --split runs/eurosat/split.json --out runs/eurosat/teacher.pt
+Run:    python teacher.py --split runs/eurosat/split.json --model vit_large_patch14_dinov2.lvd142m \
+            --img-size 224 --out runs/eurosat/teacher.pt
         torchrun --nproc_per_node 8 teacher.py ...   (DDP; the same script runs as one process)
 """
 import argparse
@@ -22,7 +22,6 @@ import timm.optim
 import checkpoints
 import data
 import models
-import splits
 import training
 from checks import fraction, nonnegative, nonnegative_number, positive, rate, share, smoothing
 
@@ -51,7 +50,10 @@ def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
 def get_args_parser():
     p = argparse.ArgumentParser(description="teacher: finetune a VFM + linear head on the labeled images",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    splits.add_task_args(p)
+    p.add_argument("--split", default="runs/demo/split.json", help="split.json (split.py): the task's classes "
+                   "and its images")
+    p.add_argument("--data-root", default="data", help="where dataset references resolve")
+    p.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and data order")
     p.add_argument("--model", default="vit_large_patch14_dinov2.lvd142m",
                    help="timm name, or open_clip:MODEL/TAG e.g. open_clip:ViT-L-14/datacomp_xl_s13b_b90k")
     p.add_argument("--weights", default="hub", help="hub (download), none (random init), or a local file")
@@ -80,8 +82,7 @@ def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:
         checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
-    split = splits.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root, args.split_files,
-                              args.budget)
+    split = data.read_split(args.split)
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
         weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size,
@@ -91,7 +92,7 @@ def main(args):
                                          args.weight_decay), lr=args.lr, fused=device.type == "cuda")
     autocast, scaler = training.amp(device)
 
-    images = splits.dataset(split, "labeled", cfg, train=True, root=args.data_root)  # with masks, if dense
+    images = data.split_images(split, "labeled", cfg, train=True, root=args.data_root)  # with masks, if dense
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)

@@ -11,7 +11,6 @@ Read a section at a time; each opens with a banner:
 
 Run: python -m pytest -q test_all.py
 """
-import argparse
 import copy
 import importlib.util
 import io
@@ -33,6 +32,7 @@ import torch.nn as nn
 
 import bench
 import cache_teacher
+import catalog
 import checkpoints
 import data
 import demo
@@ -43,8 +43,9 @@ import embeddings
 import evaluate
 import export
 import finetune
+import knn
 import models
-import splits
+import split as split_step
 import student
 import teacher
 import training
@@ -59,8 +60,14 @@ def run(module, *argv):
     return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def make_split(d, *argv, name="split.json"):
+    """split.py in-process: d/name for the settings in argv (kept if there already) -> the steps' --split."""
+    run(split_step, *argv, "--out", d / name)
+    return ["--split", d / name]
+
+
 def task_args(d):
-    return ["--dataset", "demo", "--shots", 4, "--seed", 0, "--split", d / "split.json"]
+    return make_split(d, "--dataset", "demo", "--shots", 4, "--seed", 0)
 
 
 def random_checkpoint(path, kind, arch, classes):
@@ -114,9 +121,9 @@ def test_kd_gradients_reach_only_the_student():
 
 def test_label_budget_is_deterministic_balanced_and_disjoint():
     labels = np.repeat(np.arange(5), 20).tolist()
-    a, rest = splits.label_budget(labels, 3, seed=1)
-    assert (a, rest) == splits.label_budget(labels, 3, seed=1)
-    assert a != splits.label_budget(labels, 3, seed=2)[0]
+    a, rest = split_step.label_budget(labels, 3, seed=1)
+    assert (a, rest) == split_step.label_budget(labels, 3, seed=1)
+    assert a != split_step.label_budget(labels, 3, seed=2)[0]
     assert np.bincount(np.asarray(labels)[a]).tolist() == [3] * 5
     assert sorted(a + rest) == list(range(100)) and not set(a) & set(rest)
 
@@ -124,15 +131,15 @@ def test_label_budget_is_deterministic_balanced_and_disjoint():
 def test_label_budget_takes_all_of_a_small_class_with_a_warning():
     labels = [0] * 10 + [1] * 2
     with pytest.warns(UserWarning, match="fewer than --shots"):
-        labeled, _ = splits.label_budget(labels, 4, seed=0)
+        labeled, _ = split_step.label_budget(labels, 4, seed=0)
     assert sum(labels[i] == 1 for i in labeled) == 2 and sum(labels[i] == 0 for i in labeled) == 4
 
 
 def test_split_is_recorded_once_and_mismatches_are_refused(tmp_path):
-    s = splits.load_split(tmp_path / "split.json", "demo", 3, 0)
-    assert splits.load_split(tmp_path / "split.json", "demo", 3, 0) == s
+    s = split_step.make_split(tmp_path / "split.json", "demo", 3, 0)
+    assert split_step.make_split(tmp_path / "split.json", "demo", 3, 0) == s
     with pytest.raises(SystemExit, match="records"):
-        splits.load_split(tmp_path / "split.json", "demo", 5, 0)
+        split_step.make_split(tmp_path / "split.json", "demo", 5, 0)
 
 
 def test_transforms_follow_each_models_data_config():
@@ -193,7 +200,7 @@ def test_pipeline_end_to_end(pipeline):
     kt = torch.load(d / "kt_ft.pt", weights_only=True)
     assert [c["step"] for c in kt["cost"]] == ["teacher", "distill", "finetune"]
     assert not list(d.glob("*.state"))  # resumable states are removed once a step is done
-    table = run(evaluate, "--dataset", "demo", "--workers", 0, "--out", d / "results.json",
+    table = run(evaluate, "--split", d / "split.json", "--workers", 0, "--out", d / "results.json",
                 f"teacher={d / 'teacher.pt'}", f"kt={d / 'kt_ft.pt'}", f"kt@1={d / 'kt.pt'}")
     assert list(table) == ["teacher", "kt"] and table["kt"]["seeds"] == 2
     for row in table.values():
@@ -202,12 +209,12 @@ def test_pipeline_end_to_end(pipeline):
 
 
 def test_every_step_answers_help(capsys):
-    for module in (teacher, student, transfer_set, distill, cache_teacher, distill_cached, distill_agnostic,
-                   finetune, evaluate):
+    for module in (split_step, teacher, student, transfer_set, distill, cache_teacher, distill_cached,
+                   distill_agnostic, finetune, evaluate):
         with pytest.raises(SystemExit) as e:
             module.get_args_parser().parse_args(["--help"])
         assert e.value.code == 0 and "usage" in capsys.readouterr().out
-    for module, bad in ((teacher, ["--shots", "-3"]), (finetune, ["--epochs", "0"]), (distill, ["--workers", "-1"]),
+    for module, bad in ((split_step, ["--shots", "-3"]), (finetune, ["--epochs", "0"]), (distill, ["--workers", "-1"]),
                         (transfer_set, ["--k", "0"]), (evaluate, ["--batch-size", "x"])):
         with pytest.raises(SystemExit) as e:  # a count out of range is a usage error, before anything runs
             module.get_args_parser().parse_args(bad)
@@ -252,7 +259,7 @@ def test_bad_inputs_fail_with_one_line_and_keep_files(pipeline, tmp_path):
     keep = tmp_path / "kt.pt"
     keep.write_bytes(b"precious")
     cases = [
-        (teacher, [*task_args(tmp_path), "--dataset", "nosuchdata", "--out", keep], "unknown dataset"),
+        (split_step, ["--dataset", "nosuchdata", "--out", tmp_path / "new_split.json"], "unknown dataset"),
         (teacher, [*task_args(tmp_path), "--model", "no_such_net", "--weights", "none", "--out", keep],
          "unknown model"),
         (distill, ["--teacher", tmp_path / "missing.pt", "--student", d / "student.pt", "--transfer",
@@ -270,7 +277,7 @@ def test_bad_inputs_fail_with_one_line_and_keep_files(pipeline, tmp_path):
                             d / "transfer.txt", "--out", keep], "teacher has 10 classes, student 3"))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((d / "teacher.pt").read_bytes()[:1000])
-    cases.append((evaluate, ["--dataset", "demo", f"t={truncated}", "--out", keep], "not a readable"))
+    cases.append((evaluate, ["--split", d / "split.json", f"t={truncated}", "--out", keep], "not a readable"))
     (tmp_path / "bad_split.json").write_text("{not json")
     cases.append((student, ["--split", tmp_path / "bad_split.json", "--model", "test_resnet", "--out", keep],
                   "bad_split.json is not a split file \\(JSONDecodeError"))
@@ -297,22 +304,22 @@ def _folder_dataset(root, train_classes=("cat", "dog"), test_classes=("cat", "do
 
 def test_folder_datasets_with_a_wrong_layout_are_refused(tmp_path):
     ok = _folder_dataset(tmp_path / "ok")
-    assert data.load_dataset(ok, "train")[2] == ["cat", "dog"]
+    assert catalog.load_dataset(ok, "train")[2] == ["cat", "dog"]
     with pytest.raises(SystemExit, match="has no test/ folder"):
-        data.load_dataset(f"folder:{tmp_path / 'ok' / 'train'}", "test")
+        catalog.load_dataset(f"folder:{tmp_path / 'ok' / 'train'}", "test")
     os.makedirs(tmp_path / "empty" / "train" / "cat")  # an empty class
     _folder_dataset(tmp_path / "empty", train_classes=("dog",))
     with pytest.raises(SystemExit, match="cat"):
-        data.load_dataset(f"folder:{tmp_path / 'empty'}", "train")
+        catalog.load_dataset(f"folder:{tmp_path / 'empty'}", "train")
     bad = _folder_dataset(tmp_path / "differ", test_classes=("cat", "cow"))
     with pytest.raises(SystemExit, match="differ from train/ classes"):
-        data.load_dataset(bad, "test")
+        catalog.load_dataset(bad, "test")
 
 
 def test_unreadable_images_are_skipped_not_fatal(tmp_path, capsys):
     root = tmp_path / "imgs"
     dataset = _folder_dataset(root, n=2)
-    good = data.split_refs(dataset, "train")[0]
+    good = catalog.split_refs(dataset, "train")[0]
     (root / "zero.jpg").write_bytes(b"")
     (root / "text.jpg").write_text("not an image")
     (root / "cut.png").write_bytes(open(good[0], "rb").read()[:40])
@@ -348,7 +355,7 @@ def test_downloads_offline_are_one_line_not_a_traceback(tmp_path, monkeypatch):
     import torchvision.datasets.cifar
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
     with pytest.raises(SystemExit, match="could not load cifar10/train .*unreachable.*folder:PATH"):
-        data.load_dataset("cifar10", "train", str(tmp_path / "data"))
+        catalog.load_dataset("cifar10", "train", str(tmp_path / "data"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(pipeline, tmp_path):
@@ -516,7 +523,7 @@ def test_16_bit_images_are_scaled_and_32_bit_ones_refused(tmp_path):
 def test_a_directory_symlink_loop_counts_each_file_once(tmp_path):
     dataset = _folder_dataset(tmp_path, n=3)
     os.symlink("../cat", tmp_path / "train" / "cat" / "sub")  # train/cat/sub -> train/cat
-    _, labels, _ = data.load_dataset(dataset, "train")
+    _, labels, _ = catalog.load_dataset(dataset, "train")
     assert labels == [0, 0, 0, 1, 1, 1]
 
 
@@ -526,8 +533,7 @@ def test_test_split_problems_are_refused_before_training(tmp_path):
     short = _folder_dataset(tmp_path / "b", test_classes=("cat",))  # dog missing in test
     for dataset, message in [(no_test, "has no test/ folder"), (short, "differ from train/ classes")]:
         with pytest.raises(SystemExit, match=message):
-            run(teacher, "--dataset", dataset, "--shots", 1, "--split", tmp_path / "split.json", "--model",
-                "test_resnet", *TINY, "--weights", "none", "--out", tmp_path / "teacher.pt")
+            run(split_step, "--dataset", dataset, "--shots", 1, "--out", tmp_path / "split.json")
         assert not list(tmp_path.glob("teacher.pt*.state")) and not (tmp_path / "split.json").exists()
         assert not (tmp_path / "teacher.pt").exists()
 
@@ -536,11 +542,12 @@ def test_evaluate_leaves_unreadable_test_images_out_and_says_so(tmp_path):
     dataset = _folder_dataset(tmp_path, n=3)
     (tmp_path / "test" / "dog" / "2.png").write_bytes(b"")  # one of 6 test images cannot be read
     random_checkpoint(tmp_path / "m.pt", "student", "test_resnet", ["cat", "dog"])
-    table = run(evaluate, "--dataset", dataset, "--workers", 0, "--out", tmp_path / "r.json", f"m={tmp_path / 'm.pt'}")
+    split = make_split(tmp_path, "--dataset", dataset, "--shots", 1)
+    table = run(evaluate, *split, "--workers", 0, "--out", tmp_path / "r.json", f"m={tmp_path / 'm.pt'}")
     assert table["m"]["test_images"] == 5 and table["m"]["unreadable_test_images"] == 1
     assert "1 test images could not be read" in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit, match="m named twice"):
-        run(evaluate, "--dataset", dataset, "--out", tmp_path / "r.json", f"m={tmp_path / 'm.pt'}", f"m={tmp_path / 'm.pt'}")
+        run(evaluate, *split, "--out", tmp_path / "r.json", f"m={tmp_path / 'm.pt'}", f"m={tmp_path / 'm.pt'}")
 
 
 def test_bad_flags_and_files_are_one_line(pipeline, tmp_path, capsys):
@@ -611,7 +618,7 @@ def run_ts(tmp_path, *extra, cache=None, out="out/transfer.txt"):
     cfg = tiny_clip(tmp_path)
     out = tmp_path / out
     # random embeddings of a random net are all alike (cos ~0.9): only true copies pass 0.999
-    argv = ["--dataset", "demo", "--shots", "1", "--split", str(tmp_path / "split.json"),
+    argv = [*map(str, make_split(tmp_path, "--dataset", "demo", "--shots", 1)),
             "--embed", f"open_clip:{cfg}", "--embed-pretrained", "none", "--cache-dir", str(tmp_path / cache if cache else tmp_path.parent / "shared-cache"),
             "--workers", "0", "--batch-size", "64", "--shard-size", "64", "--dedup-threshold", "0.999",
             "--leak-threshold", "0.999", "--out", str(out), *extra]
@@ -623,7 +630,7 @@ def run_ts(tmp_path, *extra, cache=None, out="out/transfer.txt"):
 def demo_pool(folder, n, split="unlabeled", start=0):
     """n demo images saved as PNG files (lossless: a saved test image is a pixel-exact copy)."""
     os.makedirs(folder, exist_ok=True)
-    ds = data.load_dataset("demo", split)[0]
+    ds = catalog.load_dataset("demo", split)[0]
     paths = []
     for i in range(start, start + n):
         paths.append(os.path.join(folder, f"{split}_{i:04d}.png"))
@@ -647,7 +654,7 @@ def test_search_exact_with_ties_and_small_shards():
     q = np.concatenate([rng.integers(-2, 3, (6, 8)), p[[5, 12]], np.zeros((1, 8))]).astype(np.float32)  # zeros: all tie
     for k, shard in [(7, 3), (1, 50), (20, 7), (60, 16)]:  # k larger than a shard, than the pool
         chunks = [(p[a:a + shard], np.arange(a, min(a + shard, len(p)))) for a in range(0, len(p), shard)]
-        s, i = transfer_set.search(q, chunks, k, torch.device("cpu"))
+        s, i = knn.search(q, chunks, k, torch.device("cpu"))
         ref_s, ref_i = brute_force(q, p, k)
         assert s.shape == (len(q), min(k, len(p)))
         np.testing.assert_array_equal(i.numpy(), ref_i)
@@ -656,7 +663,7 @@ def test_search_exact_with_ties_and_small_shards():
 
 def test_topk_lowest_breaks_ties_by_column():
     s = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
-    v, c = transfer_set.topk_lowest(s, 2)
+    v, c = knn.topk_lowest(s, 2)
     assert sorted(c[0].tolist()) == [1, 2] and sorted(c[1].tolist()) == [0, 1]
 
 
@@ -714,7 +721,7 @@ def test_bad_files_are_skipped_counted_listed(tmp_path):
     pool = tmp_path / "pool"
     good = demo_pool(pool, 6)
     buf = io.BytesIO()
-    data.load_dataset("demo", "unlabeled")[0][7][0].resize((128, 128)).save(buf, format="JPEG")
+    catalog.load_dataset("demo", "unlabeled")[0][7][0].resize((128, 128)).save(buf, format="JPEG")
     (pool / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (pool / "zero.jpg").write_bytes(b"")
     (pool / "notes.jpg").write_text("not an image")
@@ -731,7 +738,7 @@ def test_bad_files_are_skipped_counted_listed(tmp_path):
 
 
 def test_tar_shard_pool(tmp_path):
-    imgs = [im for im, _ in (data.load_dataset("demo", "unlabeled")[0][i] for i in range(6))]
+    imgs = [im for im, _ in (catalog.load_dataset("demo", "unlabeled")[0][i] for i in range(6))]
     os.makedirs(tmp_path / "shards")
 
     def add(tf, name, data):
@@ -1116,11 +1123,11 @@ def test_standin_weights_feed_teacher_and_agnostic_distillation(tmp_path):
     assert model.get_classifier().out_features == len(demo.CLASSES)
 
     split = str(tmp_path / "split.json")
-    import student
+    split_step.make_split(split, "demo", 10, 0)
     s_path = str(tmp_path / "student.pt")
     student.main(student.get_args_parser().parse_args(
         ["--model", "test_resnet", "--img-size", "32", "--split", split, "--out", s_path]))
-    refs, _ = data.split_refs("demo", "unlabeled", range(24))
+    refs, _ = catalog.split_refs("demo", "unlabeled", range(24))
     transfer = tmp_path / "transfer.txt"
     transfer.write_text("\n".join(refs))
     out = str(tmp_path / "agnostic.pt")
@@ -1167,6 +1174,17 @@ def rows_of(calls):
     evaluate = [c for c in calls if c[0] == "evaluate.py"]
     assert len(evaluate) == 1
     return [a.split("=")[0] for a in evaluate[0] if "=" in a and not a.startswith("-")]
+
+
+def test_every_command_of_run_sh_is_one_its_script_accepts(tmp_path):
+    """The stand-in python takes anything; here each command run.sh gave goes through its script's parser."""
+    run_stubbed(tmp_path, "--pool", "demo:unlabeled", "--seeds", "0 1")
+    run_stubbed(tmp_path, "demo-seg", "--smoke")
+    calls = run_stubbed(tmp_path, "eurosat", "--pool", "stl10:unlabeled", "--init", "clip=fastvit_mci0.apple_mclip")
+    assert {c[0] for c in calls} >= {"split.py", "teacher.py", "student.py", "transfer_set.py", "distill.py",
+                                     "distill_agnostic.py", "finetune.py", "evaluate.py", "export.py"}
+    for c in calls:
+        importlib.import_module(c[0].removesuffix(".py")).get_args_parser().parse_args(c[1:])
 
 
 def test_demo_table_has_the_papers_rows(tmp_path):
@@ -1226,7 +1244,9 @@ def test_reparameterised_fastvit_gives_the_same_outputs(cpu):
 
 
 def _export(tmp_path, student, *extra):
-    return run(export, "--student", student, "--images", 4, "--repeats", 1, "--out", tmp_path / "export/s.pt2", *extra)
+    split = [] if "--split" in extra else make_split(tmp_path, "--dataset", "demo", "--shots", 1)
+    return run(export, "--student", student, *split, "--images", 4, "--repeats", 1, "--out", tmp_path / "export/s.pt2",
+               *extra)
 
 
 def test_export_round_trip_with_its_data_config(tmp_path, cpu, monkeypatch, capsys):
@@ -1279,7 +1299,8 @@ def test_evaluate_times_the_deployed_form_and_draws_the_chart(tmp_path, cpu):
     checkpoints.save_checkpoint(dict(kind="student", recipe=recipe, data_config=cfg, classes=["cat", "dog"],
                                      model=model.state_dict(), cost=[]), tmp_path / "fastvit.pt")
     random_checkpoint(tmp_path / "resnet.pt", "student", "test_resnet", ["cat", "dog"])
-    table = run(evaluate, "--dataset", dataset, "--workers", 0, "--speed-batch", 2, "--out", tmp_path / "r.json",
+    table = run(evaluate, *make_split(tmp_path, "--dataset", dataset, "--shots", 1), "--workers", 0, "--speed-batch", 2,
+                "--out", tmp_path / "r.json",
                 f"fastvit={tmp_path / 'fastvit.pt'}", f"resnet={tmp_path / 'resnet.pt'}")
     fv, rn = table["fastvit"], table["resnet"]
     assert fv["reparameterized"] and fv["images_per_s"] > 0 and fv["images_per_s_training_form"] > 0
@@ -1288,7 +1309,8 @@ def test_evaluate_times_the_deployed_form_and_draws_the_chart(tmp_path, cpu):
     assert "(training form" in (tmp_path / "r.md").read_text()
     from PIL import Image
     assert Image.open(tmp_path / "r.png").size[0] >= 640  # the chart, drawn without any plotting library
-    table = run(evaluate, "--dataset", dataset, "--workers", 0, "--speed-batch", 0, "--out", tmp_path / "r.json",
+    table = run(evaluate, *make_split(tmp_path, "--dataset", dataset, "--shots", 1), "--workers", 0, "--speed-batch", 0,
+                "--out", tmp_path / "r.json",
                 f"resnet={tmp_path / 'resnet.pt'}")
     assert table["resnet"]["images_per_s"] is None and "| - |" in (tmp_path / "r.md").read_text()
 
@@ -1352,8 +1374,7 @@ def _paper_layout(root, n_train=6, n_val=2, n_test=3):
 
 def test_the_papers_split_files_drive_a_run(tmp_path):
     dataset, files = _paper_layout(tmp_path)
-    task = ["--dataset", dataset, "--split-files", files, "--budget", "train_2img_per_class",
-            "--split", tmp_path / "split.json"]
+    task = make_split(tmp_path, "--dataset", dataset, "--split-files", files, "--budget", "train_2img_per_class")
     run(teacher, *task, "--model", "test_resnet", *TINY, "--weights", "none", "--epochs", 1, "--workers", 0,
         "--out", tmp_path / "teacher.pt")
     split = json.loads((tmp_path / "split.json").read_text())
@@ -1363,12 +1384,12 @@ def test_the_papers_split_files_drive_a_run(tmp_path):
     run(transfer_set, *task, "--source", "target", "--out", tmp_path / "transfer.txt")
     unlabeled = (tmp_path / "transfer.txt").read_text().split()
     assert len(unlabeled) == 12 - 4 and not set(unlabeled) & set(split["labeled"])  # train_full minus the budget
-    table = run(evaluate, "--dataset", dataset, "--split", tmp_path / "split.json", "--workers", 0, "--out",
+    table = run(evaluate, "--split", tmp_path / "split.json", "--workers", 0, "--out",
                 tmp_path / "r.json", f"teacher={tmp_path / 'teacher.pt'}", f"copy={tmp_path / 'teacher.pt'}")
     assert table["teacher"]["test_images"] == 6 and "val_top1" in table["teacher"]  # val beside test
     assert table["copy"]["agreement"] == 100.0 and "val top-1" in (tmp_path / "r.md").read_text()
     (files / "test.txt").unlink()  # ImageNet's files: no test.txt, val.txt is the test set
-    split = splits.load_split(tmp_path / "imagenet_split.json", dataset, None, None, split_files=files,
+    split = split_step.make_split(tmp_path / "imagenet_split.json", dataset, None, None, split_files=files,
                               budget="train_2img_per_class")
     assert len(split["files"]["test"]) == 4 and "val" not in split["files"]
 
@@ -1382,16 +1403,16 @@ def test_split_files_that_do_not_match_the_dataset_are_refused(tmp_path):
                             ("train_9img", "no budget train_9img .*choose one of train_2img_per_class, train_full"),
                             ("broken", "1 lines are not `filename,class`")]:
         with pytest.raises(SystemExit, match=message) as e:
-            splits.load_split(tmp_path / "split.json", dataset, None, None, split_files=files, budget=budget)
+            split_step.make_split(tmp_path / "split.json", dataset, None, None, split_files=files, budget=budget)
         assert "\n" not in str(e.value) and not (tmp_path / "split.json").exists()
 
 
 def test_a_percentage_budget_takes_that_share_of_every_class(capsys):
     labels = [0] * 200 + [1] * 50 + [2] * 3
-    labeled, rest = splits.label_budget(labels, "10%", seed=0)
+    labeled, rest = split_step.label_budget(labels, "10%", seed=0)
     assert np.bincount(np.asarray(labels)[labeled]).tolist() == [20, 5, 1]  # at least one of a small class
     assert sorted(labeled + rest) == list(range(253))
-    parser = splits.add_task_args(argparse.ArgumentParser())
+    parser = split_step.get_args_parser()
     assert parser.parse_args(["--shots", "1%"]).shots == "1%" and parser.parse_args(["--shots", "7"]).shots == 7
     for bad in ("150%", "0%", "x%", "0"):
         with pytest.raises(SystemExit):
@@ -1474,7 +1495,7 @@ def test_the_papers_datasets_by_name(tmp_path):
             os.makedirs(root / "imagenet" / split / w)
             for i in range(2):
                 Image.new("RGB", (8, 8)).save(root / "imagenet" / split / w / f"{w}_{split}_{i}.JPEG")
-    _, labels, classes = data.load_dataset("imagenet", "test", str(root))  # the paper tests on ImageNet's val
+    _, labels, classes = catalog.load_dataset("imagenet", "test", str(root))  # the paper tests on ImageNet's val
     assert classes == ["n01", "n02"] and labels == [0, 0, 1, 1]
     os.makedirs(root / "ham10000" / "HAM10000_images_part_1")
     rows = [("ISIC_0000001", "nv"), ("ISIC_0000002", "mel"), ("ISIC_0000003", "nv")]
@@ -1482,10 +1503,10 @@ def test_the_papers_datasets_by_name(tmp_path):
         "lesion_id,image_id,dx,dx_type\n" + "".join(f"L{i},{r},{dx},histo\n" for i, (r, dx) in enumerate(rows)))
     for r, _ in rows:
         Image.new("RGB", (8, 8)).save(root / "ham10000" / "HAM10000_images_part_1" / f"{r}.jpg")
-    ds, labels, classes = data.load_dataset("ham10000", "train", str(root))
+    ds, labels, classes = catalog.load_dataset("ham10000", "train", str(root))
     assert classes == ["mel", "nv"] and labels == [1, 0, 1] and ds[1][0].size == (8, 8)
     with pytest.raises(SystemExit, match="ham10000 has no test split of its own; use the paper's split files"):
-        data.load_dataset("ham10000", "test", str(root))
+        catalog.load_dataset("ham10000", "test", str(root))
 
 
 def test_split_files_find_a_name_in_its_class_folder(tmp_path):
@@ -1501,7 +1522,7 @@ def test_split_files_find_a_name_in_its_class_folder(tmp_path):
     os.makedirs(tmp_path / "files")
     (tmp_path / "files" / "train_full.txt").write_text("\n".join(lines))
     (tmp_path / "files" / "train_1img_per_class.txt").write_text(f"{lines[0]}\n{lines[3]}\n")
-    split = splits.load_split(tmp_path / "split.json", f"folder:{tmp_path / 'places'}", None, None,
+    split = split_step.make_split(tmp_path / "split.json", f"folder:{tmp_path / 'places'}", None, None,
                               split_files=tmp_path / "files", budget="train_1img_per_class")
     assert [os.path.relpath(p, tmp_path / "places") for p in split["labeled"]] == [
         "data_256/a/airfield/00000000.jpg", "data_256/a/apartment_building/outdoor/00000000.jpg"]
@@ -1510,7 +1531,7 @@ def test_split_files_find_a_name_in_its_class_folder(tmp_path):
 
 # ====================================================================== 5. dense transfer: segmentation
 def seg_args(d, shots=8):
-    return ["--dataset", "demo-seg", "--shots", shots, "--seed", 0, "--split", d / "split.json"]
+    return make_split(d, "--dataset", "demo-seg", "--shots", shots, "--seed", 0)
 
 
 def test_per_pixel_kd_loss_is_the_same_loss_over_pixels():
@@ -1610,35 +1631,34 @@ def test_ade20k_layout_and_the_papers_split_files(tmp_path):
     (files / "train_2img.txt").write_text("ADE_train_00000001.jpg\nADE_train_00000003.jpg\n")
     (files / "val.txt").write_text("ADE_train_00000005.jpg\nADE_train_00000006.jpg\n")
     (files / "test.txt").write_text("ADE_val_00000001.jpg\nADE_val_00000002.jpg\nADE_val_00000003.jpg\n")
-    split = splits.load_split(tmp_path / "split.json", "ade20k", 10, 0, tmp_path / "data", files, "train_2img")
+    split = split_step.make_split(tmp_path / "split.json", "ade20k", 10, 0, tmp_path / "data", files, "train_2img")
     assert split["dense"] and split["reduce_zero_label"] and len(split["classes"]) == 150
-    refs, masks = splits.images(split, "labeled", tmp_path / "data")
+    refs, masks = data.images(split, "labeled")
     assert [os.path.basename(r) for r in refs] == ["ADE_train_00000001.jpg", "ADE_train_00000003.jpg"]
     assert all(m.endswith(".png") and "annotations" in m for m in masks)
-    assert [os.path.basename(r) for r in splits.images(split, "unlabeled", tmp_path / "data")[0]] == \
+    assert [os.path.basename(r) for r in data.images(split, "unlabeled")[0]] == \
         ["ADE_train_00000002.jpg", "ADE_train_00000004.jpg"]  # train_full minus the labeled; val stays out
-    assert len(splits.images(split, "val")[0]) == 2 and len(splits.images(split, "test")[0]) == 3
+    assert len(data.images(split, "val")[0]) == 2 and len(data.images(split, "test")[0]) == 3
     # reduce_zero_label: ADE's 0 ("other") is not scored, class k is stored as k + 1
     from PIL import Image
     raw = np.asarray(Image.open(masks[0])).astype(np.int64)
     read = data.open_mask(masks[0], reduce_zero_label=True, num_classes=150).numpy()
     assert (read[raw == 0] == 255).all() and (read[raw > 0] == raw[raw > 0] - 1).all()
     # without split files: --shots N is N images, and the official validation set is the test split
-    plain = splits.load_split(tmp_path / "plain.json", "ade20k", 4, 0, tmp_path / "data")
+    plain = split_step.make_split(tmp_path / "plain.json", "ade20k", 4, 0, tmp_path / "data")
     assert len(plain["labeled"]) == 4 and len(plain["unlabeled"]) == 2
     with pytest.raises(SystemExit, match="--shots 7: ade20k has 6 train images"):
-        splits.load_split(tmp_path / "more.json", "ade20k", 7, 0, tmp_path / "data")
-    assert len(data.load_dataset("ade20k", "test", str(tmp_path / "data"))[0]) == 3
+        split_step.make_split(tmp_path / "more.json", "ade20k", 7, 0, tmp_path / "data")
+    assert len(catalog.load_dataset("ade20k", "test", str(tmp_path / "data"))[0]) == 3
 
 
 def test_bad_masks_are_one_line_and_nothing_is_lost(tmp_path):
     _ade_layout(tmp_path / "data", bad="ADE_train_00000002")
     keep = tmp_path / "teacher.pt"
     keep.write_bytes(b"precious")
-    argv = ["--dataset", "ade20k", "--data-root", tmp_path / "data", "--shots", 6, "--split", tmp_path / "split.json",
-            "--model", "test_resnet", "--img-size", 32, "--weights", "none", "--out", keep]
+    argv = ["--dataset", "ade20k", "--data-root", tmp_path / "data", "--shots", 6, "--out", tmp_path / "split.json"]
     with pytest.raises(SystemExit, match="ADE_train_00000002.png is 40x20, its image 40x30") as e:
-        run(teacher, *argv)
+        run(split_step, *argv)
     assert "\n" not in str(e.value) and keep.read_bytes() == b"precious" and not (tmp_path / "split.json").exists()
     folder = tmp_path / "shapes"  # a folder dataset whose mask holds a class it does not have
     for part in ("train", "test"):
@@ -1651,8 +1671,7 @@ def test_bad_masks_are_one_line_and_nothing_is_lost(tmp_path):
                 folder / part / "masks" / f"{i}.png")
     (folder / "classes.txt").write_text("background\nthing\n")
     with pytest.raises(SystemExit, match="1.png holds class 7: classes are 0-1, 255 not labeled"):
-        run(teacher, "--dataset", f"folder:{folder}", "--shots", 1, "--split", tmp_path / "f.json",
-            "--model", "test_resnet", "--img-size", 32, "--weights", "none", "--out", keep)
+        run(split_step, "--dataset", f"folder:{folder}", "--shots", 1, "--out", tmp_path / "f.json")
     assert keep.read_bytes() == b"precious"
 
 
@@ -1683,7 +1702,7 @@ def test_segmentation_end_to_end(seg, tmp_path, capsys):
     assert torch.load(tmp_path / "ag.pt", weights_only=True)["recipe"]["decoder"] == "lraspp"
     run(finetune, *seg_args(d), "--student", tmp_path / "kt.pt", "--epochs", 1, "--workers", 0, "--smoothing", 0,
         "--out", tmp_path / "kt_ft.pt")
-    table = run(evaluate, "--dataset", "demo-seg", "--split", d / "split.json", "--workers", 0, "--speed-batch", 1,
+    table = run(evaluate, "--split", d / "split.json", "--workers", 0, "--speed-batch", 1,
                 "--out", tmp_path / "results.json", f"teacher={d / 'teacher.pt'}", f"kt={tmp_path / 'kt_ft.pt'}")
     for row in table.values():
         assert 0 <= row["miou"] <= 100 and 0 <= row["pixel_acc"] <= 100 and len(row["per_class_iou"]) == 9
@@ -1723,14 +1742,14 @@ def test_total_sets_an_equal_number_of_neighbours_per_query(tmp_path):
     refs = (tmp_path / "t.txt").read_text().split()
     report = json.loads((tmp_path / "t.report.json").read_text())
     assert report["k"] == 4 and len(refs) == 4 + 4 * 4  # the 4 queries, then ceil(20 / 4) - 1 = 4 each
-    assert refs[:4] == splits.images(splits.read_split(tmp_path / "split.json"), "labeled")[0]
+    assert refs[:4] == data.images(data.read_split(tmp_path / "split.json"), "labeled")[0]
 
 
 def test_run_sh_demo_seg_has_the_same_rows_per_pixel(tmp_path):
     calls = run_stubbed(tmp_path, "demo-seg")
     assert rows_of(calls) == ["teacher", "kt_target@0", "kt_generic@0", "agnostic@0", "scratch@0", "imagenet@0"]
-    teacher_call = next(c for c in calls if c[0] == "teacher.py")
-    assert teacher_call[teacher_call.index("--shots") + 1] == "40"  # 40 labeled scenes
+    split_call, teacher_call = (next(c for c in calls if c[0] == step) for step in ("split.py", "teacher.py"))
+    assert split_call[split_call.index("--shots") + 1] == "40"  # 40 labeled scenes
     assert teacher_call[teacher_call.index("--decoder") + 1] == "lraspp" and "--smoothing" in teacher_call
     assert all(c[c.index("--img-size") + 1] == "64" for c in calls if c[0] in ("teacher.py", "student.py"))
 
@@ -1784,7 +1803,7 @@ def test_segmentation_from_the_cache_and_under_torchrun(seg, tmp_path, cpu):
 
 
 def test_a_segmenter_exports_and_says_what_it_outputs(seg, tmp_path, cpu):
-    report = _export(tmp_path, seg / "student.pt", "--dataset", "demo-seg")
+    report = _export(tmp_path, seg / "student.pt", "--split", seg / "split.json")
     program = torch.export.load(str(tmp_path / "export/s.pt2")).module()
     x = torch.rand(3, 3, 64, 64)
     torch.testing.assert_close(program(x), models.load_model(checkpoints.load_checkpoint(seg / "student.pt")).eval()(x))
@@ -1820,7 +1839,7 @@ def test_cuda_segmentation_distills_and_scores_under_amp(seg, tmp_path):
         "--epochs", 2, "--batch-size", 16, "--workers", 2, "--out", tmp_path / "kt.pt")  # bf16 autocast on the GPU
     ckpt = checkpoints.load_checkpoint(tmp_path / "kt.pt", kinds=("student",))
     assert math.isfinite(ckpt["metrics"]["distill_loss"]) and math.isfinite(ckpt["metrics"]["held_out_kd"])
-    table = run(evaluate, "--dataset", "demo-seg", "--split", seg / "split.json", "--workers", 2, "--out",
+    table = run(evaluate, "--split", seg / "split.json", "--workers", 2, "--out",
                 tmp_path / "results.json", f"teacher={seg / 'teacher.pt'}", f"kt={tmp_path / 'kt.pt'}")
     assert all(0 <= row["miou"] <= 100 and row["device"].startswith("cuda") for row in table.values())
 
@@ -1831,8 +1850,8 @@ def test_a_segmentation_dataset_of_your_own_by_module(tmp_path, monkeypatch):
         "def dataset(split):\n"
         "    return demo.Scenes(split)  # dense = True, .classes, (image, mask) items, .mask(i)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    split = splits.load_split(tmp_path / "split.json", "py:myseg", 3, 0)
+    split = split_step.make_split(tmp_path / "split.json", "py:myseg", 3, 0)
     assert split["dense"] and len(split["labeled"]) == 3
-    images = splits.dataset(split, "labeled", dict(input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3), True)
+    images = data.split_images(split, "labeled", dict(input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3), True)
     x, mask = images[(0, 123)]
     assert x.shape == (3, 32, 32) and mask.shape == (32, 32) and int(mask.max()) < len(split["classes"])

@@ -6,10 +6,10 @@ of the gap. --source mixes labeled (the labeled images themselves), target (spli
 generic (all of --pool) and retrieval (each labeled image's top --k pool neighbours by embedding cosine,
 minus duplicates and test near-copies; --total N sets k for about N images with the queries).
 
-Reads:  split.json (made if missing), the pool (pools.py), the encoder (embeddings.py).
+Reads:  split.json (split.py), the pool (pools.py), the encoder (embeddings.py); the search: knn.py.
 Writes: --out, one image reference a line (read by distill.py); with a pool also OUT.report.json; with
         retrieval also OUT.png (each labeled query, then its kept neighbours). docs/transfer_sets.md: formats.
-Run:    python transfer_set.py --dataset demo --shots 5 --source target,retrieval --pool demo:unlabeled \
+Run:    python transfer_set.py --split runs/demo/split.json --source target,retrieval --pool demo:unlabeled \
             --embed open_clip:ViT-B-32/laion2b_s34b_b79k --k 50 --out runs/demo/transfer.txt
         torchrun --nproc_per_node 8 transfer_set.py ...   (each rank embeds its share of the pool)
 """
@@ -23,99 +23,14 @@ import torch
 
 import checkpoints
 import data
-import splits
 import training
 from checks import fail, finite, nonnegative, positive
 from embeddings import Encoder, embed_shards, read_shards
+from knn import near_duplicates, search
 from pools import pool_refs, readable
 
 
-# --------------------------------------------------------------------------------------------- search
-def topk_lowest(s, k):
-    """torch.topk along dim 1, except that among equal scores the lower column wins (topk's pick among
-    ties is arbitrary). s (Q, n) -> (scores (Q, k), columns (Q, k)), k <= n. One extra candidate shows
-    whether a tie crosses the k-th place; only those (rare) rows are redone, exactly."""
-    v, c = s.topk(min(k + 1, s.shape[1]), dim=1)
-    if v.shape[1] == k:  # k == n: every column is taken
-        return v, c
-    amb = (v[:, k] == v[:, k - 1]).nonzero().flatten()
-    v, c = v[:, :k].clone(), c[:, :k].clone()
-    if len(amb):
-        sa, ka = s[amb], v[amb, k - 1:]  # (A, n), (A, 1) the tied k-th score
-        need = k - (sa > ka).sum(1, keepdim=True)  # tied columns that fit, taken from the left
-        keep = (sa > ka) | ((sa == ka) & ((sa == ka).cumsum(1) <= need))  # exactly k per row
-        c[amb] = keep.nonzero()[:, 1].view(len(amb), k)
-        v[amb] = sa.gather(1, c[amb])
-    return v, c
-
-
-def merge(s, i, k):
-    """Best k of candidates (Q, m) by score, then lower id: sort by id, then a stable sort by score."""
-    o = i.argsort(1)
-    s, i = s.gather(1, o), i.gather(1, o)
-    o = s.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return s.gather(1, o), i.gather(1, o)
-
-
-def search(queries, pool, k, device, chunk=16384):
-    """Exact inner-product top-k of queries (Q, D) over pool = iterable of (emb (n, D), ids (n,)) shards,
-    ids ascending within a shard. A running (Q, k) top-k is merged with each chunk's, so memory is
-    Q x k plus one shard (plus Q x chunk scores). Returns (scores, ids) (Q, min(k, pool size)), best
-    first, ties -> lower id first. (TF32 on the GPU is exact here: the cached embeddings are float16.)"""
-    q = torch.as_tensor(queries).to(device, torch.float32)
-    best_s = torch.empty(len(q), 0, device=device)
-    best_i = torch.empty(len(q), 0, dtype=torch.long, device=device)
-    buf = torch.empty(0, device=device)  # scores (Q, chunk), reused: no fresh 100 MB block per chunk
-    for z, ids in pool:
-        z, ids = torch.as_tensor(z).to(device, torch.float32), torch.as_tensor(ids).to(device)
-        for a in range(0, len(ids), chunk):
-            n = min(chunk, len(ids) - a)
-            if buf.numel() < len(q) * n:
-                buf = torch.empty(len(q) * n, device=device)
-            s = torch.mm(q, z[a:a + n].T, out=buf[:len(q) * n].view(len(q), n))  # (Q, n) cosines
-            v, c = topk_lowest(s, min(k, n))
-            best_s, best_i = merge(torch.cat([best_s, v], 1), torch.cat([best_i, ids[a + c]], 1), k)
-    return best_s.cpu(), best_i.cpu()
-
-
 # ------------------------------------------------------------------------------------------ selection
-def near_duplicates(z, thr, device, chunk=1024, block=65536):
-    """Greedy in priority order: drop row j if its cosine with an earlier kept row exceeds thr.
-    z (R, D) unit rows, best first -> drop (R,) bool. Exact greedy; the Python loop runs only over the
-    rows of a chunk that conflict with another row of the same chunk."""
-    z = torch.as_tensor(z).to(device, torch.float32)
-    drop = torch.zeros(len(z), dtype=torch.bool)
-    for a in range(0, len(z), chunk):
-        c = z[a:a + chunk]
-        kept = (~drop[:a]).nonzero().flatten()
-        for b in range(0, len(kept), block):  # vs every row kept in earlier chunks, blockwise
-            drop[a:a + chunk] |= ((c @ z[kept[b:b + block].to(device)].T) > thr).any(1).cpu()
-        conflict = ((c @ c.T) > thr).triu(1).cpu()  # (c, c): row i knocks out later row j
-        d = drop[a:a + chunk]
-        for i in conflict.any(1).nonzero().flatten().tolist():
-            if not d[i]:
-                d |= conflict[i]
-    return drop.numpy()
-
-
-def stats(x):
-    x = np.asarray(x, dtype=np.float64)
-    return {} if x.size == 0 else dict(min=float(x.min()), mean=float(x.mean()),
-                                       median=float(np.median(x)), max=float(x.max()))
-
-
-def contact_sheet(rows, root, size=64, pad=4):
-    """[(query ref, [neighbour refs])] -> PIL image, one row per query: query, gap, its neighbours."""
-    from PIL import Image
-    ncol = 1 + max(len(n) for _, n in rows)
-    sheet = Image.new("RGB", (ncol * (size + pad) + 3 * pad, len(rows) * (size + pad)), "white")
-    for r, (q, ns) in enumerate(rows):
-        for c, ref in enumerate([q] + ns):
-            sheet.paste(data.open_image(ref, root).resize((size, size)),
-                        (c * (size + pad) + (3 * pad if c else 0), r * (size + pad)))
-    return sheet
-
-
 def threshold(value, test_z, device, quantile=0.99):
     """A near-copy threshold: a number, or auto: just above how close distinct target test images come to one
     another (the 99th percentile of each one's cosine to its nearest other one), and at least 0.95. So it
@@ -159,12 +74,13 @@ def retrieve(refs, args, split, device, rank, world):
     contact sheet); other ranks return None after embedding their shards."""
     encoder = Encoder(args.embed, args.embed_weights, args.embed_pretrained)
     encoder.model.to(device)
-    q_refs = splits.images(split, "labeled", args.data_root)[0]
-    t_refs = splits.images(split, "test", args.data_root)[0] if args.leak_threshold == "auto" or \
+    q_refs = data.images(split, "labeled")[0]
+    t_refs = data.images(split, "test")[0] if args.leak_threshold == "auto" or \
         args.leak_threshold <= 1 or args.dedup_threshold == "auto" else []
-    tag = f"{args.dataset}-{args.budget or str(args.shots) + 'shot'}-seed{args.seed}"
+    dataset = split["dataset"]
+    tag = f"{dataset}-{split.get('budget') or str(split.get('shots')) + 'shot'}-seed{split.get('seed')}"
     dq, dt, dp = (embed_shards(r, kind, n, encoder, args, device, rank, world) for r, kind, n in
-                  [(q_refs, "queries", tag), (t_refs, "test", args.dataset), (refs, "pool", args.pool)])
+                  [(q_refs, "queries", tag), (t_refs, "test", dataset), (refs, "pool", args.pool)])
     if world > 1:
         torch.distributed.barrier()  # every rank's shards are on disk
     if rank != 0:
@@ -214,6 +130,25 @@ def retrieve(refs, args, split, device, rank, world):
     return [refs[c] for c in kept], report, contact_sheet(rows, args.data_root) if rows else None
 
 
+# --------------------------------------------------------------------------------------------- report
+def stats(x):
+    x = np.asarray(x, dtype=np.float64)
+    return {} if x.size == 0 else dict(min=float(x.min()), mean=float(x.mean()),
+                                       median=float(np.median(x)), max=float(x.max()))
+
+
+def contact_sheet(rows, root, size=64, pad=4):
+    """[(query ref, [neighbour refs])] -> PIL image, one row per query: query, gap, its neighbours."""
+    from PIL import Image
+    ncol = 1 + max(len(n) for _, n in rows)
+    sheet = Image.new("RGB", (ncol * (size + pad) + 3 * pad, len(rows) * (size + pad)), "white")
+    for r, (q, ns) in enumerate(rows):
+        for c, ref in enumerate([q] + ns):
+            sheet.paste(data.open_image(ref, root).resize((size, size)),
+                        (c * (size + pad) + (3 * pad if c else 0), r * (size + pad)))
+    return sheet
+
+
 def auto_or_number(s):
     """argparse type of the thresholds: auto, or a finite number."""
     return s if s == "auto" else finite(s)
@@ -222,7 +157,9 @@ def auto_or_number(s):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Build the transfer set (the images distill.py trains on).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    splits.add_task_args(p)  # the task and its label budget: the labeled images are the queries
+    p.add_argument("--split", default="runs/demo/split.json", help="split.json (split.py): the labeled images "
+                   "are the queries, its unlabeled ones the target set")
+    p.add_argument("--data-root", default="data", help="where dataset references resolve")
     p.add_argument("--source", default="target", help="comma list of labeled, target, generic, retrieval; try "
                    "target,retrieval when few unlabeled, labeled,retrieval as the paper's ADE20K sets")
     p.add_argument("--pool", help="folder of images, text file of paths, .tar shards (folder or glob), "
@@ -258,9 +195,8 @@ def main(args):
     if {"generic", "retrieval"} & set(sources) and not args.pool:
         fail("--source generic/retrieval needs --pool")
     checkpoints.check_writable(args.out)
-    device, rank, world = training.setup(args.train_seed)
-    split = splits.load_split(args.split, args.dataset, args.shots, args.seed, args.data_root, args.split_files,
-                              args.budget)
+    device, rank, world = training.setup(0)
+    split = data.read_split(args.split)
     refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] else ([], [])
     out, report, sheet = [], dict(pool=args.pool, pool_images=len(refs)), None
     if args.total:  # a fixed size, an equal share per query: the queries plus k neighbours each
@@ -275,9 +211,9 @@ def main(args):
     elif rank != 0:
         return
     if "labeled" in sources:
-        out += splits.images(split, "labeled", args.data_root)[0]
+        out += data.images(split, "labeled")[0]
     if "target" in sources:
-        out += splits.images(split, "unlabeled", args.data_root)[0]
+        out += data.images(split, "unlabeled")[0]
     if "generic" in sources:
         if "retrieval" in sources:  # the whole pool was decoded for embedding already
             skip = {r for r, _ in report["unreadable_files"]}

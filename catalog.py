@@ -1,13 +1,23 @@
-"""Datasets read from files in their published layouts: HAM10000 (ISIC's metadata CSV), ADE20K
-(ADEChallengeData2016) and segmentation folders (images/ + masks/). data.load_dataset names them.
+"""Datasets by name, each listed from its own layout; split.py (and a pool named DATASET:SPLIT) list them.
+
+  * torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10 places365, the demo and
+    py:MODULE: data.indexed opens them (their images are referenced as NAME:SPLIT:INDEX);
+  * imagenet (DATA_ROOT/imagenet/{train,val}/<wnid>/), folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*,
+    optional PATH/val/), ham10000 (ISIC's metadata CSV): their images are referenced by path;
+  * segmentation: ade20k (ADEChallengeData2016), demo-seg, folder:PATH with PATH/{train,test}/images/ +
+    masks/ and PATH/classes.txt. A segmentation dataset has `dense = True`, and where a class index travels
+    with an image, a mask reference travels with it here.
 """
 import csv
+import functools
 import os
 
 import torch
 
+import data
 from checks import fail, first_line
 
+PAPER = ("imagenet", "ham10000", "ade20k")  # the paper's other tasks, from files the user downloads into DATA_ROOT
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -99,3 +109,83 @@ def segmentation_folder(root, split):
     except OSError as e:
         fail(f"segmentation folder {root}: cannot read classes.txt ({e.strerror}), one class name a line")
     return Segmentation(os.path.join(root, split, "images"), os.path.join(root, split, "masks"), classes)
+
+
+# ----------------------------------------------------------------------------------- by name
+def _folder(root, split):
+    """`folder:PATH` datasets: PATH/train/<class>/*.jpg, PATH/test/<class>/*, optional PATH/val/."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        fail(f"folder dataset {root} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
+    seen = set()  # real paths: a file reached again (a directory symlink loop, a second link) counts once
+
+    def first_visit(f):
+        real = os.path.realpath(f)
+        new = real not in seen
+        seen.add(real)
+        return new and has_file_allowed_extension(f, IMG_EXTENSIONS)
+    try:
+        return ImageFolder(path, is_valid_file=first_visit)
+    except (FileNotFoundError, RuntimeError) as e:
+        fail(f"folder dataset {path}: {e}")
+
+
+def _labels(ds):
+    """Integer labels of a dataset without decoding any image."""
+    for attr in ("targets", "labels", "_labels"):
+        if hasattr(ds, attr):
+            return [int(y) for y in getattr(ds, attr)]
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+@functools.lru_cache(maxsize=None)
+def load_dataset(name, split, root="data", download=True):
+    """(dataset, labels, classes) of one split; dataset[i] -> (PIL image, int label). Cached."""
+    if name in ("demo", "demo-seg") or name.startswith("py:") or name in data.TORCHVISION:
+        ds = data.indexed(name, split, root, download)
+    elif name == "imagenet":  # DATA_ROOT/imagenet/train/<wnid>/*.JPEG and val/<wnid>/*: val is the test set
+        ds = _folder(os.path.join(root, "imagenet"), "val" if split == "test" else split)
+    elif name == "ham10000":
+        ds = HAM10000(os.path.join(root, "ham10000"), split)
+    elif name == "ade20k":
+        ds = ade20k(root, split)
+    elif name.startswith("folder:") and dense_by_name(name):
+        ds = segmentation_folder(name[len("folder:"):], split)
+    elif name.startswith("folder:"):
+        ds = _folder(name[len("folder:"):], split)
+        if split != "train":
+            train_classes = _folder(name[len("folder:"):], "train").classes
+            if ds.classes != train_classes:
+                fail(f"{name}: {split}/ classes {ds.classes} differ from train/ classes {train_classes}")
+    else:
+        fail(f"unknown dataset '{name}'; choose demo, {', '.join(data.TORCHVISION + PAPER)}, folder:PATH or py:MODULE")
+    classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
+    return ds, _labels(ds), [str(c) for c in classes]
+
+
+def split_refs(dataset, split, indices=None, root="data"):
+    """References like `cifar10:train:17` for indices of a split (all of it when indices is None)."""
+    ds, labels, _ = load_dataset(dataset, split, root)
+    indices = range(len(ds)) if indices is None else indices
+    outside = [i for i in indices if not 0 <= i < len(ds)]
+    if outside:
+        fail(f"{len(outside)} indices outside {dataset}/{split} ({len(ds)} images), e.g. {outside[:3]}: "
+             "the split file was made for other data")
+    if hasattr(ds, "samples"):  # real files (folder:, imagenet, ham10000, ade20k): reference them by path
+        refs = [ds.samples[i][0] for i in indices]
+        return refs, [ds.samples[i][1] for i in indices] if is_dense(ds) else [labels[i] for i in indices]
+    refs = [f"{dataset}:{split}:{i}" for i in indices]
+    return refs, refs if is_dense(ds) else [labels[i] for i in indices]  # a dense dataset's ref names its mask too
+
+
+def is_dense(ds):
+    """Whether a dataset is for segmentation: its labels are masks."""
+    return getattr(ds, "dense", False)
+
+
+def dense_by_name(name):
+    """Whether a dataset is for segmentation, known from its name without listing its files."""
+    return name in ("ade20k", "demo-seg") or name.startswith("folder:") and \
+        os.path.isdir(os.path.join(name[len("folder:"):], "train", "masks"))

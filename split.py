@@ -1,15 +1,15 @@
-"""The label budget: which images are labeled, which are the task's unlabeled images, which are val and test.
+"""Step 0, the label budget: which images are labeled, which are the task's unlabeled images, val and test.
 
-Made once and recorded in split.json, which every later step reads, so all models see the same labels:
-  * from --shots N (N labeled images per class) or --shots P% (P% of each class), drawn from --seed; the
-    rest of the train split is the task's unlabeled images, and the dataset's test split is the test set;
-  * or from split files (--split-files DIR --budget NAME), as Vemulapalli et al. published their subsets
-    (apple/ml-vfm-kt datasplits/<Task>/): lines `filename,class` in DIR/NAME.txt (the labeled images),
-    train_full.txt (the train split: the rest are unlabeled), val.txt and test.txt (val.txt is the test set
-    where there is no test.txt, as ImageNet's). Each filename is found under the dataset's folder.
-Segmentation (ade20k, demo-seg, a folder with masks): --shots N is N images (not per class), split files
-name images alone (ADE20K's `train_1200img`), and every labeled, val and test mask is checked when the split
-is made (its size is its image's, its values are classes or 255).
+Made once, so that every model sees the same labels: from --shots N (N labeled images per class) or
+--shots P% (P% of each class), drawn from --seed, the rest of the train split unlabeled and the dataset's
+test split the test set; or from the paper's split files (--split-files DIR --budget NAME, apple/ml-vfm-kt
+datasplits/<Task>/). Segmentation: --shots N is N images, and every mask is checked here, once.
+
+Reads:  the dataset (catalog.py lists it by name); split files with --split-files.
+Writes: split.json = {dataset, shots, seed | split_files, budget, classes, labeled, files: {part: [[image
+        reference, label], ...]} for labeled, unlabeled, test (and val)}: every later step reads it, and
+        nothing else of the dataset. Asked again with the same settings it is kept; with others, refused.
+Run:    python split.py --dataset eurosat --shots 10 --seed 0 --out runs/eurosat/split.json
 """
 import argparse
 import json
@@ -20,9 +20,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+import catalog
 import data
-import file_datasets
-import models
 import training
 from checkpoints import atomic_write
 from checks import fail, first_line, positive
@@ -82,7 +81,7 @@ def from_split_files(dataset, folder, budget, root, dense=False):
     if "test" not in read and "val" in read:  # ImageNet: the val split is the test set
         read["test"] = read.pop("val")
     if dense:  # segmentation: each name is an image of the dataset's own listing, whose mask comes with it
-        train, test = (data.load_dataset(dataset, part, root)[0] for part in ("train", "test"))
+        train, test = (catalog.load_dataset(dataset, part, root)[0] for part in ("train", "test"))
         if not hasattr(train, "samples"):
             fail(f"split files name image files; {dataset} has none")
         pairs = {os.path.basename(img): [img, mask] for img, mask in train.samples + test.samples}
@@ -98,7 +97,7 @@ def from_split_files(dataset, folder, budget, root, dense=False):
     images_dir = dataset[len("folder:"):] if dataset.startswith("folder:") else os.path.join(root, dataset)
     for d, _, names in os.walk(images_dir, followlinks=True):
         for name in names:
-            if name.lower().endswith(file_datasets.IMAGE_EXTS):
+            if name.lower().endswith(catalog.IMAGE_EXTS):
                 paths.setdefault(name, []).append(os.path.join(d, name))
 
     def find(name, cls):  # a name in several class folders (Places365's 00000001.jpg): the one in its class's
@@ -125,7 +124,7 @@ def check_masks(split, root):
     """Every labeled, val and test mask read once: the wrong size or a class out of range is one line, before
     any training (data.Images would otherwise skip that image with a warning)."""
     for part in ("labeled", "val", "test"):
-        refs, masks = images(split, part, root) or ([], [])
+        refs, masks = data.images(split, part) or ([], [])
         for ref, mask in training.bar(list(zip(refs, masks)), desc=f"checking {part} masks", leave=False):
             try:
                 if os.path.isfile(ref):  # the image's size from its header, without decoding it
@@ -140,43 +139,52 @@ def check_masks(split, root):
                 fail(f"cannot read the mask {mask} ({first_line(e)}) of {part} image {ref}")
 
 
-def read_split(path):
-    """A split.json, checked."""
-    try:
-        with open(path) as f:
-            split = json.load(f)
-        split["labeled"], split["classes"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"{path} is not a split file ({first_line(e)}); delete it or use another --split path")
-    return split
+def parts(dataset, labeled, unlabeled, root):
+    """[reference, label] pairs of each part: the labeled and unlabeled indices of the train split, the test
+    split, and a folder dataset's val/ (the only datasets with a val split of their own)."""
+    wanted = {"labeled": ("train", labeled), "unlabeled": ("train", unlabeled), "test": ("test", None)}
+    if dataset.startswith("folder:") and os.path.isdir(os.path.join(dataset[len("folder:"):], "val")):
+        wanted["val"] = ("val", None)
+    files = {}
+    for part, (split, indices) in wanted.items():
+        refs, labels = catalog.split_refs(dataset, split, indices, root)
+        files[part] = [[ref, label] for ref, label in zip(refs, labels)]
+    return files
 
 
-def load_split(path, dataset, shots, seed, root="data", split_files=None, budget=None):
-    """The split recorded in split.json: made on first use, then read (and checked) by every later step."""
+def make_split(path, dataset, shots, seed, root="data", split_files=None, budget=None):
+    """Write split.json at `path`; if it is there for the same settings, read it back (for others: refused)."""
     want = dict(dataset=dataset, split_files=os.path.abspath(split_files), budget=budget) if split_files else \
         dict(dataset=dataset, shots=shots, seed=seed)
     if os.path.exists(path):
-        split = read_split(path)
-        have = {k: split.get(k) for k in want}
+        try:
+            with open(path) as f:
+                split = json.load(f)
+            have = {k: split.get(k) for k in want}
+        except (OSError, ValueError, AttributeError) as e:
+            fail(f"{path} is not a split file ({first_line(e)}); delete it or use another --out")
         if have != want:
-            fail(f"{path} records {have} but this step was asked for {want}; use another --split path")
-        return split
+            fail(f"{path} records {have} but this step was asked for {want}; use another --out")
+        if "files" in split:
+            return split
+        # else: a split.json of an older version, without its file lists; made again, with the same labels
     if split_files:
         if not budget:
             fail("--split-files needs --budget NAME (the file of labeled images, e.g. train_10img_per_class)")
         # the dataset is not listed (ImageNet's 1.2M files), but for segmentation: its listing pairs image and mask
-        dense = data.dense_by_name(dataset)
-        ds = data.load_dataset(dataset, "train", root)[0] if dense else None
+        dense = catalog.dense_by_name(dataset)
+        ds = catalog.load_dataset(dataset, "train", root)[0] if dense else None
         classes, files = from_split_files(dataset, split_files, budget, root, dense)
         split = dict(want, classes=classes, labeled=[p for p, _ in files["labeled"]], files=files)
     else:
-        ds, labels, classes = data.load_dataset(dataset, "train", root)
-        dense = data.is_dense(ds)
-        data.load_dataset(dataset, "test", root)  # a missing or mismatched test split is refused now, not later
+        ds, labels, classes = catalog.load_dataset(dataset, "train", root)
+        dense = catalog.is_dense(ds)
+        catalog.load_dataset(dataset, "test", root)  # a missing or mismatched test split is refused now, not later
         if dense and isinstance(shots, int) and shots > len(labels):
             fail(f"--shots {shots}: {dataset} has {len(labels)} train images (segmentation: --shots counts images)")
         labeled, unlabeled = label_budget([0] * len(labels) if dense else labels, shots, seed)  # dense: N images
-        split = dict(want, classes=classes, labeled=labeled, unlabeled=unlabeled)
+        split = dict(want, classes=classes, labeled=labeled, unlabeled=unlabeled,
+                     files=parts(dataset, labeled, unlabeled, root))
     if dense:
         split.update(dense=True, reduce_zero_label=getattr(ds, "reduce_zero_label", False))
         check_masks(split, root)
@@ -184,47 +192,32 @@ def load_split(path, dataset, shots, seed, root="data", split_files=None, budget
     return split
 
 
-def images(split, part, root="data"):
-    """(refs, labels) of one part of the split: labeled, unlabeled, val or test; None for no val."""
-    if "files" in split:
-        pairs = split["files"].get(part)
-        return None if pairs is None else ([p for p, _ in pairs], [y for _, y in pairs])
-    dataset = split["dataset"]
-    if part in ("labeled", "unlabeled"):
-        return data.split_refs(dataset, "train", split[part], root)
-    if part == "val" and not (dataset.startswith("folder:") and os.path.isdir(os.path.join(dataset[7:], "val"))):
-        return None
-    return data.split_refs(dataset, part, None, root)
+def get_args_parser():
+    p = argparse.ArgumentParser(description="split: the label budget, recorded once in split.json",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="demo", help="demo; torchvision's eurosat, flowers102, dtd, pets, "
+                   "food101, cifar10, cifar100, stl10, places365; imagenet or ham10000 (downloaded into "
+                   "DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE; "
+                   "segmentation: demo-seg, ade20k (DATA_ROOT/ADEChallengeData2016), folder:PATH "
+                   "(PATH/{train,test}/images/ + masks/, PATH/classes.txt)")
+    p.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
+    p.add_argument("--shots", type=shots, default=10, help="the label budget: labeled images per class (10), "
+                   "or a percentage of each class (1%%); segmentation: images in all (1200), or a percentage")
+    p.add_argument("--seed", type=int, default=0, help="picks the labeled images")
+    p.add_argument("--split-files", metavar="DIR", help="the paper's split files (apple/ml-vfm-kt "
+                   "datasplits/<Task>/) instead of --shots and --seed; with --budget")
+    p.add_argument("--budget", metavar="NAME", help="with --split-files: the file of labeled images, "
+                   "e.g. train_10img_per_class")
+    p.add_argument("--out", default="runs/demo/split.json")
+    return p
 
 
-def dataset(split, part, cfg, train, root="data", substitute=True):
-    """data.Images of one part of the split with a model's transform (cfg: its data config); segmentation:
-    the masks come with the images, through the paired transform."""
-    refs, labels = images(split, part, root)
-    if split.get("dense"):
-        return data.Images(refs, labels, models.pair_transform(cfg, train), root, substitute,
-                           len(split["classes"]), split["reduce_zero_label"])
-    return data.Images(refs, labels, models.transform(cfg, train), root, substitute)
+def main(args):
+    split = make_split(args.out, args.dataset, args.shots, args.seed, args.data_root, args.split_files, args.budget)
+    sizes = ", ".join(f"{len(pairs)} {part}" for part, pairs in split["files"].items())
+    training.log(0, f"{args.out}: {len(split['classes'])} classes; {sizes}")
+    return split
 
 
-def add_task_args(parser):
-    """The flags that name the task and its label budget, the same in every step that reads split.json."""
-    parser.add_argument("--dataset", default="demo", help="demo; torchvision's eurosat, flowers102, dtd, pets, "
-                        "food101, cifar10, cifar100, stl10, places365; imagenet or ham10000 (downloaded into "
-                        "DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE; "
-                        "segmentation: demo-seg, ade20k (DATA_ROOT/ADEChallengeData2016), folder:PATH "
-                        "(PATH/{train,test}/images/ + masks/, PATH/classes.txt)")
-    parser.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
-    parser.add_argument("--shots", type=shots, default=10, help="the label budget: labeled images per class "
-                        "(10), or a percentage of each class (1%%); segmentation: images in all (1200), or a "
-                        "percentage of them")
-    parser.add_argument("--seed", type=int, default=0, help="picks the labeled images (the label budget)")
-    parser.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and "
-                        "data order: repeats a run on the same labels (run.sh --seeds)")
-    parser.add_argument("--split-files", metavar="DIR", help="the paper's split files (apple/ml-vfm-kt "
-                        "datasplits/<Task>/) instead of --shots and --seed; with --budget")
-    parser.add_argument("--budget", metavar="NAME", help="with --split-files: the file of labeled images, "
-                        "e.g. train_10img_per_class")
-    parser.add_argument("--split", default="runs/demo/split.json",
-                        help="records the labeled images once; every later step reads it")
-    return parser
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
