@@ -31,12 +31,14 @@ SPLITS = ("train", "val", "test", "unlabeled")
 # ----------------------------------------------------------------------------------------- the split
 def read_split(path):
     """A split.json (split.py), checked."""
+    if not os.path.exists(path):
+        fail(f"{path} not found: run split.py --out {path} first (the label budget)")
     try:
         with open(path) as f:
             split = json.load(f)
         split["classes"], split["files"]["labeled"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"{path} is not a split file ({first_line(e)}); split.py makes it (split.py --out {path})")
+        fail(f"{path} is not a split file ({first_line(e)}); split.py makes it")
     return split
 
 

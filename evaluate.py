@@ -218,6 +218,8 @@ def main(args):
     split = data.read_split(args.split)  # its test (and val) images: the paper's split files, or the dataset's
     classes, dense = split["classes"], split.get("dense", False)
     parts = [p for p in ("val", "test") if data.images(split, p)]
+    if "test" not in parts:
+        fail(f"{args.split} lists no test images")
     results, predictions = {}, {}
     task = {True: "segmentation", False: "classification"}
     for name, ckpt in ckpts.items():

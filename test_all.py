@@ -140,6 +140,12 @@ def test_split_is_recorded_once_and_mismatches_are_refused(tmp_path):
     assert split_step.make_split(tmp_path / "split.json", "demo", 3, 0) == s
     with pytest.raises(SystemExit, match="records"):
         split_step.make_split(tmp_path / "split.json", "demo", 5, 0)
+    old = {k: v for k, v in s.items() if k != "files"}  # a split.json of an older version: no file lists
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="old.json is not a split file"):
+        data.read_split(tmp_path / "old.json")
+    assert split_step.make_split(tmp_path / "old.json", "demo", 3, 0) == s  # made again: the same labels
+    assert data.images(s, "labeled")[0][:2] == [f"demo:train:{i}" for i in s["labeled"][:2]]
 
 
 def test_transforms_follow_each_models_data_config():
@@ -525,6 +531,28 @@ def test_a_directory_symlink_loop_counts_each_file_once(tmp_path):
     os.symlink("../cat", tmp_path / "train" / "cat" / "sub")  # train/cat/sub -> train/cat
     _, labels, _ = catalog.load_dataset(dataset, "train")
     assert labels == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_split_json_written_by_hand_is_all_a_task_needs(tmp_path):
+    """A task of one's own: image files and labels listed in a split.json, no dataset code."""
+    from PIL import Image
+    files = {"labeled": [], "test": []}
+    for part, n in (("labeled", 2), ("test", 2)):
+        for c in range(2):
+            for i in range(n):
+                path = tmp_path / f"{part}_{c}_{i}.png"
+                Image.new("RGB", (40, 30), (200 * c, 50, 50)).save(path)
+                files[part].append([str(path), c])
+    (tmp_path / "split.json").write_text(json.dumps(dict(classes=["red", "green"], files=files)))
+    split = ["--split", tmp_path / "split.json"]
+    run(teacher, *split, "--model", "test_resnet", *TINY, "--weights", "none", "--epochs", 1, "--workers", 0,
+        "--out", tmp_path / "teacher.pt")
+    table = run(evaluate, *split, "--workers", 0, "--speed-batch", 0, "--out", tmp_path / "r.json",
+                f"teacher={tmp_path / 'teacher.pt'}")
+    assert table["teacher"]["test_images"] == 4
+    with pytest.raises(SystemExit, match="lists no unlabeled images"):
+        run(transfer_set, *split, "--source", "target", "--out", tmp_path / "t.txt")
+    assert not (tmp_path / "t.txt").exists()
 
 
 def test_test_split_problems_are_refused_before_training(tmp_path):

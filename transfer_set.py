@@ -213,6 +213,8 @@ def main(args):
     if "labeled" in sources:
         out += data.images(split, "labeled")[0]
     if "target" in sources:
+        if data.images(split, "unlabeled") is None:
+            fail(f"--source target: {args.split} lists no unlabeled images")
         out += data.images(split, "unlabeled")[0]
     if "generic" in sources:
         if "retrieval" in sources:  # the whole pool was decoded for embedding already
