@@ -27,15 +27,6 @@ from checkpoints import atomic_write
 from checks import fail, first_line, positive
 
 
-def shots(s):
-    """argparse type of --shots: a count per class (10), or a percentage of each class (1%, 0.5%)."""
-    if s.endswith("%"):
-        if not re.fullmatch(r"\d+(\.\d+)?", s[:-1]) or not 0 < float(s[:-1]) <= 100:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a percentage above 0 and at most 100")
-        return s
-    return positive(s)
-
-
 def label_budget(labels, shots, seed):
     """Pick `shots` images per class (a count, or "P%" of each class), balanced and deterministic in `seed`.
 
@@ -53,6 +44,15 @@ def label_budget(labels, shots, seed):
         labeled += idx[:k].tolist()
     chosen = set(labeled)
     return sorted(labeled), [i for i in range(len(labels)) if i not in chosen]
+
+
+def shots(s):
+    """argparse type of --shots: a count per class (10), or a percentage of each class (1%, 0.5%)."""
+    if s.endswith("%"):
+        if not re.fullmatch(r"\d+(\.\d+)?", s[:-1]) or not 0 < float(s[:-1]) <= 100:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a percentage above 0 and at most 100")
+        return s
+    return positive(s)
 
 
 def read_split_file(path, dense=False):
