@@ -92,11 +92,13 @@ def ade20k(root, split):
     part = "training" if split == "train" else "validation"
     if split not in ("train", "test"):
         fail(f"ade20k has train and test (its official validation set); {split} comes from the paper's split files")
-    try:  # "Idx Ratio Train Val Name" rows; a name such as "building;edifice" is called by its first word
+    try:  # the devkit's table, tab-separated "Idx Ratio Train Val Name"; "building, edifice" is called "building"
         with open(os.path.join(base, "objectInfo150.txt")) as f:
-            classes = [line.split("\t")[-1].strip().split(";")[0] for line in f.readlines()[1:]]
+            classes = [line.split("\t")[-1].split(",")[0].strip() for line in f.readlines()[1:] if line.strip()]
     except OSError:
         classes = [f"class{i}" for i in range(1, 151)]
+    if len(classes) != 150:
+        fail(f"{base}/objectInfo150.txt names {len(classes)} classes; ADE20K has 150")
     return Segmentation(os.path.join(base, "images", part), os.path.join(base, "annotations", part), classes,
                         reduce_zero_label=True)
 

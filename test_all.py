@@ -1678,6 +1678,16 @@ def test_ade20k_layout_and_the_papers_split_files(tmp_path):
     with pytest.raises(SystemExit, match="--shots 7: ade20k has 6 train images"):
         split_step.make_split(tmp_path / "more.json", "ade20k", 7, 0, tmp_path / "data")
     assert len(catalog.load_dataset("ade20k", "test", str(tmp_path / "data"))[0]) == 3
+    # class names from the devkit's objectInfo150.txt (tab-separated; a name's first synonym), when it is there
+    rows = ["1\t0.1576\t11664\t1172\twall", "2\t0.1072\t6046\t612\tbuilding, edifice", "3\t0.0878\t8265\t796\tsky",
+            "8\t0.0231\t1906\t199\tbed "] + [f"{i} \t0.0001\t1\t1\tthing{i}, other" for i in range(5, 151)]
+    info = tmp_path / "data" / "ADEChallengeData2016" / "objectInfo150.txt"
+    info.write_text("Idx\tRatio\tTrain\tVal\tName\n" + "\n".join(rows) + "\n")
+    classes = catalog.ade20k(str(tmp_path / "data"), "train").classes
+    assert len(classes) == 150 and classes[:5] == ["wall", "building", "sky", "bed", "thing5"]
+    info.write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n")
+    with pytest.raises(SystemExit, match="names 1 classes; ADE20K has 150"):
+        catalog.ade20k(str(tmp_path / "data"), "train")
 
 
 def test_bad_masks_are_one_line_and_nothing_is_lost(tmp_path):
