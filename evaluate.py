@@ -111,6 +111,22 @@ def images_per_second(model, cfg, device, autocast, batch, iters):
     return batch * iters / (time.perf_counter() - t)
 
 
+def costs(model, ckpt, device, autocast, speed_batch=None):
+    """What a model costs to run, in the form a deployment runs (models.deployed: counted and timed folded),
+    and what it cost to train (the checkpoint's stages)."""
+    deployed, folded = models.deployed(model)
+    cfg, batch = ckpt["data_config"], 64 if device.type == "cuda" else 8
+    batch, iters = batch if speed_batch is None else speed_batch, 10 if device.type == "cuda" else 3
+    ips = images_per_second(deployed, cfg, device, autocast, batch, iters) if batch else None
+    ips_train = images_per_second(model, cfg, device, autocast, batch, iters) if batch and folded else None
+    trained = ckpt.get("cost", [])
+    return dict(
+        params_m=sum(p.numel() for p in deployed.parameters()) / 1e6, gflops=gflops(deployed, cfg, device),
+        images_per_s=ips, images_per_s_training_form=ips_train, reparameterized=folded,
+        training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in trained) or "none",
+        train_images=sum(c["images"] for c in trained), train_wall_s=sum(c["wall_s"] for c in trained))
+
+
 def summarize(results):
     """Group runs named NAME@SEED into one row per NAME: mean and std of the accuracies over seeds."""
     rows = {}
@@ -240,20 +256,9 @@ def main(args):
         if counted < len(images):
             training.log(0, f"warning: {len(images) - counted} of {len(images)} test images could not be read; "
                             f"{name} is scored on the other {counted}")
-        deployed, folded = models.deployed(model)  # what a deployment runs: counted and timed in this form
-        cfg, batch = ckpt["data_config"], 64 if device.type == "cuda" else 8
-        batch, iters = batch if args.speed_batch is None else args.speed_batch, 10 if device.type == "cuda" else 3
-        ips = images_per_second(deployed, cfg, device, autocast, batch, iters) if batch else None
-        ips_train = images_per_second(model, cfg, device, autocast, batch, iters) if batch and folded else None
-        cost = ckpt.get("cost", [])
-        results[name] = dict(
-            arch=ckpt["recipe"]["arch"], **metrics,
-            params_m=sum(p.numel() for p in deployed.parameters()) / 1e6, gflops=gflops(deployed, cfg, device),
-            images_per_s=ips, images_per_s_training_form=ips_train, reparameterized=folded,
-            training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in cost) or "none",
-            train_images=sum(c["images"] for c in cost), train_wall_s=sum(c["wall_s"] for c in cost),
-            test_images=counted, unreadable_test_images=len(images) - counted, device=str(device),
-            checkpoint=paths[name])
+        results[name] = dict(arch=ckpt["recipe"]["arch"], **metrics,
+                             **costs(model, ckpt, device, autocast, args.speed_batch), test_images=counted,
+                             unreadable_test_images=len(images) - counted, device=str(device), checkpoint=paths[name])
         training.log(0, f"{name}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                                                 if k != "per_class_iou"))
     teacher = predictions.get((args.teacher_row, "test"))  # does each model predict what the teacher does?
