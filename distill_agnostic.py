@@ -75,6 +75,19 @@ class StudentWithProjection(nn.Module):
             return self.projection(embedding.float())
 
 
+def frozen_vfm(name, weights, img_size, dense, device):
+    """The VFM as it was pretrained, frozen -> (model, data config, embedding width). Its head has 1 class and
+    is never used (image_embedding stops before it); for a segmentation student it is read as a segmenter
+    too, whose embedding is the last feature map (patch features)."""
+    local = None if weights == "hub" else weights  # a weights file
+    vfm, _, cfg = models.create_model(name, 1, pretrained=weights == "hub", weights=local, img_size=img_size,
+                                      decoder="linear" if dense else None)
+    vfm = vfm.to(device).eval().requires_grad_(False)
+    with torch.inference_mode():  # the embedding width, from one dummy image
+        dim = image_embedding(vfm, torch.zeros(1, *cfg["input_size"], device=device)).shape[1]
+    return vfm, cfg, dim
+
+
 @torch.inference_mode()
 def held_out_loss(pair, vfm, x, s_cfg, v_cfg, autocast):
     """The agnostic loss on unaugmented images the student never trains on (`pair`: the plain module)."""
@@ -122,15 +135,8 @@ def main(args):
     refs = data.read_transfer_list(args.transfer)
     if args.vfm_weights == "none":
         fail("--vfm-weights none would distill a random network; give hub or a weights file")
-    # a 1-class head that is never used (image_embedding stops before it); a stored classifier is dropped.
-    # For a segmentation student the VFM is read as a segmenter too: its last feature map (patch features).
-    vfm, _, v_cfg = models.create_model(args.vfm, 1, pretrained=args.vfm_weights == "hub",
-                                        weights=None if args.vfm_weights == "hub" else args.vfm_weights,
-                                        img_size=args.img_size,
-                                        decoder="linear" if s_ckpt["recipe"].get("decoder") else None)
-    vfm = vfm.to(device).eval().requires_grad_(False)
-    with torch.inference_mode():  # the embedding width, from one dummy image
-        vfm_dim = image_embedding(vfm, torch.zeros(1, *v_cfg["input_size"], device=device)).shape[1]
+    vfm, v_cfg, vfm_dim = frozen_vfm(args.vfm, args.vfm_weights, args.img_size, s_ckpt["recipe"].get("decoder"),
+                                     device)
     pair = StudentWithProjection(models.load_model(s_ckpt), vfm_dim).to(device)
     vfm = torch.compile(vfm) if args.compile else vfm
     autocast, scaler = training.amp(device)
