@@ -1,8 +1,8 @@
 """The offline demo: its generated dataset, and the stand-in foundation model pretrained on the CPU.
 
-`--dataset demo` (data.py loads it through dataset(split)): 10 classes of shapes and patterns in random
-colours, sizes and positions on a noisy background, 32x32; image i of a split is drawn from (split, i)
-alone. Splits: train (120 per class), test (40 per class), unlabeled (a generic pool, see pool_kind).
+`split.py --dataset demo` (data.indexed loads it through dataset(split)): 10 classes of shapes and
+patterns in random colours, sizes and positions on a noisy background, 32x32; image i of a split is drawn
+from (split, i) alone. Splits: train (120 per class), test (40 per class), unlabeled (a generic pool, see pool_kind).
 No VFM weights can be downloaded offline, so `python demo.py --out FILE` pretrains a miniature one: a
 small timm network trained with labels on BROAD_CLASSES (stars, arrows, spirals, letters, ...: none a task
 class). Its weights are an ordinary timm file for `teacher.py --weights FILE`. Nothing else needs this file.
