@@ -38,7 +38,8 @@ def read_split(path):
             split = json.load(f)
         split["classes"], split["files"]["labeled"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"{path} is not a split file ({first_line(e)}); split.py makes it")
+        fail(f"{path} is not a split file ({first_line(e)}); split.py makes it (an older one, without `files`, "
+             "is made again by split.py with its settings, or by run.sh --force)")
     return split
 
 
