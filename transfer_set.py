@@ -197,6 +197,8 @@ def main(args):
     checkpoints.check_writable(args.out)
     device, rank, world = training.setup(0)
     split = data.read_split(args.split)
+    if "target" in sources and data.images(split, "unlabeled") is None:  # before any embedding work
+        fail(f"--source target: {args.split} lists no unlabeled images")
     refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] else ([], [])
     out, report, sheet = [], dict(pool=args.pool, pool_images=len(refs)), None
     if args.total:  # a fixed size, an equal share per query: the queries plus k neighbours each
@@ -213,8 +215,6 @@ def main(args):
     if "labeled" in sources:
         out += data.images(split, "labeled")[0]
     if "target" in sources:
-        if data.images(split, "unlabeled") is None:
-            fail(f"--source target: {args.split} lists no unlabeled images")
         out += data.images(split, "unlabeled")[0]
     if "generic" in sources:
         if "retrieval" in sources:  # the whole pool was decoded for embedding already
