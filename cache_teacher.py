@@ -5,6 +5,7 @@ probabilities, so that distill_cached.py can train any number of students withou
 distillation (distill.py) stays the default: fixed views overfit on long schedules (Beyer et al. 2022).
 
 Reads:  teacher.pt, student.pt (the view size and interpolation), the transfer list.
+Uses:   kt.cached_views (the cache's views and files), kt.models, kt.data, kt.training.
 Writes: OUT/meta.json and OUT/shard_NNNNN.pt (cached_views.py); done shards are kept, so a killed run
         resumes; `--part I/N` builds shards I, I+N, ... (independent jobs); under torchrun each rank a share.
 Run:    python cache_teacher.py --teacher runs/eurosat/teacher.pt --student runs/eurosat/student_scratch.pt \
@@ -19,12 +20,9 @@ import time
 import torch
 import torchvision.transforms as T
 
-import checkpoints
-import data
-import models
-import training
-from cached_views import make_view, open_or_gray, shard_path
-from checks import fail, nonnegative, positive, share
+from kt import checkpoints, data, models, training
+from kt.cached_views import cache_shard, make_view, open_or_gray
+from kt.checks import fail, nonnegative, positive, share
 
 
 def view_params(img, views, scale, seed):
@@ -60,7 +58,7 @@ def write_meta(cache_dir, meta):
                 have = dict(json.load(f))
         except (OSError, ValueError, TypeError) as e:
             fail(f"{path} is not readable ({type(e).__name__}); use another --out directory")
-        diff = [k for k in meta if k != "teacher_cost" and have.get(k) != meta[k]]
+        diff = checkpoints.differences(have, {k: v for k, v in meta.items() if k != "teacher_cost"})
         if diff:
             fail(f"{cache_dir} was built with other {', '.join(diff)}; use another --out directory")
         return have
@@ -76,7 +74,7 @@ def build(cache_dir, teacher, t_cfg, refs, meta, args, device, part, parts, auto
     """
     K, size = meta["views"], meta["shard_size"]
     per = max(1, args.batch_size // K)  # images per teacher batch: per * K views
-    todo = [s for s in range(math.ceil(len(refs) / size)) if not os.path.exists(shard_path(cache_dir, s))]
+    todo = [s for s in range(math.ceil(len(refs) / size)) if not os.path.exists(cache_shard(cache_dir, s))]
     todo = [s for s in todo if s % parts == part] if args.part else todo[part::parts]
     batches = [list(range(a, min(a + per, (s + 1) * size, len(refs))))
                for s in todo for a in range(s * size, min((s + 1) * size, len(refs)), per)]
@@ -87,7 +85,7 @@ def build(cache_dir, teacher, t_cfg, refs, meta, args, device, part, parts, auto
     out, t0 = [], time.time()
     for i, x, p in training.bar(loader, total=len(batches), unit="batch", desc="cache"):  # i (b,), x (b, K, 3, S, S)
         with torch.inference_mode(), autocast():
-            logits = teacher(models.normalize(x.flatten(0, 1).to(device, non_blocking=True), t_cfg))
+            logits = teacher(models.to_model_input(x.flatten(0, 1).to(device, non_blocking=True), t_cfg))
         # over the class dim: (b * K, k), or (b * K, k, h, w) per patch for segmentation; largest first
         prob, cls = logits.float().softmax(1).topk(meta["topk"], dim=1)
         out.append((i, p, prob.half().unflatten(0, (len(i), K)), cls.unflatten(0, (len(i), K))))
@@ -97,8 +95,8 @@ def build(cache_dir, teacher, t_cfg, refs, meta, args, device, part, parts, auto
             dtype = torch.int16 if len(meta["classes"]) < 2**15 else torch.int32
             checkpoints.save_checkpoint(dict(index=i, box=p[..., :4].clone(), flip=p[..., 4].bool(), prob=prob,
                                              cls=cls.to(dtype), batches=len(out), batch=per * K,
-                                             wall_s=time.time() - t0), shard_path(cache_dir, s))
-            training.log(0, f"cache: wrote {shard_path(cache_dir, s)} ({time.time() - t0:.0f}s)")
+                                             wall_s=time.time() - t0), cache_shard(cache_dir, s))
+            training.log(0, f"cache: wrote {cache_shard(cache_dir, s)} ({time.time() - t0:.0f}s)")
             out, t0 = [], time.time()
 
 
@@ -136,12 +134,7 @@ def main(args):
     autocast, _ = training.amp(device)
     t_ckpt = checkpoints.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
-    if t_ckpt["classes"] != s_ckpt["classes"]:
-        fail(f"teacher has {len(t_ckpt['classes'])} classes, student {len(s_ckpt['classes'])}: "
-             "they were made for different tasks")
-    task = ["segments" if ckpt["recipe"].get("decoder") else "classifies" for ckpt in (t_ckpt, s_ckpt)]
-    if task[0] != task[1]:
-        fail(f"the teacher {task[0]}, the student {task[1]}: they were made for different tasks")
+    checkpoints.check_same_task(t_ckpt, "the teacher", s_ckpt, "the student")
     refs, classes = data.read_transfer_list(args.transfer), t_ckpt["classes"]
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]
@@ -150,7 +143,8 @@ def main(args):
         teacher_cost=t_ckpt["cost"], transfer=os.path.abspath(args.transfer), refs=refs, views=args.views,
         seed=args.train_seed, topk=min(args.topk, len(classes)),
         view_size=max(t_cfg["input_size"][-1], s_cfg["input_size"][-1]), interpolation=s_cfg["interpolation"],
-        min_scale=args.min_scale, shard_size=args.shard_size))
+        min_scale=args.min_scale, shard_size=args.shard_size,
+        **({"dense": True} if checkpoints.task(t_ckpt) == "segmentation" else {})))  # per-patch probabilities
     part, parts = args.part or (rank, world)
     if world > 1:
         torch.distributed.barrier()  # every rank lists the missing shards before any rank writes one

@@ -7,6 +7,7 @@ for segmentation. Both see the same augmented view; the teacher is frozen. cache
 distill_cached.py are the variant that runs the teacher once and replays its outputs.
 
 Reads:  teacher.pt (teacher.py), student.pt (student.py), the transfer list (transfer_set.py).
+Uses:   kt.data (images, sampler), kt.models (rebuild, input), kt.training + kt.progress (the loop, resume).
 Writes: student_kt.pt = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, lineage};
         student_kt.pt.state while training (resumable with --resume).
 Run:    python distill.py --teacher runs/eurosat/teacher.pt --student runs/eurosat/student_scratch.pt \
@@ -18,11 +19,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-import checkpoints
-import data
-import models
-import training
-from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
+from kt import checkpoints, claims, data, models, training
+from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, share
+from kt.progress import Progress, run_config
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0):
@@ -47,16 +46,16 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0):
 def teacher_logits(teacher, x, t_cfg, autocast):
     """The frozen teacher's logits (B, C), or (B, C, h, w) per patch, for views x (B, 3, H, W) in [0, 1]."""
     with torch.inference_mode(), autocast():
-        t = teacher(models.normalize(x, t_cfg))
+        t = teacher(models.to_model_input(x, t_cfg))
     return t.clone()  # inference tensors cannot enter autograd: a copy of the logits, negligible
 
 
 def student_step(student, opt, scaler, autocast, x, s_cfg, t_logits, temperature, channels_last):
     """One optimizer step of the student towards the teacher's logits on views x; returns the loss.
 
-    Nothing here waits for the GPU (no .item()): training.Progress reads the loss once per log interval.
+    Nothing here waits for the GPU (no .item()): Progress reads the loss once per log interval.
     """
-    xs = models.normalize(x, s_cfg)
+    xs = models.to_model_input(x, s_cfg)
     if channels_last:
         xs = xs.contiguous(memory_format=torch.channels_last)
     with autocast():
@@ -74,7 +73,7 @@ def held_out_loss(student, teacher, x, s_cfg, t_cfg, temperature, autocast):
     `student` is the plain module (a DDP forward on rank 0 alone would wait for the other ranks)."""
     student.eval()
     with autocast():  # as in training: a compiled teacher is not compiled again for another precision
-        loss = kd_loss(student(models.normalize(x, s_cfg)), teacher(models.normalize(x, t_cfg)), temperature)
+        loss = kd_loss(student(models.to_model_input(x, s_cfg)), teacher(models.to_model_input(x, t_cfg)), temperature)
     student.train()
     return loss.item()
 
@@ -108,16 +107,11 @@ def get_args_parser():
 def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:
-        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
+        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
     autocast, scaler = training.amp(device)
     t_ckpt = checkpoints.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
-    if t_ckpt["classes"] != s_ckpt["classes"]:
-        fail(f"teacher has {len(t_ckpt['classes'])} classes, student {len(s_ckpt['classes'])}: "
-             "they were made for different tasks")
-    task = ["segments" if c["recipe"].get("decoder") else "classifies" for c in (t_ckpt, s_ckpt)]
-    if task[0] != task[1]:
-        fail(f"the teacher {task[0]}, the student {task[1]}: they were made for different tasks")
+    checkpoints.check_same_task(t_ckpt, "the teacher", s_ckpt, "the student")
     refs = data.read_transfer_list(args.transfer)
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     teacher = torch.compile(teacher) if args.compile else teacher
@@ -125,8 +119,8 @@ def main(args):
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
 
-    # One augmented view per image at the larger of the two resolutions, pixels in [0, 1]; models.normalize
-    # then resizes and normalises it for each model on the device.
+    # One augmented view per image at the larger of the two resolutions, pixels in [0, 1];
+    # models.to_model_input then resizes and normalises it for each model on the device.
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]
     view = dict(s_cfg, input_size=max(t_cfg["input_size"], s_cfg["input_size"], key=lambda s: s[1]))
     refs, held = data.hold_out(refs, args.holdout)
@@ -140,13 +134,14 @@ def main(args):
     per_epoch = len(sampler) // args.batch_size if many else 1
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    config = training.run_config(args, teacher=args.teacher, student=args.student, transfer=args.transfer)
-
     def measure():  # at each log: the KD loss on the held-out images
         return dict(held_out_kd=held_out_loss(training.unwrap(student), teacher, held_x, s_cfg, t_cfg,
                                               args.temperature, autocast))
-    progress = training.Progress(args.out, student, opt, scaler, total, args.save_every, rank, args.resume,
-                                 config=config, measure=measure if held else None)  # same state on every rank
+    progress = Progress(args.out, model=student, optimizer=opt, scaler=scaler, total=total,
+                        save_every=args.save_every, rank=rank, measure=measure if held else None,
+                        config=run_config(args, teacher=args.teacher, student=args.student, transfer=args.transfer))
+    if args.resume:
+        progress.resume()  # the same state on every rank
     student.train()
     training.log(rank, f"distill {t_ckpt['recipe']['arch']} -> {s_ckpt['recipe']['arch']}: "
                        f"{len(refs)} transfer images, {total} steps")
@@ -164,7 +159,7 @@ def main(args):
                 progress.update(loss, len(x) * world)
                 if progress.done:
                     break
-    cost = dict(progress.finish("distill", args.batch_size * world), teacher_images=progress.images)
+    cost = dict(progress.cost("distill", args.batch_size * world), teacher_images=progress.images)
     progress.save_output(dict(
         s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
         metrics=dict(distill_loss=progress.loss, **progress.measured), cost=s_ckpt["cost"] + t_ckpt["cost"] + [cost],

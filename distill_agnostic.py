@@ -7,6 +7,7 @@ knows nothing of the task; the paper finds task-oriented transfer up to 11.6 poi
 segmentation student the targets are the VFM's patch features, one per location (a 1x1 conv projection).
 
 Reads:  the VFM (a timm name or open_clip:MODEL/TAG; hub or local weights), student.pt, the transfer list.
+Uses:   kt.models (the VFM, image_embedding), kt.data (images, held-out), kt.training + kt.progress.
 Writes: student_agnostic.pt, in distill.py's format (the projection is thrown away);
         student_agnostic.pt.state while training (resumable with --resume).
 Run:    python distill_agnostic.py --vfm vit_large_patch14_dinov2.lvd142m --img-size 224 \
@@ -19,12 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
-import data
-import models
-import segmenters
-import training
-from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
+from kt import checkpoints, claims, data, models, training
+from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
+from kt.progress import Progress, run_config
 
 
 def agnostic_loss(student_embedding, vfm_embedding):
@@ -44,47 +42,37 @@ def agnostic_loss(student_embedding, vfm_embedding):
     return 1 - (pred * target).sum(-1).mean()
 
 
-def image_embedding(model, x):
-    """A model's image embedding (B, D): an OpenCLIP tower's projected embedding, or a timm model's pooled
-    pre-logits features (what its classifier would see); a segmenter's last feature map (B, D, h, w)."""
-    if isinstance(model, segmenters.Segmenter):
-        return model.features(x)[-1]
-    if isinstance(model, models.CLIPClassifier):
-        return model.forward_features(x)
-    return model.forward_head(model.forward_features(x), pre_logits=True)
-
-
 class StudentWithProjection(nn.Module):
     """The trained pair: forward(x) = projection(student's embedding), (B, D of the VFM).
 
     Both trained parts sit inside forward, so DDP sees every parameter that gets a gradient. The student's
     classifier gets none here (finetune.py trains it), so it is frozen."""
 
-    def __init__(self, student, vfm_dim):
+    def __init__(self, student, vfm_dim, per_location=False):
         super().__init__()
         self.student = student
         self.student.get_classifier().requires_grad_(False)
-        if isinstance(student, segmenters.Segmenter):  # a feature map: the same linear projection at each location
+        if per_location:  # a segmenter's feature map: the same linear projection at each location
             self.projection = nn.Conv2d(student.num_features, vfm_dim, kernel_size=1)
         else:
             self.projection = nn.Linear(student.num_features, vfm_dim)
 
     def forward(self, x):
-        embedding = image_embedding(self.student, x)
+        embedding = models.image_embedding(self.student, x)
         with torch.autocast(x.device.type, enabled=False):  # float32, like the loss
             return self.projection(embedding.float())
 
 
 def frozen_vfm(name, weights, img_size, dense, device):
     """The VFM as it was pretrained, frozen -> (model, data config, embedding width). Its head has 1 class and
-    is never used (image_embedding stops before it); for a segmentation student it is read as a segmenter
-    too, whose embedding is the last feature map (patch features)."""
+    is never used (models.image_embedding stops before it); for a segmentation student it is read as a
+    segmenter too, whose embedding is the last feature map (patch features)."""
     local = None if weights == "hub" else weights  # a weights file
     vfm, _, cfg = models.create_model(name, 1, pretrained=weights == "hub", weights=local, img_size=img_size,
                                       decoder="linear" if dense else None)
     vfm = vfm.to(device).eval().requires_grad_(False)
     with torch.inference_mode():  # the embedding width, from one dummy image
-        dim = image_embedding(vfm, torch.zeros(1, *cfg["input_size"], device=device)).shape[1]
+        dim = models.image_embedding(vfm, torch.zeros(1, *cfg["input_size"], device=device)).shape[1]
     return vfm, cfg, dim
 
 
@@ -93,7 +81,8 @@ def held_out_loss(pair, vfm, x, s_cfg, v_cfg, autocast):
     """The agnostic loss on unaugmented images the student never trains on (`pair`: the plain module)."""
     pair.eval()
     with autocast():
-        loss = agnostic_loss(pair(models.normalize(x, s_cfg)), image_embedding(vfm, models.normalize(x, v_cfg)))
+        loss = agnostic_loss(pair(models.to_model_input(x, s_cfg)),
+                             models.image_embedding(vfm, models.to_model_input(x, v_cfg)))
     pair.train()
     return loss.item()
 
@@ -130,14 +119,14 @@ def get_args_parser():
 def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:
-        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
+        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     refs = data.read_transfer_list(args.transfer)
     if args.vfm_weights == "none":
         fail("--vfm-weights none would distill a random network; give hub or a weights file")
-    vfm, v_cfg, vfm_dim = frozen_vfm(args.vfm, args.vfm_weights, args.img_size, s_ckpt["recipe"].get("decoder"),
-                                     device)
-    pair = StudentWithProjection(models.load_model(s_ckpt), vfm_dim).to(device)
+    segmenting = checkpoints.task(s_ckpt) == "segmentation"
+    vfm, v_cfg, vfm_dim = frozen_vfm(args.vfm, args.vfm_weights, args.img_size, segmenting, device)
+    pair = StudentWithProjection(models.load_model(s_ckpt), vfm_dim, per_location=segmenting).to(device)
     vfm = torch.compile(vfm) if args.compile else vfm
     autocast, scaler = training.amp(device)
     opt = torch.optim.AdamW([p for p in pair.parameters() if p.requires_grad], lr=args.lr,
@@ -157,12 +146,14 @@ def main(args):
     per_epoch = len(sampler) // args.batch_size if many else 1
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    config = training.run_config(args, student=args.student, transfer=args.transfer, vfm_weights=args.vfm_weights)
-
     def measure():  # at each log: the loss on the held-out images
         return dict(held_out_loss=held_out_loss(training.unwrap(pair), vfm, held_x, s_cfg, v_cfg, autocast))
-    progress = training.Progress(args.out, pair, opt, scaler, total, args.save_every, rank, args.resume,
-                                 config=config, measure=measure if held else None)
+    progress = Progress(args.out, model=pair, optimizer=opt, scaler=scaler, total=total,
+                        save_every=args.save_every, rank=rank, measure=measure if held else None,
+                        config=run_config(args, student=args.student, transfer=args.transfer,
+                                          vfm_weights=args.vfm_weights))
+    if args.resume:
+        progress.resume()
     pair, _ = training.prepare(pair, device, world, args.compile)  # the student is never channels_last here
     pair.train()
     training.log(rank, f"agnostic distill {args.vfm} (frozen, {vfm_dim}-d embedding) -> "
@@ -176,9 +167,9 @@ def main(args):
                 for g in opt.param_groups:
                     g["lr"] = args.lr * training.cosine_lr(progress.step, total, warmup)
                 with torch.inference_mode(), autocast():
-                    v_emb = image_embedding(vfm, models.normalize(x, v_cfg))  # (B, D) or a map, no graph kept
+                    v_emb = models.image_embedding(vfm, models.to_model_input(x, v_cfg))  # (B, D) or a map, no graph kept
                 with autocast():
-                    s_emb = pair(models.normalize(x, s_cfg))  # the same shape, projected; through DDP if distributed
+                    s_emb = pair(models.to_model_input(x, s_cfg))  # the same shape, projected; through DDP if distributed
                 loss = agnostic_loss(s_emb, v_emb.clone())  # clone: inference tensors cannot enter autograd
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -187,7 +178,7 @@ def main(args):
                 progress.update(loss, len(x) * world)
                 if progress.done:
                     break
-    cost = dict(progress.finish("distill_agnostic", args.batch_size * world), teacher_images=progress.images)
+    cost = dict(progress.cost("distill_agnostic", args.batch_size * world), teacher_images=progress.images)
     progress.save_output(dict(  # the student alone: the projection is discarded
         s_ckpt, model=training.unwrap(pair).student.state_dict(), args=checkpoints.plain(args),
         metrics=dict(agnostic_loss=progress.loss, **progress.measured), cost=s_ckpt["cost"] + [cost],

@@ -5,6 +5,7 @@ the student matches the teacher's stored top-k probabilities (renormalised; the 
 when k = C). Epoch e shows view (e + i) mod K of image i, so K epochs see every view once.
 
 Reads:  the cache DIR (cache_teacher.py), student.pt (student.py).
+Uses:   kt.cached_views (rebuilding a view), kt.data (the sampler), kt.models, kt.training + kt.progress.
 Writes: student_kt.pt, as distill.py writes it (its cost includes building the cache);
         student_kt.pt.state while training (resumable with --resume).
 Run:    python distill_cached.py --cache runs/eurosat/cache --student runs/eurosat/student_scratch.pt \
@@ -18,12 +19,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-import checkpoints
-import data
-import models
-import training
-from cached_views import make_view, open_or_gray, shard_path
-from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate
+from kt import checkpoints, claims, data, models, training
+from kt.cached_views import cache_shard, make_view, open_or_gray
+from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate
+from kt.progress import Progress, run_config
 
 
 def kd_loss_topk(student_logits, prob, cls, temperature=1.0):
@@ -47,7 +46,7 @@ def kd_loss_topk(student_logits, prob, cls, temperature=1.0):
 
 def student_step(student, opt, scaler, autocast, x, s_cfg, prob, cls, temperature, channels_last):
     """One optimizer step of the student towards the cached top-k on views x; returns the loss."""
-    xs = models.normalize(x, s_cfg)
+    xs = models.to_model_input(x, s_cfg)
     if channels_last:
         xs = xs.contiguous(memory_format=torch.channels_last)
     with autocast():
@@ -97,15 +96,15 @@ def load_cache(cache_dir):
         n = math.ceil(len(meta["refs"]) / meta["shard_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{path} is not a teacher cache's meta.json ({type(e).__name__}: {e}); rebuild the cache")
-    missing = [s for s in range(n) if not os.path.exists(shard_path(cache_dir, s))]
+    missing = [s for s in range(n) if not os.path.exists(cache_shard(cache_dir, s))]
     if missing:
-        fail(f"{cache_dir} has {n - len(missing)} of {n} shards (missing {shard_path(cache_dir, missing[0])}): "
+        fail(f"{cache_dir} has {n - len(missing)} of {n} shards (missing {cache_shard(cache_dir, missing[0])}): "
              "finish building it with cache_teacher.py")
-    shards = [checkpoints.load_checkpoint(shard_path(cache_dir, s)) for s in range(n)]
+    shards = [checkpoints.load_checkpoint(cache_shard(cache_dir, s)) for s in range(n)]
     cache = {k: torch.cat([sh[k] for sh in shards]) for k in ("index", "box", "flip", "prob", "cls")}
     if not torch.equal(cache["index"], torch.arange(len(meta["refs"]))):
         fail(f"{cache_dir}: shards do not cover images 0..{len(meta['refs']) - 1} in order; rebuild it")
-    cost = dict(step="cache_teacher", steps=sum(sh["batches"] for sh in shards), batch=shards[0]["batch"],
+    cost = dict(stage="cache_teacher", steps=sum(sh["batches"] for sh in shards), batch=shards[0]["batch"],
                 images=len(meta["refs"]) * meta["views"], wall_s=round(sum(sh["wall_s"] for sh in shards), 2))
     return meta, cache, cost
 
@@ -135,13 +134,11 @@ def get_args_parser():
 def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:
-        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
+        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
     autocast, scaler = training.amp(device)
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     meta, cache, cache_cost = load_cache(args.cache)
-    if meta["classes"] != s_ckpt["classes"]:
-        fail(f"teacher has {len(meta['classes'])} classes, student {len(s_ckpt['classes'])}: "
-             "they were made for different tasks")
+    checkpoints.check_same_task(meta, f"the teacher of {args.cache}", s_ckpt, "the student")
     student, channels_last = training.prepare(models.load_model(s_ckpt).to(device), device, world, args.compile)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
@@ -154,9 +151,11 @@ def main(args):
     per_epoch = len(sampler) // args.batch_size if many else 1
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    config = training.run_config(args, student=args.student, cache=os.path.join(args.cache, "meta.json"))
-    progress = training.Progress(args.out, student, opt, scaler, total, args.save_every, rank, args.resume,
-                                 config=config)
+    progress = Progress(args.out, model=student, optimizer=opt, scaler=scaler, total=total,
+                        save_every=args.save_every, rank=rank,
+                        config=run_config(args, student=args.student, cache=os.path.join(args.cache, "meta.json")))
+    if args.resume:
+        progress.resume()
     student.train()
     training.log(rank, f"distill {meta['teacher_arch']} -> {s_ckpt['recipe']['arch']} from {args.cache}: "
                        f"{len(views)} transfer images x {meta['views']} views, {total} steps")
@@ -175,7 +174,7 @@ def main(args):
                 progress.update(loss, len(x) * world)
                 if progress.done:
                     break
-    cost = dict(progress.finish("distill", args.batch_size * world), teacher_images=0)  # paid in the cache
+    cost = dict(progress.cost("distill", args.batch_size * world), teacher_images=0)  # paid in the cache
     progress.save_output(dict(
         s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
         metrics=dict(distill_loss=progress.loss), cost=s_ckpt["cost"] + meta["teacher_cost"] + [cache_cost, cost],

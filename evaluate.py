@@ -6,6 +6,7 @@ GFLOPs per image, images/s on this device, and the training it took (steps x bat
 Runs named NAME@SEED are one row: mean ± std over the seeds.
 
 Reads:  checkpoints (any step's), the test (and val) images of split.json (split.py).
+Uses:   kt.models (rebuild, the deployed form), kt.data (the split, images), kt.training (device, AMP).
 Writes: results.json ({rows: {name: metrics}, runs: {...}}), results.md (the table, also printed) and
         results.png (a bar chart). Speed is timed in the deployed form (models.deployed).
 Run:    python evaluate.py --split runs/eurosat/split.json teacher=runs/eurosat/teacher.pt \
@@ -21,11 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import checkpoints
-import data
-import models
-import training
-from checks import fail, nonnegative, positive
+from kt import checkpoints, claims, data, models, training
+from kt.checks import fail, nonnegative, positive
 
 
 @torch.inference_mode()
@@ -33,7 +31,7 @@ def predict(model, loader, device, autocast, num_classes):
     """Over the images that could be read (an unreadable one is left out, never replaced by another):
     the confusion matrix (C, C) of true x predicted classes, the predicted classes (classification; None for
     segmentation) and the number of images. Segmentation counts pixels, each mask at its own resolution
-    (the logits upsampled to it); pixels marked training.IGNORE are not counted."""
+    (the logits upsampled to it); pixels marked masks.IGNORE are not counted."""
     confusion, predicted, n = torch.zeros(num_classes ** 2, dtype=torch.long, device=device), [], 0
 
     def count(true, guess):
@@ -49,10 +47,11 @@ def predict(model, loader, device, autocast, num_classes):
             predicted.append(logits.argmax(-1).cpu())
             count(y.to(device), predicted[-1].to(device))
             continue
+        from kt.masks import IGNORE
         for z, mask in zip(logits, y):  # one image at a time: C x H x W floats each
             mask = mask.to(device)
             guess = F.interpolate(z[None].float(), size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0)
-            keep = mask != training.IGNORE
+            keep = mask != IGNORE
             count(mask[keep], guess[keep])
     if not n:
         fail("no test image could be read")
@@ -60,7 +59,7 @@ def predict(model, loader, device, autocast, num_classes):
     return confusion.view(num_classes, num_classes).cpu().numpy(), predicted, n
 
 
-def scores(confusion, dense, classes):
+def scores(confusion, segmentation, classes):
     """Classification: top-1 and mean per-class accuracy (each class's recall, averaged over the classes in the
     test set), in percent. Segmentation, as mmsegmentation reports it: mIoU (IoU = intersection / union per
     class, averaged over the classes present in the masks or predictions), pixel accuracy, mean per-class
@@ -69,13 +68,13 @@ def scores(confusion, dense, classes):
     with np.errstate(invalid="ignore", divide="ignore"):
         recall, iou = hits / true, hits / (true + predicted - hits)
     accuracy, mean_class = 100 * hits.sum() / confusion.sum(), 100 * np.nanmean(recall)
-    if not dense:
+    if not segmentation:
         return dict(top1=float(accuracy), mean_class=float(mean_class))
     return dict(miou=float(100 * np.nanmean(iou)), pixel_acc=float(accuracy), mean_class=float(mean_class),
                 per_class_iou={c: None if np.isnan(v) else round(float(100 * v), 2) for c, v in zip(classes, iou)})
 
 
-def readable(batch):
+def collate_readable(batch):
     """Collate the images that could be read (data.Images gives None for the others); masks of different
     sizes stay a list."""
     batch = [b for b in batch if b is not None]
@@ -123,7 +122,7 @@ def costs(model, ckpt, device, autocast, speed_batch=None):
     return dict(
         params_m=sum(p.numel() for p in deployed.parameters()) / 1e6, gflops=gflops(deployed, cfg, device),
         images_per_s=ips, images_per_s_training_form=ips_train, reparameterized=folded,
-        training=" + ".join(f"{c['step']} {c['steps']}x{c['batch']}" for c in trained) or "none",
+        training=" + ".join(f"{c.get('stage', c.get('step'))} {c['steps']}x{c['batch']}" for c in trained) or "none",
         train_images=sum(c["images"] for c in trained), train_wall_s=sum(c["wall_s"] for c in trained))
 
 
@@ -219,7 +218,7 @@ def get_args_parser():
 
 
 def main(args):
-    checkpoints.check_writable(args.out)
+    claims.check_writable(args.out)
     device, _, _ = training.setup(0)
     autocast, _ = training.amp(device)
     pairs = [c.partition("=") for c in args.checkpoints]
@@ -232,26 +231,23 @@ def main(args):
     paths = {name: path for name, _, path in pairs}
     ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
     split = data.read_split(args.split)  # its test (and val) images: the paper's split files, or the dataset's
-    classes, dense = split["classes"], split.get("dense", False)
-    parts = [p for p in ("val", "test") if data.images(split, p)]
+    classes, segmentation = split["classes"], data.is_segmentation(split)
+    parts = [p for p in ("val", "test") if data.part_refs(split, p)]
     if "test" not in parts:
         fail(f"{args.split} lists no test images")
     results, predictions = {}, {}
-    task = {True: "segmentation", False: "classification"}
     for name, ckpt in ckpts.items():
-        if ckpt["classes"] != classes or bool(ckpt["recipe"].get("decoder")) != dense:
-            fail(f"{name} was trained for {task[bool(ckpt['recipe'].get('decoder'))]} of {len(ckpt['classes'])} "
-                 f"classes, the test set is for {task[dense]} of {len(classes)}")
+        checkpoints.check_same_task(ckpt, name, split, args.split)
         model = models.load_model(ckpt).to(device).eval()
         metrics = {}
         for part in parts:  # nothing is tuned on test: val is reported beside it
-            images = data.split_images(split, part, ckpt["data_config"], train=False, root=args.data_root,
+            images = data.part_dataset(split, part, ckpt["data_config"], train=False, root=args.data_root,
                                        substitute=False)
-            loader = torch.utils.data.DataLoader(images, args.batch_size, collate_fn=readable,
+            loader = torch.utils.data.DataLoader(images, args.batch_size, collate_fn=collate_readable,
                                                  num_workers=min(args.workers, os.cpu_count()))
             confusion, predictions[name, part], counted = predict(model, loader, device, autocast, len(classes))
             prefix = "" if part == "test" else f"{part}_"
-            metrics.update({prefix + k: v for k, v in scores(confusion, dense, classes).items()
+            metrics.update({prefix + k: v for k, v in scores(confusion, segmentation, classes).items()
                             if part == "test" or k != "per_class_iou"})
         if counted < len(images):
             training.log(0, f"warning: {len(images) - counted} of {len(images)} test images could not be read; "

@@ -7,6 +7,7 @@ input size, interpolation, crop, class names), the check (each export's largest 
 PyTorch model on a few test images) and the latency at batch 1 and 64. A failed check writes nothing.
 
 Reads:  a student checkpoint (finetune.py), a few test images of split.json (split.py).
+Uses:   kt.models (rebuild, the deployed form), kt.data (test images).
 Writes: OUT.pt2, OUT.onnx (optional), OUT.json.
 Run:    python export.py --split runs/eurosat/split.json --student runs/eurosat/s0/student_kt_target_ft.pt \
             --out runs/eurosat/export/student.pt2
@@ -21,10 +22,8 @@ import time
 
 import torch
 
-import checkpoints
-import data
-import models
-from checks import fail, nonnegative, number, positive
+from kt import checkpoints, claims, data, models
+from kt.checks import fail, nonnegative, number, positive
 
 
 def latency_ms(forward, x, repeats):
@@ -72,11 +71,13 @@ def get_args_parser():
 
 
 def main(args):
-    checkpoints.check_writable(args.out)
+    claims.check_writable(args.out)
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="finetune.py")
+    split = data.read_split(args.split)
+    checkpoints.check_same_task(ckpt, args.student, split, args.split)
     model, folded = models.deployed(models.load_model(ckpt).eval())
     cfg, stem = ckpt["data_config"], os.path.splitext(args.out)[0]
-    refs = data.images(data.read_split(args.split), "test")[0][:args.images]
+    refs = data.part_refs(split, "test")[0][:args.images]
     images = data.Images(refs, None, models.transform(cfg, train=False), args.data_root)
     x = torch.stack([images[i][0] for i in range(len(images))])  # (N, 3, H, W), preprocessed as deployed
     with torch.inference_mode():
@@ -109,7 +110,7 @@ def main(args):
         os.replace(tmp, stem + ".onnx")
         files.append(stem + ".onnx")
     output = ("segmentation logits (B, classes, h, w): resize to the image, argmax over classes"
-              if ckpt["recipe"].get("decoder") else "classification logits (B, classes)")
+              if checkpoints.task(ckpt) == "segmentation" else "classification logits (B, classes)")
     report = dict(student=args.student, arch=ckpt["recipe"]["arch"], reparameterized=folded, output=output,
                   classes=ckpt["classes"], data_config=cfg, check=dict(images=len(x), max_relative_diff=check),
                   latency_ms=latency, note=note, files=files)

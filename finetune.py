@@ -5,6 +5,7 @@ labels. The same script trains the baselines: a student from random, ImageNet, C
 (student.py), with the same labels and budget.
 
 Reads:  a student checkpoint (student.py or distill.py), split.json (split.py) and its labeled images.
+Uses:   kt.data (split, images, sampler), kt.models (rebuild), kt.training + kt.progress (the loop, resume).
 Writes: OUT = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, split};
         OUT.state while training (resumable with --resume).
 Run:    python finetune.py --split runs/eurosat/split.json \
@@ -16,11 +17,9 @@ import math
 
 import torch
 
-import checkpoints
-import data
-import models
-import training
-from checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, smoothing
+from kt import checkpoints, claims, data, models, training
+from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, smoothing
+from kt.progress import Progress, run_config
 
 
 def get_args_parser():
@@ -48,25 +47,26 @@ def get_args_parser():
 def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:
-        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
+        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py or distill.py")
     split = data.read_split(args.split)
-    if ckpt["classes"] != split["classes"]:
-        fail(f"{args.student} has {len(ckpt['classes'])} classes, {args.split} has "
-             f"{len(split['classes'])}: it was made for another task")
+    checkpoints.check_same_task(ckpt, args.student, split, args.split)
     model = models.load_model(ckpt).to(device)
     autocast, scaler = training.amp(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
 
-    images = data.split_images(split, "labeled", ckpt["data_config"], train=True, root=args.data_root)
+    images = data.part_dataset(split, "labeled", ckpt["data_config"], train=True, root=args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = training.Progress(args.out, model, opt, scaler, total, args.save_every, rank, args.resume,
-                                 per_epoch, config=training.run_config(args, student=args.student, split=args.split))
+    progress = Progress(args.out, model=model, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
+                        save_every=args.save_every, rank=rank,
+                        config=run_config(args, student=args.student, split=args.split))
+    if args.resume:
+        progress.resume()
     model = training.ddp(model, device, world)
     model.train()
     training.log(rank, f"finetune {args.student}: {len(images)} labeled images, {total} steps")
@@ -79,7 +79,7 @@ def main(args):
                 for g in opt.param_groups:
                     g["lr"] = args.lr * training.cosine_lr(progress.step, total, warmup)
                 with autocast():
-                    loss = training.label_loss(model(x), y, args.smoothing)  # per pixel, if dense
+                    loss = training.label_loss(model(x), y, args.smoothing)  # per pixel, segmenting
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -90,7 +90,7 @@ def main(args):
     progress.save_output(dict(
         ckpt, model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
         metrics=dict(ckpt.get("metrics", {}), train_loss=progress.loss),
-        cost=ckpt["cost"] + [progress.finish("finetune", args.batch_size * world)],
+        cost=ckpt["cost"] + [progress.cost("finetune", args.batch_size * world)],
         split={k: v for k, v in split.items() if k not in ("unlabeled", "files")}))
 
 

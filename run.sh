@@ -167,10 +167,10 @@ if [[ $DATASET == demo* ]]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny tensors: one thread per process is the fastest
   # The stand-in VFM pretrains on one core while the steps that do not need it run on the other.
   echo "== stand-in VFM: pretraining in the background, log in $OUT/standin_vfm.log"
-  step "$OUT/standin_vfm.pth" $PY demo.py --arch "$TEACHER" --img-size "$P_SIZE" --per-class 100 \
+  step "$OUT/standin_vfm.pth" $PY -m kt.demo --arch "$TEACHER" --img-size "$P_SIZE" --per-class 100 \
     --epochs 15 --out "$OUT/standin_vfm.pth" > "$OUT/standin_vfm.log" 2>&1 &
   VFM_PID=$!
-  step "$OUT/standin_imagenet.pth" $PY demo.py --arch "$STUDENT" --img-size "$P_SIZE" --per-class 20 \
+  step "$OUT/standin_imagenet.pth" $PY -m kt.demo --arch "$STUDENT" --img-size "$P_SIZE" --per-class 20 \
     --epochs 8 --out "$OUT/standin_imagenet.pth"
   VFM_WEIGHTS=$OUT/standin_vfm.pth
   for k in "${!INIT_NAMES[@]}"; do  # imagenet=hub is the demo's stand-in ImageNet

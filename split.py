@@ -5,13 +5,15 @@ Made once, so that every model sees the same labels: from --shots N (N labeled i
 test split the test set; or from the paper's split files (--split-files DIR --budget NAME, apple/ml-vfm-kt
 datasplits/<Task>/). Segmentation: --shots N is N images, and every mask is checked here, once.
 
-Reads:  the dataset (catalog.py lists it by name); split files with --split-files.
+Reads:  the dataset (kt.catalog lists it by name); split files with --split-files.
+Uses:   kt.catalog (datasets by name), kt.data (image references), kt.masks (segmentation: mask checks).
 Writes: split.json = {dataset, shots, seed | split_files, budget, classes, labeled, files: {part: [[image
         reference, label], ...]} for labeled, unlabeled, test (and val)}: every later step reads it, and
         nothing else of the dataset. Asked again with the same settings it is kept; with others, refused.
 Run:    python split.py --dataset eurosat --shots 10 --seed 0 --out runs/eurosat/split.json
 """
 import argparse
+import collections
 import json
 import os
 import re
@@ -20,11 +22,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-import catalog
-import data
-import training
-from checkpoints import atomic_write
-from checks import fail, first_line, positive
+from kt import catalog, data, training
+from kt.checkpoints import atomic_write, differences
+from kt.checks import fail, first_line, positive
 
 
 def label_budget(labels, shots, seed):
@@ -58,8 +58,8 @@ def shots(s):
 def read_split_file(path, dense=False):
     """A split file: one `filename,class` a line -> [(filename, class)]; segmentation: `filename` (class None)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            rows = [line.strip().split(",") for line in f if line.strip()]
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first name
+            rows = [[field.strip() for field in line.split(",")] for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read split file {path} ({first_line(e)})")
     form = "`filename`" if dense else "`filename,class`"
@@ -69,70 +69,105 @@ def read_split_file(path, dense=False):
     return [(r[0], None if dense else r[1]) for r in rows]
 
 
-def from_split_files(dataset, folder, budget, root, dense=False):
-    """The subsets the split files name, each image found under the dataset's folder by its file name."""
-    read = {p: read_split_file(os.path.join(folder, p + ".txt"), dense) for p in ("train_full", "val", "test")
-            if os.path.exists(os.path.join(folder, p + ".txt"))}
+def read_split_files(folder, budget, dense):
+    """The split files of one task -> {part: [(filename, class)]}: labeled (the budget's file), train_full,
+    val and test where the folder has them (ImageNet has no test.txt: its val.txt is the test set)."""
     budget_file = budget if budget.endswith(".txt") else budget + ".txt"
     if not os.path.exists(os.path.join(folder, budget_file)):
         have = sorted(f[:-4] for f in os.listdir(folder) if f.startswith("train_") and f.endswith(".txt"))
         fail(f"no budget {budget} in {folder}: choose one of {', '.join(have) or 'none (no train_*.txt)'}")
+    read = {p: read_split_file(os.path.join(folder, p + ".txt"), dense) for p in ("train_full", "val", "test")
+            if os.path.exists(os.path.join(folder, p + ".txt"))}
     read["labeled"] = read_split_file(os.path.join(folder, budget_file), dense)
     if "test" not in read and "val" in read:  # ImageNet: the val split is the test set
         read["test"] = read.pop("val")
-    if dense:  # segmentation: each name is an image of the dataset's own listing, whose mask comes with it
-        train, test = (catalog.load_dataset(dataset, part, root)[0] for part in ("train", "test"))
-        if not hasattr(train, "samples"):
-            fail(f"split files name image files; {dataset} has none")
-        pairs = {os.path.basename(img): [img, mask] for img, mask in train.samples + test.samples}
-        lost = [n for rows in read.values() for n, _ in rows if n not in pairs]
-        if lost:
-            fail(f"{len(lost)} images of the split files are not in {dataset} under {root} (e.g. {lost[:3]})")
-        files = {part: [pairs[n] for n, _ in rows] for part, rows in read.items() if part != "train_full"}
-        taken = {img for part in ("labeled", "val", "test") for img, _ in files.get(part, [])}
-        rest = [pairs[n] for n, _ in read["train_full"]] if "train_full" in read else [list(s) for s in train.samples]
-        files["unlabeled"] = [p for p in rest if p[0] not in taken]
-        return train.classes, files
+    for part, rows in read.items():
+        twice = [row for row, n in collections.Counter(rows).items() if n > 1]
+        if twice:
+            fail(f"the {part} split file names {len(twice)} images more than once, e.g. {','.join(filter(None, twice[0]))}")
+    return read
+
+
+def unlabeled_rest(files, rest):
+    """The unlabeled part: the train images (`rest`) that are not labeled, val or test images."""
+    taken = {p for part in ("labeled", "val", "test") for p, _ in files.get(part, [])}
+    return [pair for pair in rest if pair[0] not in taken]
+
+
+def segmentation_files(dataset, read, root):
+    """Segmentation: each name is an image of the dataset's own listing, whose mask comes with it."""
+    train, test = (catalog.load_dataset(dataset, part, root)[0] for part in ("train", "test"))
+    if not hasattr(train, "samples"):
+        fail(f"split files name image files; {dataset} has none")
+    pairs = {os.path.basename(img): [img, mask] for img, mask in train.samples + test.samples}
+    lost = [n for rows in read.values() for n, _ in rows if n not in pairs]
+    if lost:
+        fail(f"{len(lost)} images of the split files are not in {dataset} under {root} (e.g. {lost[:3]})")
+    files = {part: [pairs[n] for n, _ in rows] for part, rows in read.items() if part != "train_full"}
+    rest = [pairs[n] for n, _ in read["train_full"]] if "train_full" in read else [list(s) for s in train.samples]
+    files["unlabeled"] = unlabeled_rest(files, rest)
+    return train.classes, files
+
+
+def in_class_folder(path, cls, top):
+    """Whether `path` lies in the folder of class `cls`: the folders between `top` and the file, read from the
+    end and joined by "_", spell the class exactly (Places365's apartment_building_outdoor is in
+    a/apartment_building/outdoor/; its house is not tree_house/)."""
+    folders = os.path.relpath(os.path.dirname(path), top).split(os.sep)
+    return any("_".join(folders[-j:]) == cls for j in range(1, len(folders) + 1))
+
+
+def classification_files(dataset, read, root):
+    """Classification: each `filename,class` found under the dataset's folder by its file name; a name in
+    several folders (Places365's 00000001.jpg is in every class folder) is the one in its class's folder."""
+    top = dataset[len("folder:"):] if dataset.startswith("folder:") else os.path.join(root, dataset)
     paths = {}  # file name -> its paths under the dataset's folder
-    images_dir = dataset[len("folder:"):] if dataset.startswith("folder:") else os.path.join(root, dataset)
-    for d, _, names in os.walk(images_dir, followlinks=True):
+    for d, _, names in os.walk(top, followlinks=True):
         for name in names:
             if name.lower().endswith(catalog.IMAGE_EXTS):
                 paths.setdefault(name, []).append(os.path.join(d, name))
 
-    def find(name, cls):  # a name in several class folders (Places365's 00000001.jpg): the one in its class's
+    def find(name, cls):
         hits = paths.get(name, [])
-        if len(hits) > 1 and cls:
-            hits = [p for p in hits if ("_" + os.path.dirname(p).replace(os.sep, "_")).endswith("_" + cls)]
+        if len(hits) > 1:
+            hits = [p for p in hits if in_class_folder(p, cls, top)]
         return hits[0] if len(hits) == 1 else None
     found = {(n, c): find(n, c) for rows in read.values() for n, c in rows}
-    lost = [n for (n, c), p in found.items() if p is None]
+    lost = [n for (n, c), p in found.items() if p is None and not paths.get(n)]
     if lost:
-        fail(f"{len(lost)} files of the split files are not under {images_dir}, or not once (e.g. {lost[:3]}); "
-             "download the dataset there first")
+        fail(f"{len(lost)} files of the split files are not under {top} (e.g. {lost[:3]}); download the "
+             "dataset there first")
+    unsure = [f"{n} ({c})" for (n, c), p in found.items() if p is None]
+    if unsure:
+        fail(f"{len(unsure)} files of the split files are under {top} more than once and none of them in its "
+             f"class's folder, e.g. {unsure[:3]}")
     classes = sorted({c for rows in read.values() for _, c in rows})
+    odd = sorted({c for _, c in read["labeled"]} ^ {c for _, c in read["test"]}) if "test" in read else []
+    if odd:  # a typo ('circel') would be a class of its own, with no test image to score it
+        fail(f"classes {odd[:5]} are named by only one of the budget and test split files: a typo, or files "
+             "of another task?")
     index = {c: i for i, c in enumerate(classes)}
     files = {part: [[found[n, c], index[c]] for n, c in rows] for part, rows in read.items() if part != "train_full"}
-    taken = {p for part in ("labeled", "val", "test") for p, _ in files.get(part, [])}
     rest = ([found[n, c] for n, c in read["train_full"]] if "train_full" in read  # no train_full: all the others
             else sorted(p for ps in paths.values() for p in ps))
-    files["unlabeled"] = [[p, -1] for p in rest if p not in taken]
+    files["unlabeled"] = unlabeled_rest(files, [[p, -1] for p in rest])
     return classes, files
 
 
 def check_masks(split, root):
     """Every labeled, val and test mask read once: the wrong size or a class out of range is one line, before
     any training (data.Images would otherwise skip that image with a warning)."""
+    from kt import masks
     for part in ("labeled", "val", "test"):
-        refs, masks = data.images(split, part) or ([], [])
-        for ref, mask in training.bar(list(zip(refs, masks)), desc=f"checking {part} masks", leave=False):
+        refs, labels = data.part_refs(split, part) or ([], [])
+        for ref, mask in training.bar(list(zip(refs, labels)), desc=f"checking {part} masks", leave=False):
             try:
                 if os.path.isfile(ref):  # the image's size from its header, without decoding it
                     with Image.open(ref) as im:
                         size = im.size
                 else:
                     size = data.open_image(ref, root).size
-                data.open_mask(mask, root, split["reduce_zero_label"], len(split["classes"]), size)
+                masks.open_mask(mask, root, split["reduce_zero_label"], len(split["classes"]), size)
             except ValueError as e:  # our own one-line message names the mask
                 fail(f"{e}; fix or remove it (its {part} image: {ref})")
             except OSError as e:
@@ -154,17 +189,19 @@ def parts(dataset, labeled, unlabeled, root):
 
 def make_split(path, dataset, shots, seed, root="data", split_files=None, budget=None):
     """Write split.json at `path`; if it is there for the same settings, read it back (for others: refused)."""
+    budget = budget.removesuffix(".txt") if budget else budget  # train_10img_per_class, however it is given
     want = dict(dataset=dataset, split_files=os.path.abspath(split_files), budget=budget) if split_files else \
         dict(dataset=dataset, shots=shots, seed=seed)
     if os.path.exists(path):
         try:
             with open(path) as f:
                 split = json.load(f)
-            have = {k: split.get(k) for k in want}
+            differ = differences(split, want)
         except (OSError, ValueError, AttributeError) as e:
             fail(f"{path} is not a split file ({first_line(e)}); delete it or use another --out")
-        if have != want:
-            fail(f"{path} records {have} but this step was asked for {want}; use another --out")
+        if differ:
+            fail(f"{path} records other settings than this step was asked for ({'; '.join(differ)}); "
+                 "use another --out")
         if "files" in split:
             return split
         # else: a split.json of an older version, without its file lists; made again, with the same labels
@@ -174,7 +211,8 @@ def make_split(path, dataset, shots, seed, root="data", split_files=None, budget
         # the dataset is not listed (ImageNet's 1.2M files), but for segmentation: its listing pairs image and mask
         dense = catalog.dense_by_name(dataset)
         ds = catalog.load_dataset(dataset, "train", root)[0] if dense else None
-        classes, files = from_split_files(dataset, split_files, budget, root, dense)
+        read = read_split_files(split_files, budget, dense)
+        classes, files = (segmentation_files if dense else classification_files)(dataset, read, root)
         split = dict(want, classes=classes, labeled=[p for p, _ in files["labeled"]], files=files)
     else:
         ds, labels, classes = catalog.load_dataset(dataset, "train", root)

@@ -6,6 +6,7 @@ weights (`--weights hub`, the usual baseline) or a local file (`--weights PATH`,
 For segmentation the same backbone gets a light decoder (LR-ASPP) and outputs logits at 1/8.
 
 Reads:  split.json (split.py), for the class names.
+Uses:   kt.models (timm models, local weights), kt.data (the split).
 Writes: student.pt = {kind: "student", recipe, data_config, classes, model, args, cost: []}.
 Run:    python student.py --split runs/eurosat/split.json --model fastvit_t8 --img-size 224 \
             --out runs/eurosat/student_scratch.pt
@@ -14,10 +15,8 @@ import argparse
 
 import torch
 
-import checkpoints
-import models
-import data
-from checks import fail, positive
+from kt import checkpoints, claims, data, models
+from kt.checks import fail, positive
 
 
 def get_args_parser():
@@ -36,7 +35,7 @@ def get_args_parser():
 
 
 def main(args):
-    checkpoints.check_writable(args.out)
+    claims.check_writable(args.out)
     torch.manual_seed(args.train_seed)  # the random initialisation
     split = data.read_split(args.split)
     if args.model.startswith("open_clip:"):
@@ -44,7 +43,7 @@ def main(args):
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
         weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size,
-        decoder=args.decoder if split.get("dense") else None)  # segmentation: a light decoder on its maps
+        decoder=args.decoder if data.is_segmentation(split) else None)  # segmentation: a light decoder on its maps
     params = sum(p.numel() for p in model.parameters())
     checkpoints.save_checkpoint(dict(kind="student", recipe=recipe, data_config=cfg, classes=split["classes"],
                                      model=model.state_dict(), args=checkpoints.plain(args), cost=[]), args.out)

@@ -4,9 +4,10 @@ The finetuned VFM is far more accurate than a small model trained on the same la
 probabilities on unlabeled images are what the student learns from (distill.py). `--mode finetune`
 (default) trains every layer with layer-wise lr decay, so the lower blocks keep their general features;
 `--mode linear` trains the head alone (try it with 1-5 labels per class). For segmentation (a dense
-dataset) the head is linear on each patch token (segmenters.Segmenter) and the loss is per pixel.
+dataset) the head is linear on each patch token (kt.segmenters.Segmenter) and the loss is per pixel.
 
 Reads:  split.json (split.py) and its labeled images.
+Uses:   kt.data (split, images, sampler), kt.models (the VFM, local weights), kt.training + kt.progress.
 Writes: teacher.pt = {kind: "teacher", recipe, data_config, classes, model, args, split, metrics, cost};
         teacher.pt.state while training (resumable with --resume).
 Run:    python teacher.py --split runs/eurosat/split.json --model vit_large_patch14_dinov2.lvd142m \
@@ -19,11 +20,9 @@ import math
 import torch
 import timm.optim
 
-import checkpoints
-import data
-import models
-import training
-from checks import fraction, nonnegative, nonnegative_number, positive, rate, share, smoothing
+from kt import checkpoints, claims, data, models, training
+from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, share, smoothing
+from kt.progress import Progress, run_config
 
 
 def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
@@ -81,25 +80,28 @@ def get_args_parser():
 def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:
-        checkpoints.claim(args.out)  # before any work: --out can be written, and no other process writes it
+        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
     split = data.read_split(args.split)
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
         weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size,
-        decoder=args.decoder if split.get("dense") else None)  # segmentation: a head on the patch features
+        decoder=args.decoder if data.is_segmentation(split) else None)  # segmentation: a head on the patch features
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, args.mode, args.lr, args.head_lr, args.layer_decay,
                                          args.weight_decay), lr=args.lr, fused=device.type == "cuda")
     autocast, scaler = training.amp(device)
 
-    images = data.split_images(split, "labeled", cfg, train=True, root=args.data_root)  # with masks, if dense
+    images = data.part_dataset(split, "labeled", cfg, train=True, root=args.data_root)  # with masks, segmenting
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = training.Progress(args.out, model, opt, scaler, total, args.save_every, rank, args.resume,
-                                 per_epoch, config=training.run_config(args, split=args.split, weights=args.weights))
+    progress = Progress(args.out, model=model, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
+                        save_every=args.save_every, rank=rank,
+                        config=run_config(args, split=args.split, weights=args.weights))
+    if args.resume:
+        progress.resume()
     model = training.ddp(model, device, world)
     model.train()
     training.log(rank, f"teacher {args.model} ({args.mode}): {len(images)} labeled images, {total} steps")
@@ -112,7 +114,7 @@ def main(args):
                 for g in opt.param_groups:
                     g["lr"] = args.lr * g["lr_scale"] * training.cosine_lr(progress.step, total, warmup)
                 with autocast():
-                    loss = training.label_loss(model(x), y, args.smoothing)  # per pixel, if dense
+                    loss = training.label_loss(model(x), y, args.smoothing)  # per pixel, segmenting
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -124,7 +126,7 @@ def main(args):
         kind="teacher", recipe=recipe, data_config=cfg, classes=split["classes"],
         model=training.unwrap(model).state_dict(), args=checkpoints.plain(args),
         split={k: v for k, v in split.items() if k not in ("unlabeled", "files")},
-        metrics=dict(train_loss=progress.loss), cost=[progress.finish("teacher", args.batch_size * world)]))
+        metrics=dict(train_loss=progress.loss), cost=[progress.cost("teacher", args.batch_size * world)]))
 
 
 if __name__ == "__main__":

@@ -30,26 +30,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-import bench
 import cache_teacher
-import catalog
-import checkpoints
-import data
-import demo
 import distill
 import distill_agnostic
 import distill_cached
-import embeddings
 import evaluate
 import export
 import finetune
-import knn
-import models
 import split as split_step
 import student
 import teacher
-import training
 import transfer_set
+from bench import speed as bench
+from kt import catalog, checkpoints, claims, data, demo, embeddings, knn, masks, models, training
+from kt import progress as kt_progress
+from kt.progress import Progress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--img-size", "32"]
@@ -145,7 +140,7 @@ def test_split_is_recorded_once_and_mismatches_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="old.json is not a split file"):
         data.read_split(tmp_path / "old.json")
     assert split_step.make_split(tmp_path / "old.json", "demo", 3, 0) == s  # made again: the same labels
-    assert data.images(s, "labeled")[0][:2] == [f"demo:train:{i}" for i in s["labeled"][:2]]
+    assert data.part_refs(s, "labeled")[0][:2] == [f"demo:train:{i}" for i in s["labeled"][:2]]
 
 
 def test_transforms_follow_each_models_data_config():
@@ -157,7 +152,7 @@ def test_transforms_follow_each_models_data_config():
         expect = (128 / 255 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
         torch.testing.assert_close(x.mean((1, 2)), expect, atol=1e-2, rtol=0)
     raw = torch.rand(2, 3, 64, 64)
-    y = models.normalize(raw, dict(cfg, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3]))
+    y = models.to_model_input(raw, dict(cfg, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3]))
     assert y.shape == (2, 3, 40, 40)
 
 
@@ -204,7 +199,7 @@ def test_pipeline_end_to_end(pipeline):
     assert len(split["labeled"]) == 40 and len(split["labeled"]) + len(split["unlabeled"]) == 1200
     assert len((d / "transfer.txt").read_text().split()) == len(split["unlabeled"])
     kt = torch.load(d / "kt_ft.pt", weights_only=True)
-    assert [c["step"] for c in kt["cost"]] == ["teacher", "distill", "finetune"]
+    assert [c["stage"] for c in kt["cost"]] == ["teacher", "distill", "finetune"]
     assert not list(d.glob("*.state"))  # resumable states are removed once a step is done
     table = run(evaluate, "--split", d / "split.json", "--workers", 0, "--out", d / "results.json",
                 f"teacher={d / 'teacher.pt'}", f"kt={d / 'kt_ft.pt'}", f"kt@1={d / 'kt.pt'}")
@@ -280,7 +275,7 @@ def test_bad_inputs_fail_with_one_line_and_keep_files(pipeline, tmp_path):
     other = tmp_path / "other.pt"  # a student for a 3-class task given to the 10-class demo teacher
     random_checkpoint(other, "student", "test_resnet", ["a", "b", "c"])
     cases.append((distill, ["--teacher", d / "teacher.pt", "--student", other, "--transfer",
-                            d / "transfer.txt", "--out", keep], "teacher has 10 classes, student 3"))
+                            d / "transfer.txt", "--out", keep], "the teacher is for classification of 10 classes, the student for classification of 3"))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((d / "teacher.pt").read_bytes()[:1000])
     cases.append((evaluate, ["--split", d / "split.json", f"t={truncated}", "--out", keep], "not a readable"))
@@ -401,7 +396,7 @@ def _killed_before_the_output(monkeypatch, module, *argv):
     """Run a step in-process and 'kill' it as it writes its output: its last state stays on disk."""
     def killed(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(training.Progress, "save_output", killed)
+    monkeypatch.setattr(Progress, "save_output", killed)
     with pytest.raises(KeyboardInterrupt):
         run(module, *argv)
     monkeypatch.undo()
@@ -426,13 +421,13 @@ def test_a_state_is_resumed_only_by_the_run_that_saved_it(pipeline, tmp_path, mo
 
 def test_the_output_is_written_before_the_state_is_removed(pipeline, tmp_path, monkeypatch):
     d, out = pipeline, tmp_path / "kt.pt"
-    real = training.save_checkpoint
+    real = kt_progress.save_checkpoint
 
     def killed_writing_the_output(ckpt, path):  # a SIGKILL in the middle of writing the output
         if str(path) == str(out):
             raise KeyboardInterrupt
         real(ckpt, path)
-    monkeypatch.setattr(training, "save_checkpoint", killed_writing_the_output)
+    monkeypatch.setattr(kt_progress, "save_checkpoint", killed_writing_the_output)
     with pytest.raises(KeyboardInterrupt):
         run(distill, *_distill_args(d, out))
     monkeypatch.undo()
@@ -444,7 +439,7 @@ def test_the_output_is_written_before_the_state_is_removed(pipeline, tmp_path, m
 
 def test_a_second_writer_of_the_same_output_fails_at_once(pipeline, tmp_path):
     d, out = pipeline, tmp_path / "kt.pt"
-    holder = subprocess.Popen([sys.executable, "-c", f"import checkpoints, time; checkpoints.claim({str(out)!r}); "
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; from kt import claims; claims.claim({str(out)!r}); "
                                "print('claimed', flush=True); time.sleep(60)"], cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "claimed"
@@ -474,8 +469,8 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     stale, live = tmp_path / f"kt.pt.state.tmp{dead.pid}", tmp_path / f"kt.pt.tmp{os.getppid()}"
     stale.write_bytes(b"half a state")
     live.write_bytes(b"another writer's file")
-    checkpoints.claim(str(out))
-    checkpoints.release(str(out))
+    claims.claim(str(out))
+    claims.release(str(out))
     assert not stale.exists() and live.exists()
 
 
@@ -911,7 +906,7 @@ def test_cache_resumes_at_the_missing_shard_and_refuses_other_settings(tiny, tmp
         "--epochs", 1, "--out", tmp_path / "kt.pt")
     assert (cache / "shard_00000.pt").stat().st_mtime_ns == first  # done shards are not redone
     ckpt = torch.load(tmp_path / "kt.pt", weights_only=True)
-    assert [c["step"] for c in ckpt["cost"]] == ["cache_teacher", "distill"] and ckpt["cost"][1]["teacher_images"] == 0
+    assert [c["stage"] for c in ckpt["cost"]] == ["cache_teacher", "distill"] and ckpt["cost"][1]["teacher_images"] == 0
     with pytest.raises(SystemExit, match="built with other views"):
         run(cache_teacher, *cache_args(tiny, cache, "--views", 5))
     with pytest.raises(SystemExit, match="no teacher cache"):
@@ -973,8 +968,8 @@ def _progress_rank(rank, port, d):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
-    progress = training.Progress(os.path.join(d, "run"), model, opt, torch.amp.GradScaler("cpu", enabled=False),
-                             total=100, save_every=50, rank=rank, agree_every=4)
+    progress = Progress(os.path.join(d, "run"), model=model, optimizer=opt,
+                        scaler=torch.amp.GradScaler("cpu", enabled=False), total=100, save_every=50, rank=rank, agree_every=4)
     result = dict(step=None)
     try:
         with progress:
@@ -1020,7 +1015,7 @@ def test_step_loop_reads_nothing_back_between_logging_intervals(tmp_path, monkey
     teacher = teacher.eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)  # no per-step .item() on the step count
     scaler, autocast = torch.amp.GradScaler("cpu"), training.amp(torch.device("cpu"))[0]
-    progress = training.Progress(str(tmp_path / "s"), student, opt, scaler, total=10, save_every=3)
+    progress = Progress(str(tmp_path / "s"), model=student, optimizer=opt, scaler=scaler, total=10, save_every=3)
     x, prob, cls = torch.rand(8, 3, 32, 32), torch.rand(8, 4).softmax(-1).half(), torch.randint(0, 10, (8, 4))
 
     def host_read(*args, **kwargs):
@@ -1165,7 +1160,7 @@ def test_standin_weights_feed_teacher_and_agnostic_distillation(tmp_path):
     s_ckpt, ckpt = torch.load(s_path, weights_only=True), torch.load(out, weights_only=True)
     assert ckpt["kind"] == "student" and ckpt["recipe"] == s_ckpt["recipe"]
     assert ckpt["model"].keys() == s_ckpt["model"].keys()  # the projection is not in it
-    assert [c["step"] for c in ckpt["cost"]] == ["distill_agnostic"] and ckpt["cost"][0]["steps"] == 4  # 23 of 24
+    assert [c["stage"] for c in ckpt["cost"]] == ["distill_agnostic"] and ckpt["cost"][0]["steps"] == 4  # 23 of 24
     assert not torch.equal(ckpt["model"]["conv1.0.weight"], s_ckpt["model"]["conv1.0.weight"])
     assert not os.path.exists(out + ".state")
     models.load_model(ckpt)  # rebuilds
@@ -1211,8 +1206,9 @@ def test_every_command_of_run_sh_is_one_its_script_accepts(tmp_path):
     calls = run_stubbed(tmp_path, "eurosat", "--pool", "stl10:unlabeled", "--init", "clip=fastvit_mci0.apple_mclip")
     assert {c[0] for c in calls} >= {"split.py", "teacher.py", "student.py", "transfer_set.py", "distill.py",
                                      "distill_agnostic.py", "finetune.py", "evaluate.py", "export.py"}
-    for c in calls:
-        importlib.import_module(c[0].removesuffix(".py")).get_args_parser().parse_args(c[1:])
+    for c in calls:  # python SCRIPT.py ARGS, or python -m kt.demo ARGS
+        module, argv = (c[1], c[2:]) if c[0] == "-m" else (c[0].removesuffix(".py"), c[1:])
+        importlib.import_module(module).get_args_parser().parse_args(argv)
 
 
 def test_demo_table_has_the_papers_rows(tmp_path):
@@ -1220,7 +1216,7 @@ def test_demo_table_has_the_papers_rows(tmp_path):
     assert rows_of(calls) == ["teacher", "kt_target@0", "kt_generic@0", "agnostic@0", "scratch@0",
                               "imagenet@0"]
     scripts = [c[0] for c in calls]
-    assert scripts[:2] == ["demo.py", "demo.py"]  # the stand-ins come first, then the teacher uses one
+    assert scripts[:2] == ["-m", "-m"] and [c[1] for c in calls[:2]] == ["kt.demo", "kt.demo"]  # the stand-ins first, then the teacher uses one
     teacher = calls[scripts.index("teacher.py")]
     assert teacher[teacher.index("--weights") + 1] == "runs/demo/standin_vfm.pth"
     agnostic = calls[scripts.index("distill_agnostic.py")]
@@ -1587,7 +1583,7 @@ def test_segmentation_augmentation_moves_image_and_mask_together():
     left[:, 30:] = 1  # class 1 on the right half, painted white; class 0 black
     img = Image.fromarray(np.stack([left * 255] * 3, -1))
     cfg = dict(input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3)
-    transform = models.pair_transform(cfg, train=True)
+    transform = masks.pair_transform(cfg, train=True)
     from torchvision import tv_tensors
     flipped = 0
     for seed in range(30):
@@ -1661,16 +1657,16 @@ def test_ade20k_layout_and_the_papers_split_files(tmp_path):
     (files / "test.txt").write_text("ADE_val_00000001.jpg\nADE_val_00000002.jpg\nADE_val_00000003.jpg\n")
     split = split_step.make_split(tmp_path / "split.json", "ade20k", 10, 0, tmp_path / "data", files, "train_2img")
     assert split["dense"] and split["reduce_zero_label"] and len(split["classes"]) == 150
-    refs, masks = data.images(split, "labeled")
+    refs, mask_refs = data.part_refs(split, "labeled")
     assert [os.path.basename(r) for r in refs] == ["ADE_train_00000001.jpg", "ADE_train_00000003.jpg"]
-    assert all(m.endswith(".png") and "annotations" in m for m in masks)
-    assert [os.path.basename(r) for r in data.images(split, "unlabeled")[0]] == \
+    assert all(m.endswith(".png") and "annotations" in m for m in mask_refs)
+    assert [os.path.basename(r) for r in data.part_refs(split, "unlabeled")[0]] == \
         ["ADE_train_00000002.jpg", "ADE_train_00000004.jpg"]  # train_full minus the labeled; val stays out
-    assert len(data.images(split, "val")[0]) == 2 and len(data.images(split, "test")[0]) == 3
+    assert len(data.part_refs(split, "val")[0]) == 2 and len(data.part_refs(split, "test")[0]) == 3
     # reduce_zero_label: ADE's 0 ("other") is not scored, class k is stored as k + 1
     from PIL import Image
-    raw = np.asarray(Image.open(masks[0])).astype(np.int64)
-    read = data.open_mask(masks[0], reduce_zero_label=True, num_classes=150).numpy()
+    raw = np.asarray(Image.open(mask_refs[0])).astype(np.int64)
+    read = masks.open_mask(mask_refs[0], reduce_zero_label=True, num_classes=150).numpy()
     assert (read[raw == 0] == 255).all() and (read[raw > 0] == raw[raw > 0] - 1).all()
     # without split files: --shots N is N images, and the official validation set is the test split
     plain = split_step.make_split(tmp_path / "plain.json", "ade20k", 4, 0, tmp_path / "data")
@@ -1749,10 +1745,10 @@ def test_segmentation_end_to_end(seg, tmp_path, capsys):
     assert (tmp_path / "results.png").exists()
     # a classification checkpoint is refused by a segmentation teacher, in one line
     random_checkpoint(tmp_path / "cls.pt", "student", "test_resnet", demo.SCENE_CLASSES)
-    with pytest.raises(SystemExit, match="the teacher segments, the student classifies: they were made for different tasks"):
+    with pytest.raises(SystemExit, match="the teacher is for segmentation of .* the student for classification of .*: they were made for different tasks"):
         run(distill, "--teacher", d / "teacher.pt", "--student", tmp_path / "cls.pt", "--transfer", d / "small.txt",
             "--out", tmp_path / "x.pt")
-    with pytest.raises(SystemExit, match="the teacher segments, the student classifies"):
+    with pytest.raises(SystemExit, match="the teacher is for segmentation of .* the student for classification"):
         run(cache_teacher, "--teacher", d / "teacher.pt", "--student", tmp_path / "cls.pt", "--transfer",
             d / "small.txt", "--out", tmp_path / "cache")
 
@@ -1780,7 +1776,7 @@ def test_total_sets_an_equal_number_of_neighbours_per_query(tmp_path):
     refs = (tmp_path / "t.txt").read_text().split()
     report = json.loads((tmp_path / "t.report.json").read_text())
     assert report["k"] == 4 and len(refs) == 4 + 4 * 4  # the 4 queries, then ceil(20 / 4) - 1 = 4 each
-    assert refs[:4] == data.images(data.read_split(tmp_path / "split.json"), "labeled")[0]
+    assert refs[:4] == data.part_refs(data.read_split(tmp_path / "split.json"), "labeled")[0]
 
 
 def test_run_sh_demo_seg_has_the_same_rows_per_pixel(tmp_path):
@@ -1796,14 +1792,14 @@ def test_a_killed_segmentation_finetune_resumes_to_the_same_weights(seg, tmp_pat
     argv = lambda out: [*seg_args(seg), "--student", seg / "student.pt", "--epochs", 2, "--batch-size", 4,  # noqa: E731
                         "--workers", 0, "--smoothing", 0, "--save-every", 2, "--out", out, "--resume"]
     run(finetune, *argv(tmp_path / "a.pt"))  # 8 scenes, 2 epochs of 2 steps: uninterrupted
-    update, calls = training.Progress.update, []
+    update, calls = Progress.update, []
 
     def dies_at_step_3(self, *a):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # after the state of step 2 was written
         return update(self, *a)
-    monkeypatch.setattr(training.Progress, "update", dies_at_step_3)
+    monkeypatch.setattr(Progress, "update", dies_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         run(finetune, *argv(tmp_path / "b.pt"))
     monkeypatch.undo()
@@ -1852,11 +1848,11 @@ def test_masks_are_scored_at_their_own_resolution():
     from PIL import Image
     from torchvision import tv_tensors
     cfg = dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3)
-    transform = models.pair_transform(cfg, train=False)
+    transform = masks.pair_transform(cfg, train=False)
     big, small = (tv_tensors.Mask(torch.zeros(h, w, dtype=torch.int64)) for h, w in ((30, 40), (20, 20)))
     items = [transform(Image.new("RGB", (40, 30)), big), transform(Image.new("RGB", (20, 20)), small)]
     assert items[0][0].shape == (3, 16, 16) and items[0][1].shape == (30, 40)  # the image resized, the mask not
-    x, y = evaluate.readable(items)
+    x, y = evaluate.collate_readable(items)
     assert x.shape == (2, 3, 16, 16) and [m.shape for m in y] == [(30, 40), (20, 20)]
     logits = torch.zeros(2, 3, 4, 4)
     logits[:, 0] = 1  # predicts class 0 everywhere: every pixel of both masks is right
@@ -1884,12 +1880,12 @@ def test_cuda_segmentation_distills_and_scores_under_amp(seg, tmp_path):
 
 def test_a_segmentation_dataset_of_your_own_by_module(tmp_path, monkeypatch):
     (tmp_path / "myseg.py").write_text(
-        "import demo\n"
+        "from kt import demo\n"
         "def dataset(split):\n"
         "    return demo.Scenes(split)  # dense = True, .classes, (image, mask) items, .mask(i)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     split = split_step.make_split(tmp_path / "split.json", "py:myseg", 3, 0)
     assert split["dense"] and len(split["labeled"]) == 3
-    images = data.split_images(split, "labeled", dict(input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3), True)
+    images = data.part_dataset(split, "labeled", dict(input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3), True)
     x, mask = images[(0, 123)]
     assert x.shape == (3, 32, 32) and mask.shape == (32, 32) and int(mask.max()) < len(split["classes"])

@@ -6,9 +6,10 @@ of the gap. --source mixes labeled (the labeled images themselves), target (spli
 generic (all of --pool) and retrieval (each labeled image's top --k pool neighbours by embedding cosine,
 minus duplicates and test near-copies; --total N sets k for about N images with the queries).
 
-Reads:  split.json (split.py), the pool (pools.py), the encoder (embeddings.py); the search: knn.py.
+Reads:  split.json (split.py), the pool, the retrieval encoder (an OpenCLIP tower or the teacher).
 Writes: --out, one image reference a line (read by distill.py); with a pool also OUT.report.json; with
         retrieval also OUT.png (each labeled query, then its kept neighbours). docs/transfer_sets.md: formats.
+Uses:   kt.knn (exact search), kt.pools (pools), kt.embeddings (embedding cache), kt.data (the split).
 Run:    python transfer_set.py --split runs/demo/split.json --source target,retrieval --pool demo:unlabeled \
             --embed open_clip:ViT-B-32/laion2b_s34b_b79k --k 50 --out runs/demo/transfer.txt
         torchrun --nproc_per_node 8 transfer_set.py ...   (each rank embeds its share of the pool)
@@ -21,16 +22,53 @@ import os
 import numpy as np
 import torch
 
-import checkpoints
-import data
-import training
-from checks import fail, finite, nonnegative, positive
-from embeddings import Encoder, embed_shards, read_shards
-from knn import near_duplicates, search
-from pools import pool_refs, readable
+from kt import checkpoints, claims, data, training
+from kt.checks import fail, finite, nonnegative, positive
+from kt.embeddings import Encoder, embed_shards, read_shards
+from kt.knn import near_duplicates, search
+from kt.pools import decode_all, pool_refs
 
 
-# ------------------------------------------------------------------------------------------ selection
+# ------------------------------------------------------------------------------ the paper's retrieval
+def retrieve(queries, pool, k, allowed, device):
+    """The paper's retrieval: each labeled image (a query) gets its k nearest pool images by the cosine of
+    their embeddings, an equal number for every query, none taken by two queries. queries (Q, D) unit rows;
+    pool() yields the pool's embedding shards (z, ids); allowed(top_s, top_i) -> the ids that pass the
+    filters. The search goes deeper (2k, 4k, ... neighbours a query) until every query has its k or the
+    pool is used up. Returns (the pool ids of each query, the depth searched)."""
+    depth = min(2 * k, pool.size)
+    while True:
+        top_s, top_i = search(queries, pool(), depth, device)  # (Q, depth), best first
+        mine = balance(top_i.numpy(), allowed(top_s, top_i), k)
+        if all(len(m) == k for m in mine) or depth >= pool.size:
+            return mine, depth
+        depth = min(2 * depth, pool.size)
+
+
+def balance(top_i, allowed, k):
+    """Every query its own k images: in rounds, each query takes its next-best neighbour that passed the
+    filters and no other query has taken. top_i (Q, depth) -> a list of pool ids per query."""
+    allowed, taken, mine = set(allowed.tolist()), set(), [[] for _ in range(len(top_i))]
+    rows = top_i.tolist()
+    for r in range(top_i.shape[1]):
+        for q, row in enumerate(rows):
+            c = row[r]
+            if len(mine[q]) < k and c in allowed and c not in taken:
+                taken.add(c)
+                mine[q].append(c)
+    return mine
+
+
+# --------------------------------------------------------------------------------------------- filters
+def candidates(top_s, top_i):
+    """The union of all queries' neighbours, best first: each ranked by its best score, ties by pool id.
+    -> (ids (R,), best scores (R,))."""
+    fs, fi = top_s.flatten().numpy(), top_i.flatten().numpy()
+    order = np.lexsort((fi, -fs))
+    first = np.sort(np.unique(fi[order], return_index=True)[1])  # each id's first (best) place
+    return fi[order][first], fs[order][first]
+
+
 def threshold(value, test_z, device, quantile=0.99):
     """A near-copy threshold: a number, or auto: just above how close distinct target test images come to one
     another (the 99th percentile of each one's cosine to its nearest other one), and at least 0.95. So it
@@ -56,74 +94,84 @@ def near_copies(cand, rz, hashes, test_z, leak_threshold, dedup_threshold, devic
     return exact, leak, near, leak_s
 
 
-def balance(top_i, allowed, k):
-    """Every query its own k images (the paper retrieves an equal number per query): in rounds, each query
-    takes its next-best neighbour that passed the filters and no other query has taken. -> a list per query."""
-    allowed, taken, mine = set(allowed.tolist()), set(), [[] for _ in range(len(top_i))]
-    for r in range(top_i.shape[1]):
-        for q, row in enumerate(top_i.tolist()):
-            c = row[r]
-            if len(mine[q]) < k and c in allowed and c not in taken:
-                taken.add(c)
-                mine[q].append(c)
-    return mine
+class NearCopyFilter:
+    """allowed(top_s, top_i) for retrieve(): the candidates that are no copy of a better-ranked one nor of a
+    test image. Keeps what it found (candidates, scores, drops) for the report."""
+
+    def __init__(self, pool, test_z, leak_threshold, dedup_threshold, device):
+        self.pool, self.test_z, self.device = pool, test_z, device
+        self.thresholds = leak_threshold, dedup_threshold
+
+    def __call__(self, top_s, top_i):
+        self.top_s, (self.cand, self.best) = top_s, candidates(top_s, top_i)
+        self.rz, self.hashes = self.pool.rows(self.cand)  # their embeddings and pixel hashes
+        self.exact, self.leak, self.near, self.leak_s = near_copies(self.cand, self.rz, self.hashes, self.test_z,
+                                                                    *self.thresholds, self.device)
+        return self.cand[~self.exact & ~self.leak & ~self.near]
 
 
-def retrieve(refs, args, split, device, rank, world):
-    """Embed queries, target test split and pool; search; filter; balance. Rank 0 returns (kept refs, report,
-    contact sheet); other ranks return None after embedding their shards."""
+class EmbeddedPool:
+    """A pool's embedding cache (kt.embeddings): pool() streams its shards, rows(ids) reads some rows back."""
+
+    def __init__(self, cache, shards, size, dim):
+        self.cache, self.shards, self.size, self.dim = cache, shards, size, dim
+        self.unreadable = [bad for _, _, m in read_shards(cache, shards) for bad in m["bad"]]
+
+    def __call__(self):
+        return ((z, i) for z, i, _ in read_shards(self.cache, self.shards))
+
+    def rows(self, ids):
+        """(embeddings (R, D) float16, {id: pixel hash}) of pool ids, in the order of `ids`."""
+        z_out, hashes, pos = np.zeros((len(ids), self.dim), np.float16), {}, {int(c): n for n, c in enumerate(ids)}
+        for z, i, m in read_shards(self.cache, self.shards):
+            for r in np.flatnonzero(np.isin(i, ids)):
+                z_out[pos[int(i[r])]], hashes[int(i[r])] = z[r], m["hashes"][r]
+        return z_out, hashes
+
+
+# ------------------------------------------------------------------------------------- the whole step
+def embed_all(refs, args, split, device, rank, world):
+    """Embed the queries (labeled images), the target test images (for the near-copy filters) and the pool,
+    each rank its share of the shards -> the three caches' (dir, shards); encoder's cache key inside."""
     encoder = Encoder(args.embed, args.embed_weights, args.embed_pretrained)
     encoder.model.to(device)
-    q_refs = data.images(split, "labeled")[0]
-    t_refs = data.images(split, "test")[0] if args.leak_threshold == "auto" or \
-        args.leak_threshold <= 1 or args.dedup_threshold == "auto" else []
-    dataset = split["dataset"]
+    q_refs = data.part_refs(split, "labeled")[0]
+    tests = args.leak_threshold == "auto" or args.leak_threshold <= 1 or args.dedup_threshold == "auto"
+    t_refs = (data.part_refs(split, "test") or ([], []))[0] if tests else []
+    dataset = split.get("dataset", "task")
     tag = f"{dataset}-{split.get('budget') or str(split.get('shots')) + 'shot'}-seed{split.get('seed')}"
-    dq, dt, dp = (embed_shards(r, kind, n, encoder, args, device, rank, world) for r, kind, n in
-                  [(q_refs, "queries", tag), (t_refs, "test", dataset), (refs, "pool", args.pool)])
+    caches = [embed_shards(r, kind, n, encoder, args, device, rank, world) for r, kind, n in
+              [(q_refs, "queries", tag), (t_refs, "test", dataset), (refs, "pool", args.pool)]]
     if world > 1:
         torch.distributed.barrier()  # every rank's shards are on disk
+    return q_refs, caches
+
+
+def read_embeddings(cache):
+    """All readable rows of a cache -> (z (n, D) float16, ids (n,)); None when none could be read."""
+    rows = [(z, i) for z, i, _ in read_shards(*cache) if len(i)]
+    return tuple(np.concatenate(x) for x in zip(*rows)) if rows else None
+
+
+def retrieval(refs, args, split, device, rank, world):
+    """--source retrieval: embed, search, filter, balance. Rank 0 returns (kept refs, report, contact sheet);
+    other ranks return None after embedding their shards."""
+    q_refs, (dq, dt, dp) = embed_all(refs, args, split, device, rank, world)
     if rank != 0:
         return None
-    readable_queries = [(z, i) for z, i, _ in read_shards(*dq) if len(i)]
-    if not readable_queries:
+    queries = read_embeddings(dq)
+    if queries is None:
         fail(f"none of the {len(q_refs)} labeled images could be read: nothing to retrieve with")
-    qz, qi = (np.concatenate(x) for x in zip(*readable_queries))
-    test_z = np.concatenate([z for z, i, _ in read_shards(*dt) if len(i)] or [np.zeros((0, qz.shape[1]), np.float16)])
-    leak_t, dedup_t = (threshold(t, test_z, device) for t in (args.leak_threshold, args.dedup_threshold))
-    depth = min(2 * args.k, len(refs))  # candidates per query: deeper until every query has its k (or the pool ends)
-    while True:
-        top_s, top_i = search(qz, ((z, i) for z, i, _ in read_shards(*dp)), depth, device)  # (Q, depth)
-        # the union of all queries' candidates, best first: each ranked by its best score, ties by pool index
-        fs, fi = top_s.flatten().numpy(), top_i.flatten().numpy()
-        o = np.lexsort((fi, -fs))
-        first = np.sort(np.unique(fi[o], return_index=True)[1])
-        cand, best = fi[o][first], fs[o][first]
-        rz, pos = np.zeros((len(cand), qz.shape[1]), np.float16), {int(c): n for n, c in enumerate(cand)}
-        bad, hashes = [], {}
-        for z, i, m in read_shards(*dp):  # fetch the candidates' embeddings and pixel hashes
-            bad += m["bad"]
-            for r in np.flatnonzero(np.isin(i, cand)):
-                rz[pos[int(i[r])]], hashes[int(i[r])] = z[r], m["hashes"][r]
-        exact, leak, near, leak_s = near_copies(cand, rz, hashes, test_z, leak_t, dedup_t, device)
-        mine = balance(top_i.numpy(), cand[~exact & ~leak & ~near], args.k)
-        if all(len(m) == args.k for m in mine) or depth >= len(refs):
-            break
-        depth = min(2 * depth, len(refs))
-    kept = np.array(sorted({c for m in mine for c in m}, key=lambda c: pos[c]), dtype=np.int64)  # best first
-    per_query = [len(m) for m in mine]
-    report = dict(
-        pool=args.pool, embed=args.embed, k=args.k, queries=len(qi), unreadable_queries=len(q_refs) - len(qi),
-        pool_images=len(refs), searched_per_query=depth, retrieved=len(cand), kept=len(kept),
-        short_queries=sum(n < args.k for n in per_query),
-        dropped=dict(exact_duplicates=int(exact.sum()), near_duplicates=int(near.sum()),
-                     leaks=int(leak.sum()), unreadable=len(bad)),
-        thresholds=dict(dedup=dedup_t, leak=leak_t, calibrated=[t == "auto" for t in
-                                                                (args.dedup_threshold, args.leak_threshold)]),
-        similarity=dict(topk=stats(top_s.numpy()[:, :args.k]), kept_best=stats(best[[pos[c] for c in kept]]),
-                        nearest_test=stats(leak_s.numpy())),
-        images_per_query=dict(stats(per_query), per_query={q_refs[j]: n for j, n in zip(qi, per_query)}),
-        unreadable_files=bad, cache=[dq[0], dt[0], dp[0]])
+    qz, qi = queries
+    test_z = (read_embeddings(dt) or (np.zeros((0, qz.shape[1]), np.float16),))[0]
+    pool = EmbeddedPool(*dp, size=len(refs), dim=qz.shape[1])
+    thresholds = [threshold(t, test_z, device) for t in (args.leak_threshold, args.dedup_threshold)]
+    filters = NearCopyFilter(pool, test_z, *thresholds, device)
+    mine, depth = retrieve(qz, pool, args.k, filters, device)
+    kept = [c for m in mine for c in m]
+    rank_of = {int(c): n for n, c in enumerate(filters.cand)}
+    kept = np.array(sorted(set(kept), key=rank_of.get), dtype=np.int64)  # best first
+    report = retrieval_report(args, q_refs, qi, mine, kept, depth, filters, pool, [dq[0], dt[0], dp[0]])
     show = np.linspace(0, len(qi) - 1, min(args.sheet, len(qi))).round().astype(int)
     rows = [(q_refs[qi[j]], [refs[c] for c in mine[j][:args.sheet]]) for j in show]
     rows = [r for r in rows if r[1]]
@@ -131,6 +179,25 @@ def retrieve(refs, args, split, device, rank, world):
 
 
 # --------------------------------------------------------------------------------------------- report
+def retrieval_report(args, q_refs, qi, mine, kept, depth, filters, pool, caches):
+    """What retrieval did, for OUT.report.json: counts, thresholds, similarities, images per query."""
+    per_query, rank_of = [len(m) for m in mine], {int(c): n for n, c in enumerate(filters.cand)}
+    leak_t, dedup_t = filters.thresholds
+    return dict(
+        pool=args.pool, embed=args.embed, k=args.k, queries=len(qi), unreadable_queries=len(q_refs) - len(qi),
+        pool_images=pool.size, searched_per_query=depth, retrieved=len(filters.cand), kept=len(kept),
+        short_queries=sum(n < args.k for n in per_query),
+        dropped=dict(exact_duplicates=int(filters.exact.sum()), near_duplicates=int(filters.near.sum()),
+                     leaks=int(filters.leak.sum()), unreadable=len(pool.unreadable)),
+        thresholds=dict(dedup=dedup_t, leak=leak_t, calibrated=[t == "auto" for t in
+                                                                (args.dedup_threshold, args.leak_threshold)]),
+        similarity=dict(topk=stats(filters.top_s.numpy()[:, :args.k]),
+                        kept_best=stats(filters.best[[rank_of[int(c)] for c in kept]]),
+                        nearest_test=stats(filters.leak_s.numpy())),
+        images_per_query=dict(stats(per_query), per_query={q_refs[j]: n for j, n in zip(qi, per_query)}),
+        unreadable_files=pool.unreadable, cache=caches)
+
+
 def stats(x):
     x = np.asarray(x, dtype=np.float64)
     return {} if x.size == 0 else dict(min=float(x.min()), mean=float(x.mean()),
@@ -194,17 +261,17 @@ def main(args):
         fail(f"--source {args.source}: a comma list of labeled, target, generic, retrieval")
     if {"generic", "retrieval"} & set(sources) and not args.pool:
         fail("--source generic/retrieval needs --pool")
-    checkpoints.check_writable(args.out)
+    claims.check_writable(args.out)
     device, rank, world = training.setup(0)
     split = data.read_split(args.split)
-    if "target" in sources and data.images(split, "unlabeled") is None:  # before any embedding work
+    if "target" in sources and data.part_refs(split, "unlabeled") is None:  # before any embedding work
         fail(f"--source target: {args.split} lists no unlabeled images")
     refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] else ([], [])
     out, report, sheet = [], dict(pool=args.pool, pool_images=len(refs)), None
     if args.total:  # a fixed size, an equal share per query: the queries plus k neighbours each
         args.k = max(1, math.ceil(args.total / len(split["labeled"])) - 1)
     if "retrieval" in sources:
-        got = retrieve(refs, args, split, device, rank, world)
+        got = retrieval(refs, args, split, device, rank, world)
         if got is None:
             return  # not rank 0: its shards are done
         kept, report, sheet = got
@@ -213,15 +280,15 @@ def main(args):
     elif rank != 0:
         return
     if "labeled" in sources:
-        out += data.images(split, "labeled")[0]
+        out += data.part_refs(split, "labeled")[0]
     if "target" in sources:
-        out += data.images(split, "unlabeled")[0]
+        out += data.part_refs(split, "unlabeled")[0]
     if "generic" in sources:
         if "retrieval" in sources:  # the whole pool was decoded for embedding already
             skip = {r for r, _ in report["unreadable_files"]}
             out += [r for r in refs if r not in skip]
         else:
-            ok, more = readable(refs, args.batch_size, args.workers, args.data_root)
+            ok, more = decode_all(refs, args.batch_size, args.workers, args.data_root)
             out += ok
             report.update(unreadable_files=bad + more, dropped=dict(unreadable=len(bad + more)))
     if "retrieval" in sources:

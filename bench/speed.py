@@ -19,8 +19,8 @@ not image decoding (a real run needs enough --workers to keep up; the cache save
 decoding).
 
 Reads nothing; writes --out (JSON) if given.
-Run:  python bench.py --teacher vit_large_patch14_dinov2 --student fastvit_t8 --img-size 224 --compile
-      python bench.py --teacher test_vit --student test_resnet --img-size 32 --batch-size 32   (CPU, tiny)
+Run:  python -m bench.speed --teacher vit_large_patch14_dinov2 --student fastvit_t8 --img-size 224 --compile
+      python -m bench.speed --teacher test_vit --student test_resnet --img-size 32 --batch-size 32   (CPU, tiny)
 """
 import argparse
 import copy
@@ -30,11 +30,9 @@ from contextlib import nullcontext
 
 import torch
 
-import checkpoints
 import distill
 import distill_cached
-import models
-import training
+from kt import checkpoints, models, training
 
 
 def measure(step, steps, warmup, batch, device):

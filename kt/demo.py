@@ -1,14 +1,14 @@
 """The offline demo: its generated dataset, and the stand-in foundation model pretrained on the CPU.
 
-`split.py --dataset demo` (data.indexed loads it through dataset(split)): 10 classes of shapes and
+`split.py --dataset demo` (kt.catalog.indexed loads it through dataset(split)): 10 classes of shapes and
 patterns in random colours, sizes and positions on a noisy background, 32x32; image i of a split is drawn
 from (split, i) alone. Splits: train (120 per class), test (40 per class), unlabeled (a generic pool, see pool_kind).
-No VFM weights can be downloaded offline, so `python demo.py --out FILE` pretrains a miniature one: a
+No VFM weights can be downloaded offline, so `python -m kt.demo --out FILE` pretrains a miniature one: a
 small timm network trained with labels on BROAD_CLASSES (stars, arrows, spirals, letters, ...: none a task
 class). Its weights are an ordinary timm file for `teacher.py --weights FILE`. Nothing else needs this file.
 
-Run:    python demo.py --arch test_resnet --img-size 32 --per-class 100 --epochs 15 --out runs/demo/standin_vfm.pth
-        python demo.py --preview runs/demo/preview.png   (a grid: task classes, broad pool, generic pool)
+Run:    python -m kt.demo --arch test_resnet --img-size 32 --per-class 100 --epochs 15 --out runs/demo/standin_vfm.pth
+        python -m kt.demo --preview runs/demo/preview.png   (a grid: task classes, broad pool, generic pool)
 """
 import argparse
 import math
@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-import checkpoints
-import models
-import training
-from checks import rate
+from kt import checkpoints, models, training
+from kt.checks import rate
 
 SIZE = 32
 CLASSES = ["circle", "square", "triangle", "cross", "ring", "hbars", "vbars", "diagonal", "checker", "dots"]
@@ -209,7 +207,7 @@ class Shapes:
 
 
 def dataset(split):
-    """The demo's split, for catalog.load_dataset('demo', split) and data.indexed."""
+    """The demo's split, for catalog.load_dataset('demo', split) and catalog.indexed."""
     return Shapes(split)
 
 
@@ -316,7 +314,7 @@ def pretrain(arch, img_size, per_class, epochs, batch_size, lr, seed, log=print)
         idx = order[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
         for g in opt.param_groups:
             g["lr"] = lr * training.cosine_lr(step, total, max(1, total // 20))
-        logits = model(models.normalize(augment(x_all[idx], gen), cfg))  # (B, len(BROAD_CLASSES))
+        logits = model(models.to_model_input(augment(x_all[idx], gen), cfg))  # (B, len(BROAD_CLASSES))
         loss = F.cross_entropy(logits, y_all[idx], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -325,7 +323,7 @@ def pretrain(arch, img_size, per_class, epochs, batch_size, lr, seed, log=print)
             log(f"  epoch {(step + 1) // per_epoch}/{epochs} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.eval()
     with torch.inference_mode():
-        pred = model(models.normalize(val_x, cfg)).argmax(-1)
+        pred = model(models.to_model_input(val_x, cfg)).argmax(-1)
     return model.state_dict(), 100 * float((pred == torch.from_numpy(val_y)).float().mean())
 
 

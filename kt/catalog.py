@@ -1,7 +1,9 @@
-"""Datasets by name, each listed from its own layout; split.py (and a pool named DATASET:SPLIT) list them.
+"""Datasets by name, each listed from its own layout: all the project knows of datasets is here. split.py
+lists them (and transfer_set.py, for a pool named DATASET:SPLIT); data.open_image opens their NAME:SPLIT:INDEX
+images through indexed().
 
   * torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10 places365, the demo and
-    py:MODULE: data.indexed opens them (their images are referenced as NAME:SPLIT:INDEX);
+    py:MODULE: indexed() opens them (their images are referenced as NAME:SPLIT:INDEX);
   * imagenet (DATA_ROOT/imagenet/{train,val}/<wnid>/), folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*,
     optional PATH/val/), ham10000 (ISIC's metadata CSV): their images are referenced by path;
   * segmentation: ade20k (ADEChallengeData2016), demo-seg, folder:PATH with PATH/{train,test}/images/ +
@@ -10,17 +12,69 @@
 """
 import csv
 import functools
+import importlib
 import os
 
+import numpy as np
 import torch
 
-import data
-from checks import fail, first_line
+from kt.checks import fail, first_line
 
+TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
 PAPER = ("imagenet", "ham10000", "ade20k")  # the paper's other tasks, from files the user downloads into DATA_ROOT
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+# ------------------------------------------------------------------------------ images kept by index
+@functools.lru_cache(maxsize=None)
+def indexed(name, split, root="data", download=True):
+    """A dataset whose images are not files of their own, opened by `NAME:SPLIT:INDEX`: torchvision's
+    (their own download and layout), the demo's, or py:MODULE's (any module of yours with dataset(split))."""
+    if name in ("demo", "demo-seg") or name.startswith("py:"):
+        # imported by name when asked for: the offline demo's data lives in kt/demo.py, which nothing else needs
+        module = "kt.demo" if name in ("demo", "demo-seg") else name.removeprefix("py:")
+        try:
+            module = importlib.import_module(module)
+            return module.scenes(split) if name == "demo-seg" else module.dataset(split)
+        except (ImportError, AttributeError) as e:
+            fail(f"dataset {name}: {first_line(e)}; py:MODULE names a module that defines dataset(split)")
+    if name not in TORCHVISION:
+        fail(f"image reference {name}:{split}:INDEX: {name} is not a dataset of torchvision's, demo or py:MODULE")
+    try:
+        return _torchvision(name, split, root, download)
+    except (RuntimeError, OSError) as e:  # offline, or "Dataset not found or corrupted"
+        fail(f"could not load {name}/{split} under {root} ({first_line(e)}); offline? copy torchvision's "
+             f"files for {name} into {root}, or use folder:PATH")
+
+
+def _torchvision(name, split, root, download=True):
+    import torchvision.datasets as D
+    if name in ("cifar10", "cifar100"):
+        cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+        return cls(root, train=(split == "train"), download=download)
+    if name == "stl10":  # split: train / test / unlabeled (100K generic images, a ready transfer pool)
+        return D.STL10(root, split=split, download=download)
+    if name == "flowers102":
+        return D.Flowers102(root, split=split, download=download)
+    if name == "dtd":
+        return D.DTD(root, split=split, partition=1, download=download)
+    if name == "pets":
+        return D.OxfordIIITPet(root, split={"train": "trainval"}.get(split, split), download=download)
+    if name == "food101":
+        return D.Food101(root, split=split, download=download)
+    if name == "places365":  # the 256px images; the paper splits the official val set into its val and test
+        return D.Places365(os.path.join(root, "places365"), split="train-standard" if split == "train" else "val",
+                           small=True, download=download)
+    # eurosat has no official split: a fixed 80/20 cut, the same for every run and seed
+    full = D.EuroSAT(root, download=download)
+    order = np.random.default_rng(0).permutation(len(full))
+    cut = int(0.8 * len(full))
+    sub = torch.utils.data.Subset(full, order[:cut] if split == "train" else order[cut:])
+    sub.classes, sub.targets = full.classes, [full.targets[i] for i in sub.indices]
+    return sub
+
+
+# ----------------------------------------------------------------------------------- image files
 class HAM10000(torch.utils.data.Dataset):
     """HAM10000 as ISIC ships it: ROOT/HAM10000_metadata.csv (image_id, dx, ...) and the images in any folder
     below ROOT (HAM10000_images_part_1/, ..._2/). 7 classes by `dx`, heavily imbalanced (mean per-class
@@ -145,8 +199,8 @@ def _labels(ds):
 @functools.lru_cache(maxsize=None)
 def load_dataset(name, split, root="data", download=True):
     """(dataset, labels, classes) of one split; dataset[i] -> (PIL image, int label). Cached."""
-    if name in ("demo", "demo-seg") or name.startswith("py:") or name in data.TORCHVISION:
-        ds = data.indexed(name, split, root, download)
+    if name in ("demo", "demo-seg") or name.startswith("py:") or name in TORCHVISION:
+        ds = indexed(name, split, root, download)
     elif name == "imagenet":  # DATA_ROOT/imagenet/train/<wnid>/*.JPEG and val/<wnid>/*: val is the test set
         ds = _folder(os.path.join(root, "imagenet"), "val" if split == "test" else split)
     elif name == "ham10000":
@@ -162,7 +216,7 @@ def load_dataset(name, split, root="data", download=True):
             if ds.classes != train_classes:
                 fail(f"{name}: {split}/ classes {ds.classes} differ from train/ classes {train_classes}")
     else:
-        fail(f"unknown dataset '{name}'; choose demo, {', '.join(data.TORCHVISION + PAPER)}, folder:PATH or py:MODULE")
+        fail(f"unknown dataset '{name}'; choose demo, {', '.join(TORCHVISION + PAPER)}, folder:PATH or py:MODULE")
     classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
     return ds, _labels(ds), [str(c) for c in classes]
 

@@ -8,19 +8,7 @@ Lite R-ASPP). models.create_model builds one when asked for a decoder; torch alo
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def backbone_groups(backbone, coarse=False):
-    """timm's group matcher (layer-wise lr decay) of a model's `backbone` attribute: a timm network's own
-    groups, an OpenCLIP tower's timm trunk (ConvNeXt, ...) or its ViT blocks, each renamed under backbone."""
-    def inside(prefix, pattern):
-        return prefix + pattern.lstrip("^")
-    net, prefix = (backbone.trunk, r"^backbone\.trunk\.") if hasattr(backbone, "trunk") else (backbone, r"^backbone\.")
-    if hasattr(net, "group_matcher"):
-        return {k: inside(prefix, v) if isinstance(v, str) else [(inside(prefix, p), order) for p, order in v]
-                for k, v in net.group_matcher(coarse).items()}
-    return dict(stem=r"^backbone\.(?:class_embedding|positional_embedding|conv1|ln_pre)",  # OpenCLIP's ViT
-                blocks=[(r"^backbone\.transformer\.resblocks\.(\d+)", None),
-                        (r"^backbone\.(?:ln_post|proj)", (99999,))])
+from kt.groups import backbone_groups
 
 
 class Segmenter(nn.Module):
@@ -57,6 +45,10 @@ class Segmenter(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+    def embedding(self, x):
+        """The last feature map (B, D, h, w): a patch feature at each location (models.image_embedding)."""
+        return self.features(x)[-1]
 
     def get_classifier(self):
         return self.head

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# GPU check for distillation at speed (issue 4): on one CUDA machine, run the CUDA tests and bench.py with a
+# GPU check for distillation at speed (issue 4): on one CUDA machine, run the CUDA tests and bench/speed.py with a
 # vit_large_patch14_dinov2 teacher and a fastvit_t8 student at 224px (random weights: nothing is downloaded;
 # open_clip is not needed), and write everything to gpu_check/ (results.md, bench_*.json, logs).
 #
-# Usage: bash gpu_check.sh [OUTDIR]        (~5-8 minutes on an H100; each part has its own time limit)
+# Usage: bash bench/gpu_check.sh [OUTDIR]        (~5-8 minutes on an H100; each part has its own time limit)
 # Targets (H100): d/a >= 0.70, d/c >= 3, e/b >= 0.80 (see README 'Speed and scale').
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check}}
 mkdir -p "$OUT"
 PY=${PY:-python}
@@ -32,9 +32,9 @@ BENCH=(--teacher vit_large_patch14_dinov2 --student fastvit_t8 --img-size 224 --
        --classes 100 --steps 20 --warmup 5)
 for mode in eager compile; do
   extra=(); [[ $mode == compile ]] && extra=(--compile --warmup 10)
-  timeout 420 $PY bench.py "${BENCH[@]}" "${extra[@]}" --out "$OUT/bench_$mode.json" > "$OUT/bench_$mode.log" 2>&1
+  timeout 420 $PY -m bench.speed "${BENCH[@]}" "${extra[@]}" --out "$OUT/bench_$mode.json" > "$OUT/bench_$mode.log" 2>&1
   rc=$?
-  { echo; echo "## bench.py ($mode, exit $rc)"; echo '```'; grep -v "^\s*$" "$OUT/bench_$mode.log" | tail -14
+  { echo; echo "## bench/speed.py ($mode, exit $rc)"; echo '```'; grep -v "^\s*$" "$OUT/bench_$mode.log" | tail -14
     echo '```'; } >> "$REPORT"
 done
 cat "$REPORT"

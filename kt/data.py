@@ -3,13 +3,11 @@
   * split.json (split.py makes it): the task's classes and, for each part (labeled, unlabeled, val, test),
     its images as [reference, label] pairs; a segmentation split's labels are mask references;
   * image references, one a line in transfer lists: a file path, `SHARD.tar::MEMBER`, or `NAME:SPLIT:INDEX`
-    for an image that is not a file of its own (torchvision's cifar10, the demo, py:MODULE);
+    for an image that is not a file of its own (torchvision's cifar10, the demo, py:MODULE: kt.catalog opens
+    those, imported only for them);
   * Images + EpochSampler: every image's augmentation is seeded by (seed, epoch, index), so a run is the
     same for any worker count and resumes mid-epoch exactly.
-(catalog.py lists a dataset by name; only split.py and the pools need it.)
 """
-import functools
-import importlib
 import io
 import json
 import math
@@ -21,10 +19,9 @@ import tarfile
 import numpy as np
 import torch
 
-import models
-from checks import fail, first_line
+from kt import models
+from kt.checks import fail, first_line
 
-TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
 SPLITS = ("train", "val", "test", "unlabeled")
 
 
@@ -43,81 +40,49 @@ def read_split(path):
     return split
 
 
-def images(split, part):
-    """(refs, labels) of one part of a split: labeled, unlabeled, val or test; None if it has no such part."""
+def is_segmentation(split):
+    """Whether a split's labels are masks (split.json's `dense`)."""
+    return bool(split.get("dense"))
+
+
+def part_refs(split, part):
+    """(image references, labels) of one part of a split: labeled, unlabeled, val or test; None if it has no
+    such part. A segmentation split's labels are mask references."""
     pairs = split["files"].get(part)
     return None if pairs is None else ([r for r, _ in pairs], [y for _, y in pairs])
 
 
-def split_images(split, part, cfg, train, root="data", substitute=True):
-    """Images of one part of the split with a model's transform (cfg: its data config); segmentation: the
-    masks come with the images, through the paired transform."""
-    refs, labels = images(split, part)
-    if split.get("dense"):
-        return Images(refs, labels, models.pair_transform(cfg, train), root, substitute,
+def part_dataset(split, part, cfg, train, root="data", substitute=True):
+    """An Images dataset of one part of the split with a model's transform (cfg: its data config);
+    segmentation: the masks come with the images, through the paired transform (kt.masks)."""
+    refs, labels = part_refs(split, part)
+    if is_segmentation(split):
+        from kt import masks
+        return Images(refs, labels, masks.pair_transform(cfg, train), root, substitute,
                       len(split["classes"]), split["reduce_zero_label"])
     return Images(refs, labels, models.transform(cfg, train), root, substitute)
-
-
-# ------------------------------------------------------------------------------ images kept by index
-@functools.lru_cache(maxsize=None)
-def indexed(name, split, root="data", download=True):
-    """A dataset whose images are not files of their own, opened by `NAME:SPLIT:INDEX`: torchvision's
-    (their own download and layout), the demo's, or py:MODULE's (any module of yours with dataset(split))."""
-    if name in ("demo", "demo-seg") or name.startswith("py:"):
-        # imported by name when asked for: the offline demo's data lives in demo.py, which nothing else needs
-        module = "demo" if name == "demo-seg" else name.removeprefix("py:")
-        try:
-            module = importlib.import_module(module)
-            return module.scenes(split) if name == "demo-seg" else module.dataset(split)
-        except (ImportError, AttributeError) as e:
-            fail(f"dataset {name}: {first_line(e)}; py:MODULE names a module that defines dataset(split)")
-    if name not in TORCHVISION:
-        fail(f"image reference {name}:{split}:INDEX: {name} is not a dataset of torchvision's, demo or py:MODULE")
-    try:
-        return _torchvision(name, split, root, download)
-    except (RuntimeError, OSError) as e:  # offline, or "Dataset not found or corrupted"
-        fail(f"could not load {name}/{split} under {root} ({first_line(e)}); offline? copy torchvision's "
-             f"files for {name} into {root}, or use folder:PATH")
-
-
-def _torchvision(name, split, root, download=True):
-    import torchvision.datasets as D
-    if name in ("cifar10", "cifar100"):
-        cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
-        return cls(root, train=(split == "train"), download=download)
-    if name == "stl10":  # split: train / test / unlabeled (100K generic images, a ready transfer pool)
-        return D.STL10(root, split=split, download=download)
-    if name == "flowers102":
-        return D.Flowers102(root, split=split, download=download)
-    if name == "dtd":
-        return D.DTD(root, split=split, partition=1, download=download)
-    if name == "pets":
-        return D.OxfordIIITPet(root, split={"train": "trainval"}.get(split, split), download=download)
-    if name == "food101":
-        return D.Food101(root, split=split, download=download)
-    if name == "places365":  # the 256px images; the paper splits the official val set into its val and test
-        return D.Places365(os.path.join(root, "places365"), split="train-standard" if split == "train" else "val",
-                           small=True, download=download)
-    # eurosat has no official split: a fixed 80/20 cut, the same for every run and seed
-    full = D.EuroSAT(root, download=download)
-    order = np.random.default_rng(0).permutation(len(full))
-    cut = int(0.8 * len(full))
-    sub = torch.utils.data.Subset(full, order[:cut] if split == "train" else order[cut:])
-    sub.classes, sub.targets = full.classes, [full.targets[i] for i in sub.indices]
-    return sub
 
 
 # ---------------------------------------------------------------------------------------------- images
 _tars = {}  # (pid, shard) -> (open TarFile, {member name: member}); per pid: forked workers need their own
 
 
+def indexed_ref(ref):
+    """`NAME:SPLIT:INDEX` -> (NAME, SPLIT, INDEX); None for a file path or a tar member."""
+    parts = ref.rsplit(":", 2)
+    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
+        return parts[0], parts[1], int(parts[2])
+    return None
+
+
 def open_image(ref, root="data"):
     """An image reference -> PIL RGB: `NAME:SPLIT:INDEX`, a file path, or `SHARD.tar::MEMBER`."""
     from PIL import Image
-    parts = ref.rsplit(":", 2)
-    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():  # NAME:SPLIT:INDEX
-        return _rgb(indexed(parts[0], parts[1], root)[int(parts[2])][0])
+    by_index = indexed_ref(ref)
+    if by_index:  # NAME:SPLIT:INDEX: an image of a dataset object, which only kt.catalog knows
+        from kt import catalog
+        name, split, i = by_index
+        return _rgb(catalog.indexed(name, split, root)[i][0])
     if "::" in ref:  # a member of a webdataset / img2dataset tar shard
         shard, member = ref.split("::", 1)
         if (os.getpid(), shard) not in _tars:
@@ -145,30 +110,6 @@ def _rgb(im):
     elif im.mode in ("I", "F"):
         raise ValueError(f"a 32-bit image (mode {im.mode}): save it with 8 or 16 bits per channel")
     return im.convert("RGB")
-
-
-def open_mask(ref, root="data", reduce_zero_label=False, num_classes=None, size=None):
-    """A mask reference (a PNG path, or NAME:SPLIT:INDEX of a dense dataset) -> (H, W) int64 class indices,
-    255 = not labeled. With num_classes and size (W, H), a value out of range or a size other than the image's
-    is a ValueError naming the mask."""
-    from PIL import Image
-    parts = ref.rsplit(":", 2)
-    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
-        mask = np.asarray(indexed(parts[0], parts[1], root).mask(int(parts[2])), dtype=np.int64)
-    else:
-        with Image.open(ref) as im:
-            if im.mode not in ("L", "P", "I;16", "I"):
-                raise ValueError(f"mask {ref} is {im.mode}: save class indices as a 1-channel (L or P) PNG")
-            mask = np.asarray(im, dtype=np.int64)
-    if reduce_zero_label:  # ADE20K: 0 is "other", not scored; class k is stored as k + 1
-        mask = np.where(mask == 0, 256, mask) - 1
-    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
-        raise ValueError(f"mask {ref} is {mask.shape[1]}x{mask.shape[0]}, its image {size[0]}x{size[1]}")
-    if num_classes is not None and ((mask >= num_classes) & (mask != 255)).any():
-        raise ValueError(f"mask {ref} holds class {int(mask[mask != 255].max())}: classes are 0-{num_classes - 1}, "
-                         "255 not labeled")
-    from torchvision import tv_tensors
-    return tv_tensors.Mask(torch.from_numpy(mask))
 
 
 def hold_out(refs, n):
@@ -199,7 +140,7 @@ class Images(torch.utils.data.Dataset):
     """Image references with optional labels -> (transformed image, label, or -1).
 
     A label that is a mask reference (segmentation) is read with its image, checked against its size and
-    num_classes, and both go through the same transform (models.pair_transform). Items are (index, seed)
+    num_classes, and both go through the same transform (kt.masks.pair_transform). Items are (index, seed)
     pairs from EpochSampler: the augmentation of each image is seeded by the sampler, so a run is
     reproducible across worker counts and can resume mid-epoch exactly.
     """
@@ -221,7 +162,8 @@ class Images(torch.utils.data.Dataset):
                 img = open_image(self.refs[j], self.root)
                 label = self.labels[j] if self.labels is not None else -1
                 if isinstance(label, str):  # segmentation: the mask travels with its image
-                    label = open_mask(label, self.root, self.reduce_zero_label, self.num_classes, img.size)
+                    from kt import masks
+                    label = masks.open_mask(label, self.root, self.reduce_zero_label, self.num_classes, img.size)
                 break
             except Exception as e:  # missing, truncated, not an image, a decompression bomb, a broken tar, ...
                 print(f"warning: skipped unreadable image {self.refs[j]} ({type(e).__name__})",

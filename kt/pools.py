@@ -10,10 +10,10 @@ import tarfile
 
 import torch
 
-import catalog
-import data
-import training
-from checks import fail
+from kt import data, training
+from kt.catalog import IMAGE_EXTS
+from kt.checks import fail
+
 
 def tar_refs(shards):
     """Image members of webdataset shards -> `SHARD::MEMBER` refs; a shard that is not a tar is listed bad."""
@@ -22,7 +22,7 @@ def tar_refs(shards):
         try:
             with tarfile.open(shard) as tf:
                 refs += [f"{shard}::{m.name}" for m in tf.getmembers()
-                         if m.isfile() and m.name.lower().endswith(catalog.IMAGE_EXTS)]
+                         if m.isfile() and m.name.lower().endswith(IMAGE_EXTS)]
         except (OSError, tarfile.TarError) as e:
             bad.append([shard, f"{type(e).__name__}: {e}"])
     return refs, bad
@@ -36,7 +36,7 @@ def pool_refs(pool, root):
             refs, bad = tar_refs(shards)
         else:  # sidecars (.json, .txt) are skipped by extension; a bad image is found when decoded
             refs, bad = sorted(os.path.abspath(os.path.join(d, f)) for d, _, fs in os.walk(pool)
-                               for f in fs if f.lower().endswith(catalog.IMAGE_EXTS)), []
+                               for f in fs if f.lower().endswith(IMAGE_EXTS)), []
     elif any(c in pool for c in "*?[") or pool.endswith(".tar"):
         shards = sorted(os.path.abspath(s) for s in glob.glob(pool))
         if not shards:
@@ -49,7 +49,8 @@ def pool_refs(pool, root):
                 refs, bad = [os.path.normpath(os.path.join(base, ln.strip())) for ln in f if ln.strip()], []
         except UnicodeDecodeError:
             fail(f"--pool {pool} is not a UTF-8 text file of image paths")
-    elif pool.rpartition(":")[0] and pool.rpartition(":")[2] in data.SPLITS:
+    elif pool.rpartition(":")[0] and pool.rpartition(":")[2] in data.SPLITS:  # a dataset's split, by name
+        from kt import catalog
         refs, bad = catalog.split_refs(*pool.rsplit(":", 1), root=root)[0], []
     else:
         fail(f"--pool {pool}: not a folder, a file of paths, .tar shards, or DATASET:SPLIT ({data.SPLITS})")
@@ -87,7 +88,7 @@ def collate(batch):
     return batch[0][0], [b[1] for b in ok], x, [b[3] for b in ok], [[b[1], b[4]] for b in batch if b[2] is None]
 
 
-def readable(refs, batch_size, workers, root):
+def decode_all(refs, batch_size, workers, root):
     """Decode every image once (in DataLoader workers): -> (readable refs, [[ref, error]])."""
     dl = torch.utils.data.DataLoader(PoolImages(refs, None, root), collate_fn=collate, batch_size=batch_size,
                                      num_workers=min(workers, os.cpu_count() or 1),

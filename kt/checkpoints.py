@@ -1,18 +1,15 @@
-"""Files on disk: atomic writes, checkpoints that are plain dicts, and a claim on a step's output.
+"""Files on disk: atomic writes, checkpoints that are plain dicts, and the settings a file records.
 
 A checkpoint is a dict of plain types and tensors (kind, recipe, data_config, classes, model, args, cost,
 ...), so torch.load(weights_only=True) reads it and a file from elsewhere cannot run code. Every file is
 written to a temp file, flushed, fsynced and renamed: a kill or a full disk never leaves half a file.
 """
-import atexit
-import fcntl
-import glob
 import hashlib
 import os
 
 import torch
 
-from checks import fail, first_line
+from kt.checks import fail, first_line
 
 KEYS = dict(teacher=("recipe", "data_config", "classes", "model", "cost"),
             student=("recipe", "data_config", "classes", "model", "cost"),
@@ -59,6 +56,21 @@ def load_checkpoint(path, kinds=None, made_by=None):
     return ckpt
 
 
+def task(made_for):
+    """What a checkpoint's model, a split's labels or a teacher cache are for: 'segmentation' (a checkpoint
+    with a decoder on its backbone; a split or cache marked dense) or 'classification'."""
+    dense = made_for["recipe"].get("decoder") if "recipe" in made_for else made_for.get("dense")
+    return "segmentation" if dense else "classification"
+
+
+def check_same_task(a, a_name, b, b_name):
+    """Two checkpoints, splits or caches made for the same task: the same classes, both classifying or both
+    segmenting. Anything else is one line naming both."""
+    if task(a) != task(b) or a["classes"] != b["classes"]:
+        fail(f"{a_name} is for {task(a)} of {len(a['classes'])} classes, {b_name} for {task(b)} of "
+             f"{len(b['classes'])}: they were made for different tasks")
+
+
 def plain(args):
     """argparse Namespace -> dict of plain types, for a checkpoint's `args`."""
     return {k: v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v)
@@ -76,67 +88,16 @@ def digest(path):
     return h.hexdigest()
 
 
-# -------------------------------------------------------------------------- one writer per output
-_claims = {}  # output path -> the open, locked OUT.lock (this process's claims)
-
-
-def check_writable(path):
-    """Before any work: `path` is not a folder, and its folder exists (or can be made) and is writable."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        fail(f"--out {path} is a folder; give a file name")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot make the folder of --out {path} ({e.strerror})")
-    if not os.access(folder, os.W_OK):
-        fail(f"cannot write into {folder}, the folder of --out {path}")
-
-
-def claim(path):
-    """Claim the output `path` for this process until release(path): a second writer fails at once.
-
-    An exclusive flock on PATH.lock (the kernel drops it when the process dies, however it dies), checked
-    to be on the lock file that is still there (a releasing writer deletes it). Temp files that dead
-    writers left beside PATH are removed.
-    """
-    check_writable(path)
-    key, lock = os.path.abspath(path), path + ".lock"
-    while key not in _claims:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            fail(f"another process (pid {holder}) is writing {path}; wait for it, or stop it first")
-        if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            _claims[key] = fd
-            atexit.register(release, path)  # however the step ends (but SIGKILL), its lock file goes
-        else:  # its holder released and deleted it between our open and our lock: take the new one
-            os.close(fd)
-    for tmp in glob.glob(glob.escape(path) + "*.tmp*"):  # OUT.tmpPID, OUT.state.tmpPID of killed writers
-        pid = tmp.rpartition(".tmp")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            os.remove(tmp)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: is there such a process?
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # there is, and it is someone else's
-        return True
-    return True
-
-
-def release(path):
-    """Give up the claim on `path` (its output is written) and delete the lock file."""
-    fd = _claims.pop(os.path.abspath(path), None)
-    if fd is not None:
-        if os.path.exists(path + ".lock"):
-            os.remove(path + ".lock")
-        os.close(fd)
+def differences(have, want):
+    """The settings in `want` that a file records otherwise (`have`), as short phrases for a one-line refusal
+    ("--epochs 1 vs 2"; a long value, a digest or a list, by its name alone): how a split.json, a resumable
+    state and a teacher cache each refuse to be continued by another run."""
+    def short(v):
+        text = repr(v) if isinstance(v, str) else str(v)
+        return text if len(text) <= 40 else None
+    phrases = []
+    for k, v in want.items():
+        if have.get(k) != v:
+            a, b = short(have.get(k)), short(v)
+            phrases.append(f"{k} {a} vs {b}" if a and b else str(k))
+    return phrases

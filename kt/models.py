@@ -2,74 +2,17 @@
 
 create_model(arch, num_classes) -> (model, recipe, data_config). The recipe is what a checkpoint stores to
 rebuild the model (load_model); the data config (mean, std, input size, interpolation) is the model's own
-and drives its transforms (transform) and its on-device normalisation (normalize).
+and drives its transforms (transform) and its on-device input (to_model_input). OpenCLIP towers
+(kt.clip_towers) and segmenters (kt.segmenters) are imported only for a model that is one.
 """
 import functools
-import json
 import os
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import fail, first_line
-from segmenters import Segmenter, backbone_groups  # segmentation: the same backbones, a decoder
-
-
-class CLIPClassifier(nn.Module):
-    """An OpenCLIP image tower plus a linear head: x (B,3,H,W) -> embedding (B,D) -> logits (B,C)."""
-
-    def __init__(self, visual, embed_dim, num_classes):
-        super().__init__()
-        self.backbone = visual
-        self.head = nn.Linear(embed_dim, num_classes)
-
-    def forward_features(self, x):
-        return self.backbone(x)
-
-    def get_classifier(self):
-        return self.head
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-    def group_matcher(self, coarse=False):
-        """The tower's layers bottom to top, for timm's layer-wise lr decay (the new head comes last)."""
-        return backbone_groups(self.backbone, coarse)
-
-
-def _open_clip(spec, num_classes, pretrained, weights, img_size, kwargs):
-    """`open_clip:MODEL/TAG` (MODEL may be a .json config file) -> (CLIPClassifier, recipe kwargs, config)."""
-    import open_clip
-    if ".json" in spec:  # a custom config file (tests, new towers), registered under its file name
-        path, _, tag = spec.partition(".json")
-        name, tag = os.path.basename(path), tag.lstrip("/")
-        if "clip_cfg" not in kwargs:  # rebuilding from a checkpoint needs no file: the recipe has it
-            with open(path + ".json") as f:
-                kwargs = dict(kwargs, clip_cfg=json.load(f))
-    else:
-        name, _, tag = spec.partition("/")
-    clip_cfg = kwargs.get("clip_cfg") or open_clip.get_model_config(name)
-    if clip_cfg is None:
-        fail(f"unknown open_clip model '{name}'; see open_clip.list_models()")
-    open_clip.factory._MODEL_CONFIGS.setdefault(name, clip_cfg)  # so a checkpoint rebuilds anywhere
-    source = weights or (tag if pretrained else None)
-    if pretrained and not source:
-        fail(f"open_clip:{spec}: name a pretrained tag (open_clip:MODEL/TAG) or pass --weights PATH")
-    if weights and not os.path.isfile(weights):
-        fail(f"weights file {weights} not found")
-    try:  # open_clip reads the file with torch.load, which refuses pickled code (torch >= 2.6)
-        clip = open_clip.create_model(name, pretrained=source, force_image_size=img_size)
-    except Exception as e:
-        if weights:  # not a weights file, or one of another architecture: open_clip's message names the keys
-            fail(f"{weights} does not fit {name}: {' '.join(str(e).split())[:400]}")
-        fail(f"could not get the '{tag}' weights of {name} ({first_line(e)}); offline? "
-             "pass --weights PATH (README: Local weight files)")
-    pp = clip.visual.preprocess_cfg
-    cfg = dict(input_size=(3, *pp["size"]), interpolation=pp["interpolation"], mean=pp["mean"],
-               std=pp["std"], crop_pct=1.0, crop_mode="center")
-    return CLIPClassifier(clip.visual, clip_cfg["embed_dim"], num_classes), dict(clip_cfg=clip_cfg), cfg
+from kt.checks import fail, first_line
 
 
 def _timm(arch, num_classes, pretrained, img_size, kwargs):
@@ -103,8 +46,9 @@ def create_model(arch, num_classes, pretrained=False, weights=None, img_size=Non
     """
     recipe = dict(arch=arch, num_classes=num_classes, img_size=img_size, kwargs=kwargs, decoder=decoder)
     if arch.startswith("open_clip:"):
-        model, recipe["kwargs"], cfg = _open_clip(arch[len("open_clip:"):], num_classes, pretrained, weights,
-                                                  img_size, kwargs)
+        from kt import clip_towers
+        model, recipe["kwargs"], cfg = clip_towers.classifier(arch[len("open_clip:"):], num_classes, pretrained,
+                                                              weights, img_size, kwargs)
     else:
         import timm.data
         model = _timm(arch, num_classes, pretrained, img_size, kwargs)
@@ -112,7 +56,7 @@ def create_model(arch, num_classes, pretrained=False, weights=None, img_size=Non
             load_weights(model, weights)
         cfg = timm.data.resolve_data_config({}, model=model)
     if decoder:  # the backbone as it is (its weights loaded), read by a segmentation decoder
-        model = Segmenter(getattr(model, "backbone", model), num_classes, decoder)
+        model = _segmenter(model, num_classes, decoder)
     if img_size:
         cfg["input_size"] = (3, img_size, img_size)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}  # plain types only
@@ -151,17 +95,32 @@ def load_weights(model, path):
     model.load_state_dict(sd, strict=False)
 
 
+def _segmenter(model, num_classes, decoder):
+    """A classification model's backbone (an OpenCLIP classifier's tower) read by a segmentation decoder."""
+    from kt.segmenters import Segmenter
+    return Segmenter(getattr(model, "backbone", model), num_classes, decoder)
+
+
 def load_model(ckpt):
     """Rebuild the model a checkpoint describes (its recipe) and load its weights."""
     arch, n, size, kwargs = (ckpt["recipe"][k] for k in ("arch", "num_classes", "img_size", "kwargs"))
     if arch.startswith("open_clip:"):
-        model = _open_clip(arch[len("open_clip:"):], n, False, None, size, kwargs)[0]
+        from kt import clip_towers
+        model = clip_towers.classifier(arch[len("open_clip:"):], n, False, None, size, kwargs)[0]
     else:
         model = _timm(arch, n, False, size, kwargs)
     if ckpt["recipe"].get("decoder"):
-        model = Segmenter(getattr(model, "backbone", model), n, ckpt["recipe"]["decoder"])
+        model = _segmenter(model, n, ckpt["recipe"]["decoder"])
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def image_embedding(model, x):
+    """A model's image embedding, what its head sees: a timm model's pooled pre-logits features (B, D), an
+    OpenCLIP tower's projected embedding (B, D), or a segmenter's last feature map (B, D, h, w)."""
+    if hasattr(model, "embedding"):  # the wrappers: clip_towers.CLIPClassifier, segmenters.Segmenter
+        return model.embedding(x)
+    return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 def deployed(model):
@@ -182,35 +141,6 @@ def transform(cfg, train, normalize=True, scale=(0.08, 1.0)):
                             mean=tuple(mean), std=tuple(std), **kw)
 
 
-def pair_transform(cfg, train, scale=(0.25, 1.0)):
-    """The segmentation transform: (PIL image, mask) -> (normalised image (3, H, W), mask (H, W) int64).
-
-    Training: torchvision.transforms.v2 moves both through the same random crop and flip (the mask resized
-    with nearest, so labels stay labels); colour jitter and normalisation touch the image alone.
-    Evaluation: the image resized to the model's input, the mask left at its own resolution, where
-    evaluate.py scores the upsampled prediction (as mmsegmentation does).
-    """
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
-    size = tuple(cfg["input_size"][1:])
-    to_input = [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-                v2.Normalize(cfg["mean"], cfg["std"])]
-    if train:
-        return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale), v2.RandomHorizontalFlip(),
-                           v2.ColorJitter(0.4, 0.4, 0.4), *to_input])
-    return ImageOnly(v2.Compose([v2.ToImage(), v2.Resize(size), *to_input]))
-
-
-class ImageOnly:
-    """(image, mask) -> (transform(image), mask): evaluation keeps each mask at its own resolution."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image, mask):
-        return self.transform(image), mask
-
-
 @functools.lru_cache(maxsize=None)
 def _mean_std(mean, std, device):
     """(1,3,1,1) device tensors made once: a fresh host->device copy each step would make the CPU wait."""
@@ -218,8 +148,9 @@ def _mean_std(mean, std, device):
             torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def normalize(x, cfg):
-    """[0,1] images (B,3,H,W) -> the model's own resolution and mean/std, on the device."""
+def to_model_input(x, cfg):
+    """[0,1] images (B,3,H,W) -> the model's input: resized to its resolution, normalised by its mean/std,
+    on the device."""
     size = tuple(cfg["input_size"][1:])
     if tuple(x.shape[-2:]) != size:
         x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)

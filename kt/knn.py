@@ -1,6 +1,6 @@
 """Exact nearest neighbours by inner product (cosine, for unit rows), in torch alone: the search behind
 retrieval (transfer_set.py) and its near-duplicate filter. Ties go to the lower id, so a result is the same
-on any device, for any chunk or shard size; bench_search.py checks it against faiss and times it.
+on any device, for any chunk or shard size; bench/search.py checks it against faiss and times it.
 """
 import torch
 

@@ -15,12 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import checkpoints
-import models
-import segmenters
-import training
-from checks import fail
-from pools import PoolImages, collate
+from kt import checkpoints, models, training
+from kt.checks import fail
+from kt.pools import PoolImages, collate
 
 
 class Encoder:
@@ -29,53 +26,35 @@ class Encoder:
     def __init__(self, spec, weights=None, pretrained="hub", seed=0):
         torch.manual_seed(seed)  # random weights (tests) are then the same in every run and on every rank
         stamp = lambda p: [p, os.path.getsize(p), os.path.getmtime(p)] if p and os.path.exists(p) else p
-        if spec.startswith("teacher:"):
+        if spec.startswith("teacher:"):  # the finetuned teacher's pooled embedding (a segmenter's: averaged)
             ckpt = checkpoints.load_checkpoint(spec[len("teacher:"):], made_by="teacher.py")
-            self.model = models.load_model(ckpt).eval()
-            if isinstance(self.model, segmenters.Segmenter):  # a segmenter: its last feature map, averaged
-                self.fn = lambda x: self.model.features(x)[-1].mean((2, 3))
-            elif isinstance(self.model, models.CLIPClassifier):  # its forward_features is the CLIP embedding
-                self.fn = self.model.forward_features
-            else:  # timm: the pooled, pre-logits features the teacher's head sees
-                self.fn = lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            self.model, self.fn = models.load_model(ckpt).eval(), self.pooled
             self.transform = models.transform(ckpt["data_config"], train=False)
             self.key = ["teacher", stamp(spec[len("teacher:"):])]
-            return
-        if not spec.startswith("open_clip:"):
+        elif spec.startswith("open_clip:"):
+            from kt import clip_towers
+            self.model, self.fn, self.transform, key = clip_towers.encoder(spec[len("open_clip:"):], weights,
+                                                                           pretrained)
+            source = weights or (key[1] if pretrained == "hub" else None)
+            self.key = key + [stamp(source), None if source else seed]
+        else:
             fail(f"--embed {spec}: use open_clip:MODEL/TAG, open_clip:CONFIG.json or teacher:PATH")
-        import open_clip
-        name, _, tag = spec[len("open_clip:"):].partition("/")
-        if ".json" in spec:  # a custom config (open_clip:/path/cfg.json[/TAG]), registered by file name
-            path, tag = spec[len("open_clip:"):spec.index(".json") + 5], spec[spec.index(".json") + 6:]
-            if not os.path.exists(path):
-                fail(f"--embed {spec}: {path} not found")
-            name = os.path.splitext(os.path.basename(path))[0]
-            with open(path) as f:
-                open_clip.factory._MODEL_CONFIGS[name] = json.load(f)
-        if open_clip.get_model_config(name) is None:
-            fail(f"unknown open_clip model '{name}'; see open_clip.list_models()")
-        source = weights or (tag if pretrained == "hub" else None)
-        if pretrained == "hub" and not source:
-            fail(f"--embed {spec}: name a tag (MODEL/TAG), pass --embed-weights, or --embed-pretrained none")
-        pp = open_clip.get_pretrained_cfg(name, tag) if tag else {}  # the tag's own mean/std/resize
-        try:
-            model, _, self.transform = open_clip.create_model_and_transforms(
-                name, pretrained=source, image_mean=pp.get("mean"), image_std=pp.get("std"),
-                image_interpolation=pp.get("interpolation"), image_resize_mode=pp.get("resize_mode"))
-        except Exception as e:
-            fail(f"could not load {spec} ({type(e).__name__}: {str(e)[:150]}); offline? --embed-weights PATH")
-        self.model, self.fn = model.eval(), model.encode_image
-        self.key = [name, tag, open_clip.get_model_config(name), stamp(source), None if source else seed]
+
+    def pooled(self, x):
+        """x (B, 3, H, W) -> (B, D): a checkpoint's image embedding, averaged over locations if it is a map."""
+        z = models.image_embedding(self.model, x)
+        return z.mean((2, 3)) if z.dim() == 4 else z
 
 
-def shard_path(cache_dir, s, ext):
+def embedding_file(cache_dir, s, ext):
+    """CACHE/.../NNNNN.npy or .json: shard s of an embedding cache."""
     return os.path.join(cache_dir, f"{s:05d}{ext}")
 
 
 def save_shard(cache_dir, s, z, meta):
     """Embeddings first, then the .json: the .json marks a finished shard, both written atomically."""
-    checkpoints.atomic_write(shard_path(cache_dir, s, ".npy"), lambda f: np.save(f, z))
-    checkpoints.atomic_write(shard_path(cache_dir, s, ".json"), lambda f: f.write(json.dumps(meta).encode()))
+    checkpoints.atomic_write(embedding_file(cache_dir, s, ".npy"), lambda f: np.save(f, z))
+    checkpoints.atomic_write(embedding_file(cache_dir, s, ".json"), lambda f: f.write(json.dumps(meta).encode()))
 
 
 def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
@@ -90,7 +69,7 @@ def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
     key = h.hexdigest()[:12]
     d = os.path.join(args.cache_dir, f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-50:]}-{key}")
     n = -(-len(refs) // S)
-    todo = [s for s in range(rank, n, world) if not os.path.exists(shard_path(d, s, ".json"))]
+    todo = [s for s in range(rank, n, world) if not os.path.exists(embedding_file(d, s, ".json"))]
     B = args.batch_size
     batches = [[(s, i) for i in range(j, min(j + B, (s + 1) * S, len(refs)))]
                for s in todo for j in range(s * S, min((s + 1) * S, len(refs)), B)]
@@ -123,8 +102,8 @@ def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
 def read_shards(cache_dir, n):
     """Yield each finished shard as (z (n_ok, D) float16, ids (n_ok,) int64, meta dict)."""
     for s in range(n):
-        if not os.path.exists(shard_path(cache_dir, s, ".json")):
-            fail(f"{shard_path(cache_dir, s, '.json')} missing: did a rank die? rerun to finish it")
-        with open(shard_path(cache_dir, s, ".json")) as f:
+        if not os.path.exists(embedding_file(cache_dir, s, ".json")):
+            fail(f"{embedding_file(cache_dir, s, '.json')} missing: did a rank die? rerun to finish it")
+        with open(embedding_file(cache_dir, s, ".json")) as f:
             meta = json.load(f)
-        yield np.load(shard_path(cache_dir, s, ".npy")), np.asarray(meta["ids"], dtype=np.int64), meta
+        yield np.load(embedding_file(cache_dir, s, ".npy")), np.asarray(meta["ids"], dtype=np.int64), meta

@@ -14,8 +14,8 @@ faiss is not a dependency of the project: `pip install faiss-cpu` by hand to com
 this code's search is timed). Nothing is downloaded; images are generated.
 
 Run:
-  python bench_search.py                                   # 1,000 x 200,000 x 512, k=100
-  python bench_search.py --queries 100 --pool 20000 --images 128 --repeats 1   # a quick look
+  python -m bench.search                                   # 1,000 x 200,000 x 512, k=100
+  python -m bench.search --queries 100 --pool 20000 --images 128 --repeats 1   # a quick look
 """
 import argparse
 import json
@@ -28,10 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
-import embeddings
-import knn
 import transfer_set
+from kt import catalog, embeddings, knn
 
 BENCH_CLIP = {"embed_dim": 256, "vision_cfg": {"image_size": 96, "layers": 6, "width": 256, "patch_size": 16,
                                                "head_width": 64},
@@ -83,7 +81,7 @@ def bench_search(args):
 def bench_embedding(args):
     from PIL import Image
     tmp = tempfile.mkdtemp(prefix="bench_search_")
-    ds = data.indexed("demo", "unlabeled")
+    ds = catalog.indexed("demo", "unlabeled")
     refs = []
     for n in range(args.images):  # JPEGs at a web-like size, so decoding and resizing cost what they do
         refs.append(os.path.join(tmp, f"{n:06d}.jpg"))

@@ -11,10 +11,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-import data
+from kt import data
 
 
-def shard_path(cache_dir, s):
+def cache_shard(cache_dir, s):
     """DIR/shard_00042.pt holds images 42 * shard_size ... 43 * shard_size - 1."""
     return os.path.join(cache_dir, f"shard_{s:05d}.pt")
 
