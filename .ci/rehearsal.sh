@@ -18,7 +18,7 @@ $PY - "$W" <<'PYTHON'
 import os, sys
 import numpy as np
 import open_clip, timm, torch
-import demo
+from kt import demo
 w = sys.argv[1]
 # a task as a folder of JPEGs at 224px: 3 classes, 4 train and 2 test images each; a pool of 12 others
 for split, n, offset in (("train", 4, 0), ("test", 2, 50)):

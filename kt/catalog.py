@@ -20,12 +20,21 @@ import torch
 
 from kt.checks import fail, first_line
 
+SPLITS = ("train", "val", "test", "unlabeled")  # the SPLIT of a NAME:SPLIT:INDEX reference
 TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
 PAPER = ("imagenet", "ham10000", "ade20k")  # the paper's other tasks, from files the user downloads into DATA_ROOT
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 # ------------------------------------------------------------------------------ images kept by index
+def indexed_ref(ref):
+    """`NAME:SPLIT:INDEX` -> (NAME, SPLIT, INDEX); None for anything else (a file path, a tar member)."""
+    parts = ref.rsplit(":", 2)
+    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
+        return parts[0], parts[1], int(parts[2])
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def indexed(name, split, root="data", download=True):
     """A dataset whose images are not files of their own, opened by `NAME:SPLIT:INDEX`: torchvision's

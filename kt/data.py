@@ -22,7 +22,6 @@ import torch
 from kt import models
 from kt.checks import fail, first_line
 
-SPLITS = ("train", "val", "test", "unlabeled")
 
 
 # ----------------------------------------------------------------------------------------- the split
@@ -67,22 +66,15 @@ def part_dataset(split, part, cfg, train, root="data", substitute=True):
 _tars = {}  # (pid, shard) -> (open TarFile, {member name: member}); per pid: forked workers need their own
 
 
-def indexed_ref(ref):
-    """`NAME:SPLIT:INDEX` -> (NAME, SPLIT, INDEX); None for a file path or a tar member."""
-    parts = ref.rsplit(":", 2)
-    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
-        return parts[0], parts[1], int(parts[2])
-    return None
-
-
 def open_image(ref, root="data"):
     """An image reference -> PIL RGB: `NAME:SPLIT:INDEX`, a file path, or `SHARD.tar::MEMBER`."""
     from PIL import Image
-    by_index = indexed_ref(ref)
-    if by_index:  # NAME:SPLIT:INDEX: an image of a dataset object, which only kt.catalog knows
+    if ":" in ref and not os.path.exists(ref):  # NAME:SPLIT:INDEX? an image of a dataset only kt.catalog knows
         from kt import catalog
-        name, split, i = by_index
-        return _rgb(catalog.indexed(name, split, root)[i][0])
+        by_index = catalog.indexed_ref(ref)
+        if by_index:
+            name, split, i = by_index
+            return _rgb(catalog.indexed(name, split, root)[i][0])
     if "::" in ref:  # a member of a webdataset / img2dataset tar shard
         shard, member = ref.split("::", 1)
         if (os.getpid(), shard) not in _tars:

@@ -341,6 +341,20 @@ def preview(path, n=10):
     grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(path)
 
 
+def write_folder(root):
+    """The demo's train and test images as PNG files, ROOT/{train,test}/<class>/NNNN.png (kt_in_one_file.py
+    reads image folders)."""
+    import os
+    for split in ("train", "test"):
+        ds = Shapes(split)
+        for c in ds.classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+        for i in range(len(ds)):
+            image, label = ds[i]
+            image.save(os.path.join(root, split, ds.classes[label], f"{i:04d}.png"))
+    training.log(0, f"wrote the demo's images to {root}/train/<class>/ and {root}/test/<class>/")
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("demo: pretrain the demo's stand-in foundation model (or ImageNet init) "
                                 "on the broad generated pool", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -354,6 +368,7 @@ def get_args_parser():
     p.add_argument("--lr", type=rate, default=2e-3, help="AdamW peak lr")
     p.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and order")
     p.add_argument("--preview", default=None, help="only write a PNG grid of task, broad and generic images")
+    p.add_argument("--folder", default=None, help="only write the task's train and test images into this folder")
     p.add_argument("--out", default="runs/demo/standin_vfm.pth", help="timm weights file for --weights PATH")
     return p
 
@@ -361,6 +376,8 @@ def get_args_parser():
 def main(args):
     if args.preview:
         return preview(args.preview)
+    if args.folder:
+        return write_folder(args.folder)
     state, acc = pretrain(args.arch, args.img_size, args.per_class, args.epochs, args.batch_size, args.lr,
                           args.train_seed, log=lambda m: training.log(0, m))
     checkpoints.save_checkpoint(state, args.out)

@@ -4,6 +4,8 @@ A mask is a PNG of class indices (one channel), IGNORE = not labeled (mmsegmenta
 `NAME:SPLIT:INDEX` of a generated dataset that draws its own (the demo's scenes). kt.data imports this
 module only for a segmentation split.
 """
+import os
+
 import numpy as np
 import torch
 
@@ -15,10 +17,11 @@ def open_mask(ref, root="data", reduce_zero_label=False, num_classes=None, size=
     IGNORE = not labeled. With num_classes and size (W, H), a value out of range or a size other than the
     image's is a ValueError naming the mask."""
     from PIL import Image
-    from kt.data import indexed_ref
-    by_index = indexed_ref(ref)
-    if by_index:
+    by_index = None
+    if ":" in ref and not os.path.exists(ref):  # NAME:SPLIT:INDEX of a dataset that draws its masks
         from kt import catalog
+        by_index = catalog.indexed_ref(ref)
+    if by_index:
         name, split, i = by_index
         mask = np.asarray(catalog.indexed(name, split, root).mask(i), dtype=np.int64)
     else:

@@ -11,7 +11,7 @@ import tarfile
 import torch
 
 from kt import data, training
-from kt.catalog import IMAGE_EXTS
+from kt.catalog import IMAGE_EXTS, SPLITS
 from kt.checks import fail
 
 
@@ -49,11 +49,11 @@ def pool_refs(pool, root):
                 refs, bad = [os.path.normpath(os.path.join(base, ln.strip())) for ln in f if ln.strip()], []
         except UnicodeDecodeError:
             fail(f"--pool {pool} is not a UTF-8 text file of image paths")
-    elif pool.rpartition(":")[0] and pool.rpartition(":")[2] in data.SPLITS:  # a dataset's split, by name
+    elif pool.rpartition(":")[0] and pool.rpartition(":")[2] in SPLITS:  # a dataset's split, by name
         from kt import catalog
         refs, bad = catalog.split_refs(*pool.rsplit(":", 1), root=root)[0], []
     else:
-        fail(f"--pool {pool}: not a folder, a file of paths, .tar shards, or DATASET:SPLIT ({data.SPLITS})")
+        fail(f"--pool {pool}: not a folder, a file of paths, .tar shards, or DATASET:SPLIT ({SPLITS})")
     bad += [[r, "newline in the path"] for r in refs if "\n" in r]  # the transfer list is one ref a line
     refs = [r for r in refs if "\n" not in r]
     if not refs:
