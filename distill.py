@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
 from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, share
+from kt.loggers import log_kinds
 from kt.progress import Progress, run_config
 
 
@@ -99,6 +100,9 @@ def get_args_parser():
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds augmentation and data order")
     p.add_argument("--save-every", type=positive, default=500, help="steps between resumable states")
+    p.add_argument("--log-every", type=nonnegative, default=0, help="steps between logs (stderr, "
+                   "OUT.metrics.jsonl, --log); 0: about 20 a run, at least every 50 steps")
+    p.add_argument("--log", type=log_kinds, default=[], help="also log to tensorboard, wandb and/or mlflow (comma list)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
     p.add_argument("--out", default="runs/demo/student_kt.pt")
     return p
@@ -137,8 +141,9 @@ def main(args):
     def measure():  # at each log: the KD loss on the held-out images
         return dict(held_out_kd=held_out_loss(training.unwrap(student), teacher, held_x, s_cfg, t_cfg,
                                               args.temperature, autocast))
-    progress = Progress(args.out, model=student, optimizer=opt, scaler=scaler, total=total,
-                        save_every=args.save_every, rank=rank, measure=measure if held else None,
+    progress = Progress(args.out, model=student, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
+                        save_every=args.save_every, log_every=args.log_every, log=args.log, rank=rank,
+                        measure=measure if held else None,
                         config=run_config(args, teacher=args.teacher, student=args.student, transfer=args.transfer))
     if args.resume:
         progress.resume()  # the same state on every rank
@@ -160,9 +165,11 @@ def main(args):
                 if progress.done:
                     break
     cost = dict(progress.cost("distill", args.batch_size * world), teacher_images=progress.images)
+    converged = progress.converged("held_out_kd", "held-out KD loss", "try more --epochs (Beyer et al. 2022: distillation is patient)")
     progress.save_output(dict(
         s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
-        metrics=dict(distill_loss=progress.loss, **progress.measured), cost=s_ckpt["cost"] + t_ckpt["cost"] + [cost],
+        metrics=dict(distill_loss=progress.loss, **progress.measured, converged=converged),
+        cost=s_ckpt["cost"] + t_ckpt["cost"] + [cost],
         lineage=dict(teacher=args.teacher, transfer=args.transfer, transfer_images=len(refs),
                      held_out_images=len(held))))
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
 from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
+from kt.loggers import log_kinds
 from kt.progress import Progress, run_config
 
 
@@ -111,6 +112,9 @@ def get_args_parser():
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the projection, augmentation and data order")
     p.add_argument("--save-every", type=positive, default=500, help="steps between resumable states")
+    p.add_argument("--log-every", type=nonnegative, default=0, help="steps between logs (stderr, "
+                   "OUT.metrics.jsonl, --log); 0: about 20 a run, at least every 50 steps")
+    p.add_argument("--log", type=log_kinds, default=[], help="also log to tensorboard, wandb and/or mlflow (comma list)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
     p.add_argument("--out", default="runs/demo/student_agnostic.pt")
     return p
@@ -148,8 +152,9 @@ def main(args):
 
     def measure():  # at each log: the loss on the held-out images
         return dict(held_out_loss=held_out_loss(training.unwrap(pair), vfm, held_x, s_cfg, v_cfg, autocast))
-    progress = Progress(args.out, model=pair, optimizer=opt, scaler=scaler, total=total,
-                        save_every=args.save_every, rank=rank, measure=measure if held else None,
+    progress = Progress(args.out, model=pair, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
+                        save_every=args.save_every, log_every=args.log_every, log=args.log, rank=rank,
+                        measure=measure if held else None,
                         config=run_config(args, student=args.student, transfer=args.transfer,
                                           vfm_weights=args.vfm_weights))
     if args.resume:
@@ -179,9 +184,10 @@ def main(args):
                 if progress.done:
                     break
     cost = dict(progress.cost("distill_agnostic", args.batch_size * world), teacher_images=progress.images)
+    converged = progress.converged("held_out_loss", "held-out loss", "try more --epochs")
     progress.save_output(dict(  # the student alone: the projection is discarded
         s_ckpt, model=training.unwrap(pair).student.state_dict(), args=checkpoints.plain(args),
-        metrics=dict(agnostic_loss=progress.loss, **progress.measured), cost=s_ckpt["cost"] + [cost],
+        metrics=dict(agnostic_loss=progress.loss, **progress.measured, converged=converged), cost=s_ckpt["cost"] + [cost],
         lineage=dict(vfm=args.vfm, vfm_weights=args.vfm_weights, transfer=args.transfer,
                      transfer_images=len(refs), held_out_images=len(held))))
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from kt import checkpoints, claims, data, models, training
 from kt.cached_views import cache_shard, make_view, open_or_gray
 from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate
+from kt.loggers import log_kinds
 from kt.progress import Progress, run_config
 
 
@@ -126,6 +127,9 @@ def get_args_parser():
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the data order")
     p.add_argument("--save-every", type=positive, default=500, help="steps between resumable states")
+    p.add_argument("--log-every", type=nonnegative, default=0, help="steps between logs (stderr, "
+                   "OUT.metrics.jsonl, --log); 0: about 20 a run, at least every 50 steps")
+    p.add_argument("--log", type=log_kinds, default=[], help="also log to tensorboard, wandb and/or mlflow (comma list)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
     p.add_argument("--out", default="runs/demo/student_kt.pt")
     return p
@@ -151,8 +155,8 @@ def main(args):
     per_epoch = len(sampler) // args.batch_size if many else 1
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    progress = Progress(args.out, model=student, optimizer=opt, scaler=scaler, total=total,
-                        save_every=args.save_every, rank=rank,
+    progress = Progress(args.out, model=student, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
+                        save_every=args.save_every, log_every=args.log_every, log=args.log, rank=rank,
                         config=run_config(args, student=args.student, cache=os.path.join(args.cache, "meta.json")))
     if args.resume:
         progress.resume()

@@ -7,8 +7,9 @@ Runs named NAME@SEED are one row: mean ± std over the seeds.
 
 Reads:  checkpoints (any step's), the test (and val) images of split.json (split.py).
 Uses:   kt.models (rebuild, the deployed form), kt.data (the split, images), kt.training (device, AMP).
-Writes: results.json ({rows: {name: metrics}, runs: {...}}), results.md (the table, also printed) and
-        results.png (a bar chart). Speed is timed in the deployed form (models.deployed).
+Writes: results.json ({rows: {name: metrics}, runs: {...}}), results.md (the table, also printed),
+        results.png (a bar chart) and results_curves.png (each row's training curves, from its steps'
+        OUT.metrics.jsonl). Speed is timed in the deployed form (models.deployed).
 Run:    python evaluate.py --split runs/eurosat/split.json teacher=runs/eurosat/teacher.pt \
             kt=runs/eurosat/student_kt_ft.pt
 """
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from kt import checkpoints, claims, data, models, training
+from kt.charts import bar_chart, curves_chart
 from kt.checks import fail, nonnegative, positive
+from kt.progress import read_metrics
 
 
 @torch.inference_mode()
@@ -134,6 +137,8 @@ def summarize(results):
     table = {}
     for name, runs in rows.items():
         row = dict(runs[0], seeds=len(runs))
+        if any(r.get("converged") is False for r in runs):
+            row["converged"] = False
         for k in ("top1", "mean_class", "val_top1", "val_mean_class", "miou", "pixel_acc", "val_miou", "val_pixel_acc",
                   "agreement", "train_wall_s"):
             if k in runs[0]:
@@ -169,35 +174,29 @@ def markdown(table):
                 ("img/s", speed), ("training (steps x batch)", lambda r: r["training"]),
                 ("train wall (s)", lambda r: f"{r['train_wall_s']:.0f}")]
     lines = ["| model | " + " | ".join(h for h, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(cell(r) for _, cell in columns) + " |" for n, r in table.items()]
+    lines += [f"| {n}{' (not converged)' if r.get('converged') is False else ''} | "
+              + " | ".join(cell(r) for _, cell in columns) + " |" for n, r in table.items()]
     bad = max(r["unreadable_test_images"] for r in table.values())
     note = f"\n{bad} test images could not be read and are left out of every score.\n" if bad else ""
+    if any(r.get("converged") is False for r in table.values()):
+        note += ("\n(not converged): the held-out loss of its distillation was still falling at the end (the rule: "
+                 "README); more distillation epochs would likely help.\n")
     return "\n".join(lines) + "\n" + note
 
 
-def bar_chart(table, path, width=640, height=360, pad=40):
-    """A PNG of top-1 (mIoU for segmentation) per row, the std over seeds as a whisker, drawn with PIL."""
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    base, top, slot = height - pad, pad // 2, (width - 2 * pad) / len(table)
-
-    key = "miou" if "miou" in next(iter(table.values())) else "top1"
-
-    def y(v):  # a score in percent -> pixel row
-        return base - (base - top) * v / 100
-    for v in range(0, 101, 20):  # the axis: gridlines every 20 points
-        d.line([(pad, y(v)), (width - pad // 2, y(v))], fill=(225, 225, 225))
-        d.text((4, y(v) - 6), f"{v}", fill="black")
-    for i, (name, r) in enumerate(table.items()):
-        left, mid = pad + i * slot + slot * 0.15, pad + (i + 0.5) * slot
-        d.rectangle([left, y(r[key]), left + slot * 0.7, base], fill=(31, 119, 180))
-        if r[key + "_std"]:
-            d.line([(mid, y(r[key] - r[key + "_std"])), (mid, y(r[key] + r[key + "_std"]))], fill="black", width=2)
-        d.text((mid, y(r[key]) - 4), f"{r[key]:.1f}", fill="black", anchor="md")
-        d.text((mid, base + 6), name, fill="black", anchor="ma")
-    d.text((pad, 2), f"test {'mIoU' if key == 'miou' else 'top-1'} (%)", fill="black")
-    checkpoints.atomic_write(path, lambda f: img.save(f, format="PNG"))
+def curves(ckpt):
+    """A row's training curves, from the metrics files its checkpoint's stages wrote: (its distillation's
+    held-out loss, its last training on the labels' loss), each [(images seen, value)] or None."""
+    held_out, labels = None, None
+    for c in ckpt.get("cost", []):
+        stage, path = c.get("stage", c.get("step")), c.get("metrics")
+        key = dict(distill="held_out_kd", distill_agnostic="held_out_loss").get(stage, "loss")
+        curve = [(r["images"], r[key]) for r in read_metrics(path) if isinstance(r.get(key), (int, float))] if path else []
+        if stage in ("distill", "distill_agnostic"):
+            held_out = curve or held_out
+        elif stage in ("teacher", "finetune"):
+            labels = curve or labels
+    return held_out, labels
 
 
 def get_args_parser():
@@ -229,6 +228,8 @@ def main(args):
     if twice:
         fail(f"{', '.join(twice)} named twice: give each checkpoint its own NAME (NAME@SEED for seeds of a row)")
     paths = {name: path for name, _, path in pairs}
+    if args.teacher_row not in paths and args.teacher_row != "teacher":
+        fail(f"--teacher-row {args.teacher_row} is not one of the rows ({', '.join(paths)})")
     ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
     split = data.read_split(args.split)  # its test (and val) images: the paper's split files, or the dataset's
     classes, segmentation = split["classes"], data.is_segmentation(split)
@@ -252,7 +253,7 @@ def main(args):
         if counted < len(images):
             training.log(0, f"warning: {len(images) - counted} of {len(images)} test images could not be read; "
                             f"{name} is scored on the other {counted}")
-        results[name] = dict(arch=ckpt["recipe"]["arch"], **metrics,
+        results[name] = dict(arch=ckpt["recipe"]["arch"], **metrics, converged=ckpt.get("metrics", {}).get("converged"),
                              **costs(model, ckpt, device, autocast, args.speed_batch), test_images=counted,
                              unreadable_test_images=len(images) - counted, device=str(device), checkpoint=paths[name])
         training.log(0, f"{name}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
@@ -263,6 +264,14 @@ def main(args):
             results[name]["agreement"] = 100 * float(np.mean(predictions[name, "test"] == teacher))
     table = summarize(results)
     md, stem = markdown(table), os.path.splitext(args.out)[0]
+    first = {}
+    for n in ckpts:  # each row's curves: its first run's
+        first.setdefault(n.split("@")[0], curves(ckpts[n]))
+    panels = [("distillation: held-out loss (KD; agnostic: 1 - cosine)", {n: c[0] for n, c in first.items() if c[0]}),
+              ("training on the labels: loss", {n: c[1] for n, c in first.items() if c[1]})]
+    if any(c for _, c in panels):
+        curves_chart(panels, stem + "_curves.png")
+        md += f"\nTraining curves: [{os.path.basename(stem)}_curves.png]({os.path.basename(stem)}_curves.png)\n"
     checkpoints.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))
     checkpoints.atomic_write(stem + ".md", lambda f: f.write(md.encode()))
     bar_chart(table, stem + ".png")

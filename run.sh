@@ -35,7 +35,8 @@ pipeline() {
   mapfile -t ROWS < <(rows)
   $PY evaluate.py "${TASK[@]}" "${E_ARGS[@]}" --out "$OUT/results.json" "${ROWS[@]}"
   step "$OUT/export/student_kt_target.pt2" $PY export.py "${TASK[@]}" --student \
-    "$OUT/s${SEEDS%% *}/student_kt_target_ft.pt" "${X_ARGS[@]}" --out "$OUT/export/student_kt_target.pt2"
+    "$OUT/s${SEEDS%% *}/student_kt_target_ft.pt" --results="$OUT/results.json" "${X_ARGS[@]}" \
+    --out "$OUT/export/student_kt_target.pt2"  # (--results=: its table row for the model card; not redone for it)
 }
 rows() {  # the table's rows, NAME@SEED=CHECKPOINT: the teacher, task-oriented transfer, agnostic, the inits
   echo "teacher=$OUT/teacher.pt"
@@ -114,17 +115,17 @@ make_split() {
 # -------------------------------------------------------------------------------------------- settings
 # bash run.sh [DATASET] [--shots N|P%] [--seed S] [--split-files DIR --budget NAME] [--seeds "0 1 2"]
 #   [--teacher MODEL] [--teacher-weights FILE] [--student MODEL] [--img-size N] [--init NAME=WEIGHTS ...]
-#   [--kt-init NAME] [--pool POOL] [--embed SPEC] [--embed-weights FILE] [--out DIR] [--force] [--smoke]
+#   [--kt-init NAME] [--pool POOL] [--embed SPEC] [--embed-weights FILE] [--log NAME] [--out DIR] [--force] [--smoke]
 # --shots, --seed, --split-files, --budget: split.py's label budget. --seeds: every student row once per seed
 # (the teacher is trained once). --init NAME=WEIGHTS: one more baseline row, the student from none, hub, a file
 # or a timm model.tag (scratch=none and imagenet=hub are always there); --kt-init: the init of the kt_* and
 # agnostic rows. --pool: a generic pool (kt_generic, and kt_retrieval by --embed). --out: the run's directory,
-# one configuration (run.cfg). --force: redo every step. --smoke: one short epoch a step. Environment: PY,
-# DATA_ROOT. The README explains each; the steps' --help their flags.
+# one configuration (run.cfg). --log: tensorboard, wandb and/or mlflow too. --force: redo every step. --smoke:
+# one short epoch a step. Environment: PY, DATA_ROOT. The README explains each; the steps' --help their flags.
 settings() {
   DATASET=demo
   if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
-  SHOTS="" SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 SMOKE=0 IMG_SIZE="" SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS=""
+  SHOTS="" SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 SMOKE=0 IMG_SIZE="" SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS="" LOG=""
   TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8 T_WEIGHTS="" KT_INIT=scratch INITS=()
   while [[ $# -gt 0 ]]; do
     case $1 in --force) FORCE=1; shift; continue ;; --smoke) SMOKE=1; shift; continue ;; esac
@@ -133,7 +134,7 @@ settings() {
       --shots) SHOTS=$2 ;; --seed) SEED=$2 ;; --seeds) SEEDS=$2 ;; --split-files) SPLIT_FILES=$2 ;;
       --budget) BUDGET=$2 ;; --teacher) TEACHER=$2 ;; --teacher-weights) T_WEIGHTS=$2 ;; --student) STUDENT=$2 ;;
       --img-size) IMG_SIZE=$2 ;; --init) INITS+=("$2") ;; --kt-init) KT_INIT=$2 ;; --pool) POOL=$2 ;;
-      --embed) EMBED=$2 ;; --embed-weights) EMBED_WEIGHTS=$2 ;; --out) OUT=$2 ;;
+      --embed) EMBED=$2 ;; --embed-weights) EMBED_WEIGHTS=$2 ;; --out) OUT=$2 ;; --log) LOG=$2 ;;
       *) bad "unknown argument '$1'" ;;
     esac
     shift 2
@@ -151,6 +152,10 @@ settings() {
   SHOTS=${SHOTS:-10}
   one_configuration
   [[ $SMOKE == 1 ]] && source presets/smoke.sh
+  if [[ -n $LOG ]]; then  # the curves in TensorBoard (--logdir $OUT), W&B, MLflow (one database for the run)
+    T_ARGS+=(--log "$LOG") D_ARGS+=(--log "$LOG") F_ARGS+=(--log "$LOG")
+    export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$(cd "$OUT" && pwd)/mlflow.db}
+  fi
   [[ -n $EMBED ]] && R_ARGS+=(--embed "$EMBED")
   [[ -n $EMBED_WEIGHTS ]] && R_ARGS+=(--embed-weights "$EMBED_WEIGHTS")
   S_SIZE_ARG=(); [[ -n $S_SIZE ]] && S_SIZE_ARG=(--img-size "$S_SIZE")

@@ -22,6 +22,7 @@ import timm.optim
 
 from kt import checkpoints, claims, data, models, training
 from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, share, smoothing
+from kt.loggers import log_kinds
 from kt.progress import Progress, run_config
 
 
@@ -72,6 +73,9 @@ def get_args_parser():
     p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps with linear lr warmup")
     p.add_argument("--workers", type=nonnegative, default=4, help="DataLoader workers decoding images")
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")
+    p.add_argument("--log-every", type=nonnegative, default=0, help="steps between logs (stderr, "
+                   "OUT.metrics.jsonl, --log); 0: about 20 a run, at least every 50 steps")
+    p.add_argument("--log", type=log_kinds, default=[], help="also log to tensorboard, wandb and/or mlflow (comma list)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state if it exists")
     p.add_argument("--out", default="runs/demo/teacher.pt")
     return p
@@ -98,7 +102,7 @@ def main(args):
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
     progress = Progress(args.out, model=model, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
-                        save_every=args.save_every, rank=rank,
+                        save_every=args.save_every, log_every=args.log_every, log=args.log, rank=rank,
                         config=run_config(args, split=args.split, weights=args.weights))
     if args.resume:
         progress.resume()

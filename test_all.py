@@ -809,13 +809,97 @@ def test_distillation_logs_the_loss_on_held_out_images(tiny, tmp_path, cpu, caps
     """Is distillation done? The KD loss on a few transfer images it never trains on says so at each log."""
     (tmp_path / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(120)))  # 5% = 6 held out
     args = ["--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer", tmp_path / "transfer.txt",
-            "--epochs", 2, "--batch-size", 16, "--workers", 0, "--save-every", 3]
+            "--epochs", 2, "--batch-size", 16, "--workers", 0, "--save-every", 6, "--log-every", 3]
     run(distill, *args, "--out", tmp_path / "kt.pt")
     ckpt = torch.load(tmp_path / "kt.pt", weights_only=True)
     assert ckpt["lineage"]["held_out_images"] == 6 and ckpt["cost"][-1]["steps"] == 2 * (120 - 6) // 16
     assert math.isfinite(ckpt["metrics"]["held_out_kd"]) and capsys.readouterr().err.count("held out kd") == 5  # 3 6 9 12 14
+    records = kt_progress.read_metrics(tmp_path / "kt.pt.metrics.jsonl")  # the same logs, and the curve's start
+    assert [r["step"] for r in records] == [0, 3, 6, 9, 12, 14] and all("held_out_kd" in r for r in records)
+    assert records[-1]["held_out_kd"] == ckpt["metrics"]["held_out_kd"] and records[-1]["images"] == 14 * 16
     run(distill, *args, "--holdout", 0, "--out", tmp_path / "all.pt")
     assert torch.load(tmp_path / "all.pt", weights_only=True)["lineage"]["held_out_images"] == 0
+
+
+def _logged(tmp_path, tiny, *log):
+    """distill.py on the tiny task with --log: its metrics file's records."""
+    (tmp_path / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(64)))
+    run(distill, "--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer",
+        tmp_path / "transfer.txt", "--epochs", 2, "--batch-size", 16, "--workers", 0, *log, "--out", tmp_path / "kt.pt")
+    return kt_progress.read_metrics(tmp_path / "kt.pt.metrics.jsonl")
+
+
+def _optional(package):
+    return pytest.mark.skipif(importlib.util.find_spec(package) is None,
+                              reason=f"the optional package {package} is not installed (.ci/run installs it)")
+
+
+@_optional("tensorboard")
+def test_tensorboard_gets_the_metrics_files_values(tiny, tmp_path, cpu):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    records = _logged(tmp_path, tiny, "--log", "tensorboard")
+    events = EventAccumulator(str(tmp_path / "tensorboard/kt"))
+    events.Reload()
+    for key in ("loss", "held_out_kd", "lr", "images"):
+        want = [(r["step"], r[key]) for r in records if key in r]
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in want] and [v for _, v in got] == pytest.approx([v for _, v in want])
+
+
+@_optional("wandb")
+def test_wandb_logs_offline_without_a_network(tiny, tmp_path, cpu, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default without a key
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _logged(tmp_path, tiny, "--log", "wandb")
+    from kt.loggers import _run_id
+    run_file, = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # offline: for `wandb sync` later
+    assert run_file.name == f"run-{_run_id(str(tmp_path / 'kt.pt'))}.wandb"  # a resumed run continues it
+    assert all(key in run_file.read_bytes() for key in (b"held_out_kd", b"loss", b"images_per_s"))
+
+
+@_optional("mlflow")
+def test_mlflow_gets_the_metrics_files_values(tiny, tmp_path, cpu, monkeypatch):
+    import mlflow
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    records = _logged(tmp_path, tiny, "--log", "mlflow")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_info, = client.search_runs([client.get_experiment_by_name("vfm-kt").experiment_id])
+    history = client.get_metric_history(run_info.info.run_id, "loss")
+    assert [m.step for m in history] == [r["step"] for r in records if "loss" in r]
+    assert [m.value for m in history] == pytest.approx([r["loss"] for r in records if "loss" in r])
+    assert run_info.info.status == "FINISHED" and run_info.data.params["--epochs"] == "2"
+
+
+def test_an_unknown_or_missing_logger_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    for argv, message in [(["--log", "neptune"], "neptune: --log takes a comma list of tensorboard, wandb, mlflow"),
+                          (["--log", "tensorboard"], "needs tensorboard: pip install tensorboard")]:
+        real = importlib.util.find_spec  # as if tensorboard were not installed
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a))
+        with pytest.raises(SystemExit):
+            distill.get_args_parser().parse_args([*argv, "--out", str(tmp_path / "kt.pt")])
+        assert message in capsys.readouterr().err
+        monkeypatch.undo()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_distillation_that_has_not_converged_says_so_and_its_row_is_marked(tiny, tmp_path, cpu, capsys):
+    """The rule (README): the held-out KD loss still falling over the last half of the steps, by more than
+    15% of its whole decrease. A curve made to fall steadily is flagged, a flat end is not."""
+    assert kt_progress.still_falling([(s, 1 - s / 100) for s in range(0, 101, 10)])  # straight down: not done
+    assert not kt_progress.still_falling([(s, max(0.2, 1 - s / 40)) for s in range(0, 101, 10)])  # flat from 32
+    assert kt_progress.still_falling([(0, 1), (10, 0.5)]) is None  # too few logs to tell
+    progress = Progress(str(tmp_path / "run.pt"), model=None, optimizer=None, scaler=None, total=100)
+    kt_progress.write_metrics(progress.metrics, [dict(step=s, held_out_kd=1 - s / 200) for s in range(0, 101, 10)])
+    assert progress.converged("held_out_kd", "held-out KD loss", "try more --epochs") is False
+    assert "not converged: the held-out KD loss was still falling at the end (1.0000 -> 0.5000" in capsys.readouterr().err
+    records = _logged(tmp_path, tiny)  # distill.py records its verdict; evaluate.py marks a row of it
+    assert len(records) > 4 and isinstance(torch.load(tmp_path / "kt.pt", weights_only=True)["metrics"]["converged"], bool)
+    row = dict(arch="a", params_m=1, gflops=1, images_per_s=None, training="-", train_wall_s=1, unreadable_test_images=0)
+    table = evaluate.summarize({"kt@0": dict(row, converged=False, top1=1.0), "kt@1": dict(row, converged=True, top1=2.0),
+                                "scratch@0": dict(row, converged=None, top1=1.0)})
+    assert table["kt"]["converged"] is False and table["scratch"]["converged"] is None
+    assert "| kt (not converged) |" in evaluate.markdown(table) and "| scratch |" in evaluate.markdown(table)
 
 
 # ------------------------------------------------------------------------------ distill_agnostic.py
@@ -1082,7 +1166,29 @@ def test_export_round_trip_with_its_data_config(tmp_path, cpu, monkeypatch, caps
     meta = json.loads((tmp_path / "export/s.json").read_text())
     assert meta["classes"] == list(demo.CLASSES) and meta["data_config"]["input_size"] == [3, 32, 32]
     assert meta["check"]["max_relative_diff"]["torch.export"] < 1e-5 and set(meta["latency_ms"]) == {"batch_1", "batch_64"}
-    assert report["files"] == [str(tmp_path / "export/s.pt2")] and not (tmp_path / "export/s.onnx").exists()
+    assert report["files"] == [str(tmp_path / "export/s.pt2"), str(tmp_path / "export/s_timm") + "/"]
+    assert not (tmp_path / "export/s.onnx").exists()
+
+
+def test_the_student_ships_as_a_timm_model_folder(tmp_path, cpu):
+    """export.py's OUT_timm/: what timm.models.save_for_hf writes, plus a model card; timm.create_model
+    rebuilds it from the folder alone, with the checkpoint's outputs, classes and preprocessing."""
+    import timm
+    random_checkpoint(tmp_path / "s.pt", "student", "test_vit", list(demo.CLASSES))
+    report = _export(tmp_path, tmp_path / "s.pt")
+    folder = tmp_path / "export/s_timm"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    ckpt = checkpoints.load_checkpoint(tmp_path / "s.pt")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), models.load_model(ckpt).eval()(x))
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 32, 32) and list(cfg["mean"]) == ckpt["data_config"]["mean"]
+    assert model.pretrained_cfg["label_names"] == list(demo.CLASSES)
+    assert report["check"]["max_relative_diff"]["timm folder"] < 1e-6
+    card = (folder / "README.md").read_text()
+    assert "library_name: timm" in card and "circle, square" in card and 'create_model("local-dir:' in card
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
@@ -1386,6 +1492,10 @@ def test_sigkill_then_resume_gives_bitwise_the_same_weights(pipeline, tmp_path):
                    capture_output=True)
     a, b = (torch.load(tmp_path / f, weights_only=True)["model"] for f in ("a.pt", "b.pt"))
     assert step > 0 and all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics file holds each step once, with the uninterrupted run's values: lines past the state dropped
+    a, b = ([{k: r.get(k) for k in ("step", "images", "loss", "lr", "held_out_kd")} for r in
+             kt_progress.read_metrics(tmp_path / f"{f}.metrics.jsonl")] for f in ("a.pt", "b.pt"))
+    assert len(a) > 3 and a == b
 
 
 def _distill_args(d, out, *extra):
@@ -1417,7 +1527,7 @@ def test_a_state_is_resumed_only_by_the_run_that_saved_it(pipeline, tmp_path, mo
     capsys.readouterr()
     run(distill, *_distill_args(d, out))  # the same run: resumed, finished, the state and claim gone
     assert "resuming" in capsys.readouterr().err and out.exists()
-    assert not list(tmp_path.glob("kt.pt.*"))
+    assert [p.name for p in tmp_path.glob("kt.pt.*")] == ["kt.pt.metrics.jsonl"]  # no state, no lock: its curves
 
 
 def test_the_output_is_written_before_the_state_is_removed(pipeline, tmp_path, monkeypatch):
@@ -1698,7 +1808,8 @@ def _progress_rank(rank, port, d):
     model = nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     progress = Progress(os.path.join(d, "run"), model=model, optimizer=opt,
-                        scaler=torch.amp.GradScaler("cpu", enabled=False), total=100, save_every=50, rank=rank, agree_every=4)
+                        scaler=torch.amp.GradScaler("cpu", enabled=False), total=100, save_every=50, log_every=8, rank=rank,
+                        agree_every=4)
     result = dict(step=None)
     try:
         with progress:
@@ -1735,7 +1846,8 @@ def test_step_loop_reads_nothing_back_between_logging_intervals(tmp_path, monkey
     teacher = teacher.eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)  # no per-step .item() on the step count
     scaler, autocast = torch.amp.GradScaler("cpu"), training.amp(torch.device("cpu"))[0]
-    progress = Progress(str(tmp_path / "s"), model=student, optimizer=opt, scaler=scaler, total=10, save_every=3)
+    progress = Progress(str(tmp_path / "s"), model=student, optimizer=opt, scaler=scaler, total=10, save_every=3,
+                        log_every=3)
     x, prob, cls = torch.rand(8, 3, 32, 32), torch.rand(8, 4).softmax(-1).half(), torch.randint(0, 10, (8, 4))
 
     def host_read(*args, **kwargs):
