@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kt import checkpoints, claims, data, models, training
 from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, share
 from kt.loggers import log_kinds
-from kt.progress import Progress, run_config
+from kt.progress import Progress, converged, run_config
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0):
@@ -165,10 +165,11 @@ def main(args):
                 if progress.done:
                     break
     cost = dict(progress.cost("distill", args.batch_size * world), teacher_images=progress.images)
-    converged = progress.converged("held_out_kd", "held-out KD loss", "try more --epochs (Beyer et al. 2022: distillation is patient)")
+    settled = converged(progress, "held_out_kd", "held-out KD loss",
+                        "try more --epochs (Beyer et al. 2022: distillation is patient)")
     progress.save_output(dict(
         s_ckpt, model=training.unwrap(student).state_dict(), args=checkpoints.plain(args),
-        metrics=dict(distill_loss=progress.loss, **progress.measured, converged=converged),
+        metrics=dict(distill_loss=progress.loss, **progress.measured, converged=settled),
         cost=s_ckpt["cost"] + t_ckpt["cost"] + [cost],
         lineage=dict(teacher=args.teacher, transfer=args.transfer, transfer_images=len(refs),
                      held_out_images=len(held))))

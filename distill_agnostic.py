@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from kt import checkpoints, claims, data, models, training
 from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
 from kt.loggers import log_kinds
-from kt.progress import Progress, run_config
+from kt.progress import Progress, converged, run_config
 
 
 def agnostic_loss(student_embedding, vfm_embedding):
@@ -184,10 +184,10 @@ def main(args):
                 if progress.done:
                     break
     cost = dict(progress.cost("distill_agnostic", args.batch_size * world), teacher_images=progress.images)
-    converged = progress.converged("held_out_loss", "held-out loss", "try more --epochs")
+    settled = converged(progress, "held_out_loss", "held-out loss", "try more --epochs")
     progress.save_output(dict(  # the student alone: the projection is discarded
         s_ckpt, model=training.unwrap(pair).student.state_dict(), args=checkpoints.plain(args),
-        metrics=dict(agnostic_loss=progress.loss, **progress.measured, converged=converged), cost=s_ckpt["cost"] + [cost],
+        metrics=dict(agnostic_loss=progress.loss, **progress.measured, converged=settled), cost=s_ckpt["cost"] + [cost],
         lineage=dict(vfm=args.vfm, vfm_weights=args.vfm_weights, transfer=args.transfer,
                      transfer_images=len(refs), held_out_images=len(held))))
 

@@ -891,7 +891,7 @@ def test_a_distillation_that_has_not_converged_says_so_and_its_row_is_marked(tin
     assert kt_progress.still_falling([(0, 1), (10, 0.5)]) is None  # too few logs to tell
     progress = Progress(str(tmp_path / "run.pt"), model=None, optimizer=None, scaler=None, total=100)
     kt_progress.write_metrics(progress.metrics, [dict(step=s, held_out_kd=1 - s / 200) for s in range(0, 101, 10)])
-    assert progress.converged("held_out_kd", "held-out KD loss", "try more --epochs") is False
+    assert kt_progress.converged(progress, "held_out_kd", "held-out KD loss", "try more --epochs") is False
     assert "not converged: the held-out KD loss was still falling at the end (1.0000 -> 0.5000" in capsys.readouterr().err
     records = _logged(tmp_path, tiny)  # distill.py records its verdict; evaluate.py marks a row of it
     assert len(records) > 4 and isinstance(torch.load(tmp_path / "kt.pt", weights_only=True)["metrics"]["converged"], bool)

@@ -187,18 +187,6 @@ class Progress:
                                  config=self.config), self.path)
         self.saved, self.saved_step = time.time(), self.step
 
-    def converged(self, key, name, advice):
-        """After training: whether the logged `key` (a held-out loss, called `name`) had stopped falling
-        (still_falling); if not, one line that says so and what to try. None (rank > 0, too few logs): unknown."""
-        if self.rank:
-            return None
-        curve = [(r["step"], r[key]) for r in read_metrics(self.metrics) if isinstance(r.get(key), (int, float))]
-        falling = still_falling(curve)
-        if falling:
-            log(0, f"not converged: the {name} was still falling at the end ({curve[0][1]:.4f} -> "
-                   f"{curve[-1][1]:.4f}; the rule: README, Has it worked?); {advice}")
-        return None if falling is None else not falling
-
     def cost(self, stage, batch):
         """This stage's training cost, for the checkpoint's `cost` list: its name, steps, batch, images, wall
         time, and where its curves are (OUT.metrics.jsonl)."""
@@ -243,6 +231,19 @@ def write_metrics(path, records, append=False):
             f.write(text)
     elif records or os.path.exists(path):
         atomic_write(path, lambda f: f.write(text))
+
+
+def converged(progress, key, name, advice):
+    """After training: whether the logged `key` (a held-out loss, called `name`) had stopped falling
+    (still_falling); if not, one line that says so and what to try. None (rank > 0, too few logs): unknown."""
+    if progress.rank:
+        return None
+    curve = [(r["step"], r[key]) for r in read_metrics(progress.metrics) if isinstance(r.get(key), (int, float))]
+    falling = still_falling(curve)
+    if falling:
+        log(0, f"not converged: the {name} was still falling at the end ({curve[0][1]:.4f} -> "
+               f"{curve[-1][1]:.4f}; the rule: README, Has it worked?); {advice}")
+    return None if falling is None else not falling
 
 
 def still_falling(curve, tail=0.5, share=0.15):
