@@ -186,7 +186,7 @@ def markdown(table):
 
 def curves(ckpt):
     """A row's training curves, from the metrics files its checkpoint's stages wrote: (its distillation's
-    held-out loss, its last training on the labels' loss), each [(images seen, value)] or None."""
+    held-out loss, the loss of its last stage if that trained on the labels), each [(images, value)] or None."""
     held_out, labels = None, None
     for c in ckpt.get("cost", []):
         stage, path = c.get("stage", c.get("step")), c.get("metrics")
@@ -194,9 +194,26 @@ def curves(ckpt):
         curve = [(r["images"], r[key]) for r in read_metrics(path) if isinstance(r.get(key), (int, float))] if path else []
         if stage in ("distill", "distill_agnostic"):
             held_out = curve or held_out
-        elif stage in ("teacher", "finetune"):
-            labels = curve or labels
+        labels = curve or None if stage in ("teacher", "finetune") else None
     return held_out, labels
+
+
+def draw_curves(ckpts, path):
+    """PATH (results_curves.png): each row's distillation held-out loss and its training on the labels,
+    against images seen (a row's first run). Returns whether there was any curve to draw."""
+    first = {}
+    for n in ckpts:
+        first.setdefault(n.split("@")[0], curves(ckpts[n]))
+    panels = []
+    for i, title in enumerate(("distillation: held-out loss (KD; agnostic: 1 - cosine)", "training on the labels: loss")):
+        drawn = {}  # a curve once: kt_target_distilled's distillation is kt_target's
+        for name, c in sorted(first.items(), key=lambda row: row[0].endswith("_distilled")):
+            if c[i] and c[i] not in drawn.values():
+                drawn[name] = c[i]
+        panels.append((title, drawn))
+    if any(c for _, c in panels):
+        curves_chart(panels, path)
+    return any(c for _, c in panels)
 
 
 def get_args_parser():
@@ -264,13 +281,7 @@ def main(args):
             results[name]["agreement"] = 100 * float(np.mean(predictions[name, "test"] == teacher))
     table = summarize(results)
     md, stem = markdown(table), os.path.splitext(args.out)[0]
-    first = {}
-    for n in ckpts:  # each row's curves: its first run's
-        first.setdefault(n.split("@")[0], curves(ckpts[n]))
-    panels = [("distillation: held-out loss (KD; agnostic: 1 - cosine)", {n: c[0] for n, c in first.items() if c[0]}),
-              ("training on the labels: loss", {n: c[1] for n, c in first.items() if c[1]})]
-    if any(c for _, c in panels):
-        curves_chart(panels, stem + "_curves.png")
+    if draw_curves(ckpts, stem + "_curves.png"):
         md += f"\nTraining curves: [{os.path.basename(stem)}_curves.png]({os.path.basename(stem)}_curves.png)\n"
     checkpoints.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))
     checkpoints.atomic_write(stem + ".md", lambda f: f.write(md.encode()))

@@ -4,7 +4,8 @@ The last stage of task-oriented transfer: the distilled student (distill.py) lea
 labels. The same script trains the baselines: a student from random, ImageNet, CLIP or DINO weights
 (student.py), with the same labels and budget.
 
-Reads:  a student checkpoint (student.py or distill.py), split.json (split.py) and its labeled images.
+Reads:  a student checkpoint (student.py or distill.py), split.json (split.py) and its labeled images;
+        with --teacher, teacher.pt (its soft targets stay in the loss).
 Uses:   kt.data (split, images, sampler), kt.models (rebuild), kt.training + kt.progress (the loop, resume).
 Writes: OUT = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, split};
         OUT.state while training (resumable with --resume).
@@ -16,11 +17,33 @@ import argparse
 import math
 
 import torch
+import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
-from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, smoothing
+from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, smoothing
 from kt.loggers import log_kinds
 from kt.progress import Progress, run_config
+
+
+def finetune_loss(logits, labels, smoothing, teacher_logits=None, kd_weight=0.0):
+    """Cross-entropy with the labels (per pixel, segmenting). With the teacher's logits on the same views:
+    (1 - kd_weight) CE + kd_weight KL(softmax(teacher) || softmax(student)) (distill.py's loss at T = 1), so
+    that a few labels do not pull the student away from what distillation taught it."""
+    loss = training.label_loss(logits, labels, smoothing)
+    if teacher_logits is None:
+        return loss
+    kd = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
+                  reduction="batchmean", log_target=True)
+    return (1 - kd_weight) * loss + kd_weight * kd
+
+
+def labeled_images(split, s_cfg, t_cfg, root):
+    """The labeled images for training: normalised for the student; with a teacher, one view for both in
+    [0, 1] at the larger resolution (as distill.py's), each model resizing and normalising its own way."""
+    if t_cfg is None:
+        return data.part_dataset(split, "labeled", s_cfg, train=True, root=root)
+    view = dict(s_cfg, input_size=max(t_cfg["input_size"], s_cfg["input_size"], key=lambda s: s[1]))
+    return data.Images(*data.part_refs(split, "labeled"), models.transform(view, train=True, normalize=False), root)
 
 
 def get_args_parser():
@@ -37,6 +60,9 @@ def get_args_parser():
                    "keeps more of what the teacher taught, higher (1e-3) suits random init")
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--smoothing", type=smoothing, default=0.1, help="label smoothing")
+    p.add_argument("--teacher", help="teacher.pt (teacher.py): keep its soft targets in the loss, so that the "
+                   "few labels do not undo distillation (classification)")
+    p.add_argument("--kd-weight", type=fraction, default=0.5, help="with --teacher: the loss is (1 - w) CE + w KD")
     p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps with linear lr warmup")
     p.add_argument("--workers", type=nonnegative, default=4)
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")
@@ -56,11 +82,18 @@ def main(args):
     split = data.read_split(args.split)
     checkpoints.check_same_task(ckpt, args.student, split, args.split)
     model = models.load_model(ckpt).to(device)
+    teacher, t_cfg, s_cfg = None, None, ckpt["data_config"]
+    if args.teacher:  # frozen, only to label the same views
+        t_ckpt = checkpoints.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
+        checkpoints.check_same_task(t_ckpt, args.teacher, ckpt, args.student)
+        if checkpoints.task(t_ckpt) == "segmentation":
+            fail("finetune.py --teacher is for classification; a segmenter finetunes on its masks alone")
+        teacher, t_cfg = models.load_model(t_ckpt).to(device).eval().requires_grad_(False), t_ckpt["data_config"]
     autocast, scaler = training.amp(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
 
-    images = data.part_dataset(split, "labeled", ckpt["data_config"], train=True, root=args.data_root)
+    images = labeled_images(split, s_cfg, t_cfg, args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
     loader = data.loader(images, args.batch_size, sampler, args.workers, device=device)
     per_epoch = math.ceil(len(sampler) / args.batch_size)
@@ -68,7 +101,7 @@ def main(args):
 
     progress = Progress(args.out, model=model, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
                         save_every=args.save_every, log_every=args.log_every, log=args.log, rank=rank,
-                        config=run_config(args, student=args.student, split=args.split))
+                        config=run_config(args, student=args.student, split=args.split, teacher=args.teacher))
     if args.resume:
         progress.resume()
     model = training.ddp(model, device, world)
@@ -82,8 +115,13 @@ def main(args):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 for g in opt.param_groups:
                     g["lr"] = args.lr * training.cosine_lr(progress.step, total, warmup)
+                t_logits = None
+                if teacher is not None:  # x: [0, 1] views for both models
+                    with torch.inference_mode(), autocast():
+                        t_logits = teacher(models.to_model_input(x, t_cfg)).clone()
+                    x = models.to_model_input(x, s_cfg)
                 with autocast():
-                    loss = training.label_loss(model(x), y, args.smoothing)  # per pixel, segmenting
+                    loss = finetune_loss(model(x), y, args.smoothing, t_logits, args.kd_weight)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)

@@ -40,7 +40,9 @@ pipeline() {
 }
 rows() {  # the table's rows, NAME@SEED=CHECKPOINT: the teacher, task-oriented transfer, agnostic, the inits
   echo "teacher=$OUT/teacher.pt"
-  for s in $SEEDS; do for set in "${SETS[@]}"; do echo "kt_$set@$s=$OUT/s$s/student_kt_${set}_ft.pt"; done; done
+  for s in $SEEDS; do for set in "${SETS[@]}"; do  # distilled, then finetuned (on labels + the teacher's soft targets)
+    echo "kt_${set}_distilled@$s=$OUT/s$s/student_kt_${set}.pt"; echo "kt_$set@$s=$OUT/s$s/student_kt_${set}_ft.pt"
+  done; done
   for s in $SEEDS; do echo "agnostic@$s=$OUT/s$s/student_agnostic_ft.pt"; done
   for s in $SEEDS; do for init in "${INIT_NAMES[@]}"; do echo "$init@$s=$OUT/s$s/student_${init}_ft.pt"; done; done
 }
@@ -66,7 +68,7 @@ kt() {  # the same budget for every transfer set: as many images as D_EPOCHS pas
   step "$D/student_kt_$set.pt" $PY distill.py --teacher "$OUT/teacher.pt" --student "$D/student_$KT_INIT.pt" \
     --transfer "$OUT/transfer_$set.txt" --train-seed "$s" --epochs "$e" "${D_ARGS[@]}" --out "$D/student_kt_$set.pt" \
     --resume
-  finetuned "$s" "$D/student_kt_$set.pt" "$KT_LR"
+  finetuned "$s" "$D/student_kt_$set.pt" "$KT_LR" "${KT_FT[@]}"
 }
 agnostic() {
   local s=$1 D=$OUT/s$1
@@ -75,9 +77,9 @@ agnostic() {
     --train-seed "$s" --epochs "$D_EPOCHS" "${D_ARGS[@]}" --out "$D/student_agnostic.pt" --resume
   finetuned "$s" "$D/student_agnostic.pt" 1e-3
 }
-finetuned() {  # finetuned SEED STUDENT LR: STUDENT_ft.pt
+finetuned() {  # finetuned SEED STUDENT LR [FLAGS...]: STUDENT_ft.pt
   step "${2%.pt}_ft.pt" $PY finetune.py "${TASK[@]}" --train-seed "$1" "${F_ARGS[@]}" --student "$2" --lr "$3" \
-    --out "${2%.pt}_ft.pt" --resume
+    "${@:4}" --out "${2%.pt}_ft.pt" --resume
 }
 
 # step OUTPUT COMMAND...: run COMMAND, unless OUTPUT exists and no file of $OUT that COMMAND reads is newer
@@ -147,7 +149,7 @@ settings() {
   # A real task's models and schedules; the presets change them for the demo, segmentation and --smoke.
   T_SIZE=${IMG_SIZE:-224} S_SIZE=$IMG_SIZE VFM_WEIGHTS=${T_WEIGHTS:-hub} D_EPOCHS=20 KT_LR=1e-4
   T_ARGS=() D_ARGS=() F_ARGS=() R_ARGS=() E_ARGS=() X_ARGS=() RET_SOURCE=retrieval RETRIEVAL=1
-  SETS=(target) STANDINS="" AGNOSTIC=""
+  SETS=(target) STANDINS="" AGNOSTIC="" KT_FT=(--teacher "$OUT/teacher.pt")  # keep the teacher in the kt finetune
   case $DATASET in demo|demo-seg|ade20k) source "presets/$DATASET.sh" ;; esac
   SHOTS=${SHOTS:-10}
   one_configuration

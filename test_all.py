@@ -1041,6 +1041,22 @@ def test_a_killed_segmentation_finetune_resumes_to_the_same_weights(seg, tmp_pat
 
 
 
+def test_finetune_with_the_teacher_keeps_its_soft_targets(pipeline, tmp_path, cpu):
+    """finetune.py --teacher: (1 - w) CE + w KD on the same labeled views; w = 0 is the labels alone."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    ce = finetune.finetune_loss(logits, labels, 0.1)
+    assert torch.equal(finetune.finetune_loss(logits, labels, 0.1, logits.clone(), 0.5), 0.5 * ce)  # KD 0 at a match
+    assert torch.allclose(finetune.finetune_loss(logits, labels, 0.1, torch.randn(8, 10), 0.0), ce)
+    d = pipeline
+    run(finetune, *task_args(d), "--student", d / "kt.pt", "--teacher", d / "teacher.pt", "--epochs", 2,
+        "--workers", 0, "--out", tmp_path / "kt_ft.pt")
+    ckpt = torch.load(tmp_path / "kt_ft.pt", weights_only=True)
+    assert ckpt["args"]["teacher"] == str(d / "teacher.pt") and math.isfinite(ckpt["metrics"]["train_loss"])
+    with pytest.raises(SystemExit, match="is a 'student' checkpoint, expected one of \\['teacher'\\]"):
+        run(finetune, *task_args(d), "--student", d / "kt.pt", "--teacher", d / "kt.pt", "--out", tmp_path / "x.pt")
+
+
 # ====================================================================================================
 # 7. evaluate.py and export.py
 # ====================================================================================================
@@ -1351,8 +1367,11 @@ def test_every_command_of_run_sh_is_one_its_script_accepts(tmp_path):
 
 def test_demo_table_has_the_papers_rows(tmp_path):
     calls = run_stubbed(tmp_path)
-    assert rows_of(calls) == ["teacher", "kt_target@0", "kt_generic@0", "agnostic@0", "scratch@0",
-                              "imagenet@0"]
+    assert rows_of(calls) == ["teacher", "kt_target_distilled@0", "kt_target@0", "kt_generic_distilled@0",
+                              "kt_generic@0", "agnostic@0", "scratch@0", "imagenet@0"]
+    finetunes = {c[c.index("--student") + 1]: c for c in calls if c[0] == "finetune.py"}  # kt: labels + teacher
+    assert finetunes["runs/demo/s0/student_kt_target.pt"][-5:-3] == ["--teacher", "runs/demo/teacher.pt"]
+    assert "--teacher" not in finetunes["runs/demo/s0/student_scratch.pt"] + finetunes["runs/demo/s0/student_agnostic.pt"]
     scripts = [c[0] for c in calls]
     assert scripts[:2] == ["-m", "-m"] and [c[1] for c in calls[:2]] == ["kt.demo", "kt.demo"]  # the stand-ins first, then the teacher uses one
     teacher = calls[scripts.index("teacher.py")]
@@ -1366,7 +1385,7 @@ def test_demo_table_repeats_student_rows_per_seed(tmp_path):
     calls = run_stubbed(tmp_path, "--seeds", "0 1 2", "--pool", "demo:unlabeled")  # a pool: + retrieval
     rows = rows_of(calls)
     assert rows.count("teacher") == 1 and [c[0] for c in calls].count("teacher.py") == 1
-    for name in ("kt_target", "kt_generic", "kt_retrieval", "agnostic", "scratch", "imagenet"):
+    for name in ("kt_target", "kt_target_distilled", "kt_generic", "kt_retrieval", "agnostic", "scratch", "imagenet"):
         assert [r for r in rows if r.split("@")[0] == name] == [f"{name}@{s}" for s in (0, 1, 2)]
     # a rerun skips every step whose output exists: only the evaluation runs again
     again = run_stubbed(tmp_path, "--seeds", "0 1 2", "--pool", "demo:unlabeled")
@@ -1378,7 +1397,8 @@ def test_run_sh_gives_one_row_per_init(tmp_path):
     calls = run_stubbed(tmp_path, "eurosat", "--init", "clip=fastvit_mci0.apple_mclip", "--init",
                         f"dino={tmp_path / 'dino.pth'}", "--kt-init", "dino", "--teacher-weights",
                         str(tmp_path / "dino.pth"))
-    assert rows_of(calls) == ["teacher", "kt_target@0", "agnostic@0", "scratch@0", "imagenet@0", "clip@0", "dino@0"]
+    assert rows_of(calls) == ["teacher", "kt_target_distilled@0", "kt_target@0", "agnostic@0", "scratch@0",
+                              "imagenet@0", "clip@0", "dino@0"]
     students = {c[c.index("--out") + 1]: c for c in calls if c[0] == "student.py"}
     clip = students["runs/eurosat/s0/student_clip.pt"]
     assert clip[clip.index("--model") + 1] == "fastvit_mci0.apple_mclip" and clip[clip.index("--weights") + 1] == "hub"
@@ -1394,7 +1414,9 @@ def test_run_sh_gives_one_row_per_init(tmp_path):
 
 def test_run_sh_demo_seg_has_the_same_rows_per_pixel(tmp_path):
     calls = run_stubbed(tmp_path, "demo-seg")
-    assert rows_of(calls) == ["teacher", "kt_target@0", "kt_generic@0", "agnostic@0", "scratch@0", "imagenet@0"]
+    assert rows_of(calls) == ["teacher", "kt_target_distilled@0", "kt_target@0", "kt_generic_distilled@0",
+                              "kt_generic@0", "agnostic@0", "scratch@0", "imagenet@0"]
+    assert not any("--teacher" in c for c in calls if c[0] == "finetune.py")  # a segmenter: its masks alone
     split_call, teacher_call = (next(c for c in calls if c[0] == step) for step in ("split.py", "teacher.py"))
     assert split_call[split_call.index("--shots") + 1] == "40"  # 40 labeled scenes
     assert teacher_call[teacher_call.index("--decoder") + 1] == "lraspp" and "--smoothing" in teacher_call

@@ -4,4 +4,5 @@ if [[ -z ${SEGMENTATION:-} ]]; then
   SEGMENTATION=1
   [[ $DATASET != demo* ]] && T_SIZE=${IMG_SIZE:-448} S_SIZE=${IMG_SIZE:-448} && S_SIZE_ARG=(--img-size "$S_SIZE")
   T_ARGS+=(--smoothing 0) F_ARGS+=(--smoothing 0)
+  KT_FT=()  # the finetune of a segmenter: its masks alone
 fi
