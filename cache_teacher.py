@@ -20,8 +20,8 @@ import time
 import torch
 import torchvision.transforms as T
 
-from kt import checkpoints, data, models, training
-from kt.cached_views import cache_shard, make_view, open_or_gray
+from kt import checkpoints, claims, data, models, training
+from kt.cached_views import cache_shard, make_view, open_or_gray, shard_done
 from kt.checks import fail, nonnegative, positive, share
 
 
@@ -74,7 +74,7 @@ def build(cache_dir, teacher, t_cfg, refs, meta, args, device, part, parts, auto
     """
     K, size = meta["views"], meta["shard_size"]
     per = max(1, args.batch_size // K)  # images per teacher batch: per * K views
-    todo = [s for s in range(math.ceil(len(refs) / size)) if not os.path.exists(cache_shard(cache_dir, s))]
+    todo = [s for s in range(math.ceil(len(refs) / size)) if not shard_done(cache_dir, s)]  # missing or broken
     todo = [s for s in todo if s % parts == part] if args.part else todo[part::parts]
     batches = [list(range(a, min(a + per, (s + 1) * size, len(refs))))
                for s in todo for a in range(s * size, min((s + 1) * size, len(refs)), per)]
@@ -139,18 +139,21 @@ def main(args):
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]
     meta = write_meta(args.out, dict(
-        teacher=os.path.abspath(args.teacher), teacher_arch=t_ckpt["recipe"]["arch"], classes=classes,
+        teacher=os.path.abspath(args.teacher), teacher_sha1=checkpoints.digest(args.teacher),  # one teacher a cache
+        teacher_arch=t_ckpt["recipe"]["arch"], classes=classes,
         teacher_cost=t_ckpt["cost"], transfer=os.path.abspath(args.transfer), refs=refs, views=args.views,
         seed=args.train_seed, topk=min(args.topk, len(classes)),
         view_size=max(t_cfg["input_size"][-1], s_cfg["input_size"][-1]), interpolation=s_cfg["interpolation"],
         min_scale=args.min_scale, shard_size=args.shard_size,
         **({"dense": True} if checkpoints.task(t_ckpt) == "segmentation" else {})))  # per-patch probabilities
     part, parts = args.part or (rank, world)
+    claims.claim(os.path.join(args.out, f"part-{part}-of-{parts}"))  # a second job of the same part fails at once
     if world > 1:
         torch.distributed.barrier()  # every rank lists the missing shards before any rank writes one
     build(args.out, teacher, t_cfg, refs, meta, args, device, part, parts, autocast)
     if world > 1:
         torch.distributed.barrier()  # every rank's shards are on disk before rank 0 says so
+    claims.release(os.path.join(args.out, f"part-{part}-of-{parts}"))
     training.log(rank, f"wrote {args.out}: {len(refs)} images x {args.views} views")
 
 

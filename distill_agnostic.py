@@ -122,8 +122,8 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
-    if rank == 0:
-        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
+    if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
+        claims.claim(args.out, reads=(args.student, args.transfer, args.vfm_weights))
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     refs = data.read_transfer_list(args.transfer)
     if args.vfm_weights == "none":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
-from kt.cached_views import cache_shard, make_view, open_or_gray
+from kt.cached_views import cache_shard, make_view, open_or_gray, shard_done
 from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate
 from kt.loggers import log_kinds
 from kt.progress import Progress, run_config
@@ -97,11 +97,16 @@ def load_cache(cache_dir):
         n = math.ceil(len(meta["refs"]) / meta["shard_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{path} is not a teacher cache's meta.json ({type(e).__name__}: {e}); rebuild the cache")
-    missing = [s for s in range(n) if not os.path.exists(cache_shard(cache_dir, s))]
+    missing = [s for s in range(n) if not shard_done(cache_dir, s)]
     if missing:
-        fail(f"{cache_dir} has {n - len(missing)} of {n} shards (missing {cache_shard(cache_dir, missing[0])}): "
-             "finish building it with cache_teacher.py")
+        fail(f"{cache_dir} has {n - len(missing)} of {n} shards (missing or broken: {cache_shard(cache_dir, missing[0])}): "
+             "finish building it with cache_teacher.py, which remakes those")
     shards = [checkpoints.load_checkpoint(cache_shard(cache_dir, s)) for s in range(n)]
+    broken = [s for s, sh in zip(range(n), shards) if not isinstance(sh, dict) or
+              {"index", "box", "flip", "prob", "cls", "batches", "batch", "wall_s"} - set(sh)]
+    if broken:
+        fail(f"{cache_shard(cache_dir, broken[0])} is not a shard of cache_teacher.py's: delete it and rerun "
+             "cache_teacher.py to remake it")
     cache = {k: torch.cat([sh[k] for sh in shards]) for k in ("index", "box", "flip", "prob", "cls")}
     if not torch.equal(cache["index"], torch.arange(len(meta["refs"]))):
         fail(f"{cache_dir}: shards do not cover images 0..{len(meta['refs']) - 1} in order; rebuild it")
@@ -137,8 +142,8 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
-    if rank == 0:
-        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
+    if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
+        claims.claim(args.out, reads=(args.student,))
     autocast, scaler = training.amp(device)
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     meta, cache, cache_cost = load_cache(args.cache)

@@ -234,7 +234,9 @@ def get_args_parser():
 
 
 def main(args):
-    claims.check_writable(args.out)
+    stem, reads = os.path.splitext(args.out)[0], [args.split] + [c.partition("=")[2] for c in args.checkpoints]
+    for out in (args.out, stem + ".md", stem + ".png", stem + "_curves.png"):  # none of them may be an input
+        claims.check_writable(out, reads)
     device, _, _ = training.setup(0)
     autocast, _ = training.amp(device)
     pairs = [c.partition("=") for c in args.checkpoints]
@@ -247,8 +249,8 @@ def main(args):
     paths = {name: path for name, _, path in pairs}
     if args.teacher_row not in paths and args.teacher_row != "teacher":
         fail(f"--teacher-row {args.teacher_row} is not one of the rows ({', '.join(paths)})")
-    ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
     split = data.read_split(args.split)  # its test (and val) images: the paper's split files, or the dataset's
+    ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
     classes, segmentation = split["classes"], data.is_segmentation(split)
     parts = [p for p in ("val", "test") if data.part_refs(split, p)]
     if "test" not in parts:
@@ -280,7 +282,7 @@ def main(args):
         if teacher is not None and name != args.teacher_row:
             results[name]["agreement"] = 100 * float(np.mean(predictions[name, "test"] == teacher))
     table = summarize(results)
-    md, stem = markdown(table), os.path.splitext(args.out)[0]
+    md = markdown(table)
     if draw_curves(ckpts, stem + "_curves.png"):
         md += f"\nTraining curves: [{os.path.basename(stem)}_curves.png]({os.path.basename(stem)}_curves.png)\n"
     checkpoints.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))

@@ -138,7 +138,7 @@ def get_args_parser():
 
 
 def main(args):
-    claims.check_writable(args.out)
+    claims.check_writable(args.out, reads=(args.student, args.split, args.results))
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="finetune.py")
     split = data.read_split(args.split)
     checkpoints.check_same_task(ckpt, args.student, split, args.split)
@@ -175,7 +175,9 @@ def main(args):
         with torch.inference_mode():
             latency[f"batch_{b}"] = {n: round(latency_ms(r, xb, args.repeats), 3)
                                      for n, r in dict(pytorch=model, **runners).items() if n != "timm folder"}
-    checkpoints.atomic_write(args.out, lambda f: torch.export.save(program, f))
+    program_bytes = io.BytesIO()  # in memory first: a full disk is then one line, not a crash in torch's writer
+    torch.export.save(program, program_bytes)
+    checkpoints.atomic_write(args.out, lambda f: f.write(program_bytes.getvalue()))
     files = [args.out]
     if os.path.exists(tmp):
         os.replace(tmp, stem + ".onnx")

@@ -76,8 +76,8 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
-    if rank == 0:
-        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
+    if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
+        claims.claim(args.out, reads=(args.student, args.split, args.teacher))
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py or distill.py")
     split = data.read_split(args.split)
     checkpoints.check_same_task(ckpt, args.student, split, args.split)

@@ -50,7 +50,7 @@ rows() {  # the table's rows, NAME@SEED=CHECKPOINT: the teacher, task-oriented t
 # The rows: a student from each init, finetuned on the labels; task-oriented transfer (distilled from the
 # finetuned teacher on a transfer set, then finetuned); task-agnostic (matching the frozen VFM's embedding on
 # the target set, the same budget, then finetuned).
-baselines() {
+baselines() {  # every init's student first: a weight that cannot be had (offline) stops the run before training
   local s=$1 D=$OUT/s$1 k
   mkdir -p "$D"
   for k in "${!INIT_NAMES[@]}"; do
@@ -58,8 +58,8 @@ baselines() {
     if [[ $weights != none && $weights != hub && ! -f $weights ]]; then model=$weights weights=hub; fi  # a timm model.tag
     step "$D/student_$init.pt" $PY student.py --split "$OUT/split.json" --train-seed "$s" --model "$model" \
       "${S_SIZE_ARG[@]}" --weights "$weights" --out "$D/student_$init.pt"
-    finetuned "$s" "$D/student_$init.pt" 1e-3
   done
+  for init in "${INIT_NAMES[@]}"; do finetuned "$s" "$D/student_$init.pt" 1e-3; done
 }
 kt() {  # the same budget for every transfer set: as many images as D_EPOCHS passes over the target set
   local s=$1 set=$2 D=$OUT/s$1 n target e

@@ -117,6 +117,16 @@ def in_class_folder(path, cls, top):
     return any("_".join(folders[-j:]) == cls for j in range(1, len(folders) + 1))
 
 
+def class_order(classes, found, top):
+    """The classes in the order of their folders' paths, as torchvision lists them (Places365's desert/sand
+    before desert_road), then by name where no class folder holds them (HAM10000's flat folders)."""
+    folder = {}
+    for (_, c), p in found.items():
+        if c not in folder and p and in_class_folder(p, c, top):
+            folder[c] = os.path.relpath(os.path.dirname(p), top)
+    return sorted(classes, key=lambda c: (folder.get(c, ""), c))
+
+
 def classification_files(dataset, read, root):
     """Classification: each `filename,class` found under the dataset's folder by its file name; a name in
     several folders (Places365's 00000001.jpg is in every class folder) is the one in its class's folder."""
@@ -141,7 +151,7 @@ def classification_files(dataset, read, root):
     if unsure:
         fail(f"{len(unsure)} files of the split files are under {top} more than once and none of them in its "
              f"class's folder, e.g. {unsure[:3]}")
-    classes = sorted({c for rows in read.values() for _, c in rows})
+    classes = class_order({c for rows in read.values() for _, c in rows}, found, top)
     odd = sorted({c for _, c in read["labeled"]} ^ {c for _, c in read["test"]}) if "test" in read else []
     if odd:  # a typo ('circel') would be a class of its own, with no test image to score it
         fail(f"classes {odd[:5]} are named by only one of the budget and test split files: a typo, or files "

@@ -35,7 +35,7 @@ def get_args_parser():
 
 
 def main(args):
-    claims.check_writable(args.out)
+    claims.check_writable(args.out, reads=(args.split, args.weights))
     torch.manual_seed(args.train_seed)  # the random initialisation
     split = data.read_split(args.split)
     if args.model.startswith("open_clip:"):

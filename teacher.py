@@ -83,8 +83,8 @@ def get_args_parser():
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
-    if rank == 0:
-        claims.claim(args.out)  # before any work: --out can be written, and no other process writes it
+    if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
+        claims.claim(args.out, reads=(args.split, args.weights))
     split = data.read_split(args.split)
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",

@@ -16,6 +16,7 @@ One section per step, in the order a run goes; each opens with a banner:
 Run: python -m pytest -q test_all.py
 """
 import copy
+import glob
 import importlib.util
 import io
 import json
@@ -239,6 +240,52 @@ def test_a_split_json_written_by_hand_is_all_a_task_needs(tmp_path):
     assert not (tmp_path / "t.txt").exists()
 
 
+def test_a_split_json_written_by_hand_is_checked_once_in_one_line(tmp_path):
+    """Every way a hand-written split.json can be wrong that once gave a traceback, trained on nothing, scored
+    on training images or dropped images from the loss: one line, before any work, nothing written."""
+    from PIL import Image
+    for name in ("a.png", "b.png", "c.png", "d.png", "pic:train:3"):  # the last a real file named like a reference
+        Image.new("RGB", (32, 32), (len(name) * 20, 0, 0)).save(tmp_path / name, format="PNG")
+    good = dict(classes=["red", "green"], files=dict(labeled=[["a.png", 0], ["b.png", 1]], test=[["c.png", 0],
+                                                                                             ["d.png", 1]]))
+    cases = [  # (what is changed, the message)
+        (dict(files=dict(good["files"], labeled=[])), "lists no labeled images"),
+        (dict(files=dict(good["files"], test=[["a.png", 0], ["d.png", 1]])), "1 images are both labeled and test"),
+        (dict(files=dict(good["files"], labeled=[["a.png", -100], ["b.png", 1]])), "has the label -100: its labels are class indices 0-1"),
+        (dict(files=dict(good["files"], labeled=[["a.png", 2], ["b.png", 1]])), "has the label 2"),
+        (dict(files=dict(good["files"], labeled=[["a.png", 0.0], ["b.png", 1]])), "has the label 0.0"),
+        (dict(files=dict(good["files"], labeled=[["a.png", True], ["b.png", 1]])), "has the label True"),
+        (dict(files=dict(good["files"], labeled=[["a.png", "1"], ["b.png", 1]])), "has the label '1'"),
+        (dict(files=dict(good["files"], test=[["c.png", -1]])), "files.test has the label -1"),
+        (dict(files=dict(good["files"], labeled=[["a.png"], ["b.png", 1]])), "is not a list of \\[image, label\\] pairs"),
+        (dict(files=dict(good["files"], labeled=[["a.png", 0, 1]])), "is not a list of \\[image, label\\] pairs"),
+        (dict(files=dict(good["files"], labeled={"a.png": 0})), "is not a list of \\[image, label\\] pairs"),
+        (dict(files=dict(good["files"], labeled=[["a\n.png", 0]])), "references are one-line strings"),
+        (dict(files=dict(good["files"], labeled=[["gone.png", 0], ["lost.png", 1]])), "none of its 2 labeled image files"),
+        (dict(classes="redgreen"), "classes is not a list of class names"),
+        (dict(classes=["red", "red"]), "class 'red' is named twice"),
+    ]
+    for change, message in cases:
+        (tmp_path / "split.json").write_text(json.dumps(dict(good, **change)))
+        for module, argv in [(teacher, ["--model", "test_resnet", *TINY, "--weights", "none"]),
+                             (evaluate, [f"t={tmp_path / 'none.pt'}"]), (student, ["--model", "test_resnet"])]:
+            with pytest.raises(SystemExit, match=message) as e:
+                run(module, "--split", tmp_path / "split.json", *argv, "--out", tmp_path / "out.pt")
+            assert "\n" not in str(e.value) and not (tmp_path / "out.pt").exists()
+    # relative paths are relative to split.json's folder, from any working directory; a file named like a
+    # NAME:SPLIT:INDEX reference is that file
+    os.makedirs(tmp_path / "elsewhere")
+    good["files"]["unlabeled"] = [["pic:train:3", -1]]
+    (tmp_path / "split.json").write_text(json.dumps(good))
+    split = data.read_split(str(tmp_path / "split.json"))
+    assert split["files"]["labeled"][0][0] == str(tmp_path / "a.png")
+    assert data.open_image(split["files"]["unlabeled"][0][0]).getpixel((0, 0))[0] == len("pic:train:3") * 20
+    (tmp_path / "t.txt").write_text("demo:train:1\n")
+    with pytest.raises(SystemExit, match="is .*split.json, an input of this step"):  # an output that is an input
+        run(transfer_set, "--split", tmp_path / "split.json", "--source", "target", "--out", tmp_path / "split.json")
+    assert json.loads((tmp_path / "split.json").read_text()) == good
+
+
 # -------------------------------------------------------------------------- the paper's split files
 def _paper_layout(root, n_train=6, n_val=2, n_test=3):
     """A dataset as the paper's split files expect it: files anywhere under the dataset's folder, found by
@@ -312,6 +359,61 @@ def test_split_files_find_a_name_in_its_class_folder(tmp_path):
     assert [os.path.relpath(p, tmp_path / "places") for p in split["labeled"]] == [
         "data_256/a/airfield/00000000.jpg", "data_256/a/apartment_building/outdoor/00000000.jpg"]
     assert len(split["files"]["unlabeled"]) == 4
+
+
+def test_the_papers_places365_files_resolve_with_colliding_class_names(tmp_path):
+    """Every name is in every class folder; house is not tree_house, farm not tree_farm; the classes come
+    in torchvision's order (by folder path: desert/sand before desert_road); val and test images are flat."""
+    from PIL import Image
+    folders = dict(house="h/house", tree_house="t/tree_house", beach_house="b/beach_house", farm="f/farm",
+                   tree_farm="t/tree_farm", desert_sand="d/desert/sand", desert_road="d/desert_road")
+    root, files, train, test = tmp_path / "places365", tmp_path / "files", [], []
+    for k, (c, folder) in enumerate(folders.items()):
+        os.makedirs(root / "data_256_standard" / folder)
+        for i in range(3):  # the same three names in every class folder, each a different picture
+            Image.new("RGB", (8, 8), (40 * k, i, 0)).save(root / "data_256_standard" / folder / f"0000000{i}.jpg")
+            train.append(f"0000000{i}.jpg,{c}")
+        os.makedirs(root / "val_256", exist_ok=True)
+        Image.new("RGB", (8, 8), (40 * k, 9, 9)).save(root / "val_256" / f"Places365_val_0000000{k}.jpg")
+        test.append(f"Places365_val_0000000{k}.jpg,{c}")
+    os.makedirs(files)
+    (files / "train_full.txt").write_text("\n".join(train))
+    (files / "train_1img_per_class.txt").write_text("\n".join(train[::3]))
+    (files / "test.txt").write_text("\n".join(test))
+    split = split_step.make_split(tmp_path / "split.json", f"folder:{root}", None, None, split_files=files,
+                                  budget="train_1img_per_class.txt")
+    assert split["classes"] == ["beach_house", "desert_sand", "desert_road", "farm", "house", "tree_farm", "tree_house"]
+    assert split["budget"] == "train_1img_per_class"  # however it was given
+    for ref, y in split["files"]["labeled"] + split["files"]["unlabeled"]:
+        name = split["classes"][y] if y >= 0 else None
+        assert name is None or os.path.dirname(os.path.relpath(ref, root / "data_256_standard")) == folders[name]
+    unlabeled = {os.path.relpath(r, root) for r, _ in split["files"]["unlabeled"]}
+    assert len(unlabeled) == 14 and "data_256_standard/t/tree_house/00000001.jpg" in unlabeled
+    assert [split["classes"][y] for _, y in split["files"]["test"]] == list(folders)
+
+
+def test_split_files_of_another_task_or_with_a_typo_are_refused(tmp_path):
+    """A class only the budget names ('circel'), a name found twice and in no class folder, a line twice:
+    one line each, nothing written; fields are stripped ('img, circle') and a byte-order mark is no name."""
+    from PIL import Image
+    for c in ("circle", "square"):
+        os.makedirs(tmp_path / "task" / c)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "task" / c / f"{c}{i}.png")
+    files = tmp_path / "files"
+    os.makedirs(files)
+    (files / "test.txt").write_text("circle1.png,circle\nsquare1.png,square\n")
+    out = tmp_path / "split.json"
+    for budget, message in [("circle0.png,circel\nsquare0.png,square\n", "classes \\['circel', 'circle'\\] are named by"),
+                            ("circle0.png,circle\ncircle0.png,circle\nsquare0.png,square\n", "names 1 images more than once"),
+                            ("missing.png,circle\nsquare0.png,square\n", "not under")]:
+        (files / "train_x.txt").write_text(budget)
+        with pytest.raises(SystemExit, match=message) as e:
+            split_step.make_split(out, f"folder:{tmp_path / 'task'}", None, None, split_files=files, budget="train_x")
+        assert "\n" not in str(e.value) and not out.exists()
+    (files / "train_x.txt").write_bytes("\ufeffcircle0.png, circle\nsquare0.png ,square\n".encode())
+    split = split_step.make_split(out, f"folder:{tmp_path / 'task'}", None, None, split_files=files, budget="train_x")
+    assert split["classes"] == ["circle", "square"] and len(split["labeled"]) == 2
 
 
 # --------------------------------------------------------------------------------- datasets by name
@@ -641,6 +743,25 @@ def test_bad_files_are_skipped_counted_listed(tmp_path):
                                                  + [str(pool / "missing.png")]) + "\n")
     lines, rep = run_ts(tmp_path, "--source", "generic", "--pool", str(tmp_path / "list.txt"), "--workers", "2")
     assert lines == good and rep["dropped"]["unreadable"] == 4
+
+
+def test_an_embedding_cache_is_remade_when_broken_or_when_its_images_change(tmp_path):
+    """A truncated shard is remade (not a traceback); an image replaced at the same path is embedded anew
+    (the cache is keyed by each file's size and time too); the temp files of a killed writer go."""
+    pool = tmp_path / "pool"
+    paths = demo_pool(pool, 8)
+    lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", str(pool), "--k", "3", cache="cache")
+    shard = os.path.join(rep["cache"][2], "00000.npy")
+    whole = open(shard, "rb").read()
+    open(shard, "wb").write(whole[:100])
+    open(os.path.join(rep["cache"][2], "00000.npy.tmp999999999"), "wb").write(b"left by a killed writer")
+    again, rep2 = run_ts(tmp_path, "--source", "retrieval", "--pool", str(pool), "--k", "3", cache="cache")
+    assert again == lines and open(shard, "rb").read() == whole and rep2["cache"] == rep["cache"]
+    assert not glob.glob(os.path.join(rep["cache"][2], "*.tmp*"))
+    catalog.load_dataset("demo", "unlabeled")[0][50][0].save(paths[0])  # another picture, the same path
+    os.utime(paths[0], ns=(1, 1))
+    _, rep3 = run_ts(tmp_path, "--source", "retrieval", "--pool", str(pool), "--k", "3", cache="cache")
+    assert rep3["cache"][2] != rep["cache"][2]
 
 
 def test_empty_transfer_set_fails_and_keeps_out(tmp_path):
@@ -974,6 +1095,40 @@ def test_cache_resumes_at_the_missing_shard_and_refuses_other_settings(tiny, tmp
         run(cache_teacher, *cache_args(tiny, cache, "--views", 5))
     with pytest.raises(SystemExit, match="no teacher cache"):
         run(distill_cached, "--student", tiny / "student.pt", "--cache", tmp_path / "nothing", "--out", tmp_path / "x.pt")
+
+
+def test_a_cache_is_of_one_teacher_and_a_broken_shard_is_remade(tiny, tmp_path, cpu):
+    """A teacher retrained at the same path cannot continue a cache of the old one; a second job of the
+    same part fails at once; a truncated shard is remade, not counted as done, and distill_cached.py says so."""
+    cache, teacher_pt = tmp_path / "cache", tmp_path / "teacher.pt"
+    shutil.copy(tiny / "teacher.pt", teacher_pt)
+    args = [a if a != tiny / "teacher.pt" else teacher_pt for a in cache_args(tiny, cache)]
+    run(cache_teacher, *args, "--part", "0/3")
+    torch.manual_seed(1)  # "retrained": another teacher at the same path
+    random_checkpoint(teacher_pt, "teacher", "test_vit", [str(c) for c in range(10)])
+    with pytest.raises(SystemExit, match="built with other teacher_sha1"):
+        run(cache_teacher, *args)
+    shutil.copy(tiny / "teacher.pt", teacher_pt)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from kt import claims; claims.claim("
+                               f"{str(cache / 'part-1-of-3')!r}); print('claimed', flush=True); time.sleep(60)"],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)  # another job building part 1
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(SystemExit, match="another process .* is writing .*part-1-of-3"):
+            run(cache_teacher, *args, "--part", "1/3")
+    finally:
+        holder.kill()
+        holder.wait()
+    run(cache_teacher, *args)
+    whole = (cache / "shard_00001.pt").read_bytes()
+    (cache / "shard_00001.pt").write_bytes(whole[: len(whole) // 2])  # a disk that lost half of it
+    with pytest.raises(SystemExit, match="has 2 of 3 shards \\(missing or broken: .*shard_00001.pt\\)") as e:
+        distill_cached.load_cache(cache)
+    assert "\n" not in str(e.value)
+    run(cache_teacher, *args)  # remade
+    assert torch.equal(torch.load(io.BytesIO(whole), weights_only=True)["prob"],
+                       torch.load(cache / "shard_00001.pt", weights_only=True)["prob"])
+    distill_cached.load_cache(cache)
 
 
 def test_distill_from_cache_needs_no_teacher_and_is_deterministic(tiny, tmp_path, cpu):
@@ -1711,7 +1866,53 @@ def test_bad_flags_and_files_are_one_line(pipeline, tmp_path, capsys):
     capsys.readouterr()  # a reference past the end of its dataset is one more unreadable image: skipped, said
     run(distill, "--teacher", d / "teacher.pt", *args[:2], "--transfer", tmp_path / "far.txt", "--epochs", 1,
         "--workers", 0, "--out", tmp_path / "far.pt")
-    assert "skipped unreadable image demo:train:99999 (IndexError)" in capsys.readouterr().err
+    assert "skipped unreadable image demo:train:99999 (IndexError" in capsys.readouterr().err
+
+
+def test_checkpoints_with_bad_contents_are_one_line(pipeline, tmp_path):
+    """Valid dicts with wrong insides: a weight missing, a recipe that is no dict, a recipe that would make
+    timm open another file, NaN weights; and an --out that is one of the step's inputs. One line each, the
+    inputs untouched."""
+    d = pipeline
+    ckpt = torch.load(d / "kt_ft.pt", weights_only=True)
+    variants = dict(
+        missing_weight=(dict(ckpt, model={k: v for k, v in list(ckpt["model"].items())[1:]}), "weights do not fit"),
+        recipe_list=(dict(ckpt, recipe=["test_resnet"]), "a recipe that rebuilds no model"),
+        opens_a_file=(dict(ckpt, recipe=dict(ckpt["recipe"], kwargs=dict(checkpoint_path="/etc/passwd"))),
+                      "passes checkpoint_path to the model"),
+        nan=(dict(ckpt, model={k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}),
+             "holds NaN or infinite weights"))
+    for name, (bad, message) in variants.items():
+        checkpoints.save_checkpoint(bad, tmp_path / f"{name}.pt")
+        for module, argv in [(evaluate, [f"x={tmp_path / name}.pt", "--out", tmp_path / "r.json"]),
+                             (export, ["--student", tmp_path / f"{name}.pt", "--out", tmp_path / "x.pt2"])]:
+            with pytest.raises(SystemExit, match=message) as e:
+                run(module, "--split", d / "split.json", *argv)
+            assert "\n" not in str(e.value) and not (tmp_path / "r.json").exists()
+    before = (d / "teacher.pt").read_bytes()
+    with pytest.raises(SystemExit, match="teacher.pt, an input of this step"):
+        run(evaluate, "--split", d / "split.json", f"teacher={d / 'teacher.pt'}", "--out", d / "teacher.pt")
+    with pytest.raises(SystemExit, match="teacher.md, an input of this step"):  # its .md beside the .json
+        shutil.copy(d / "teacher.pt", tmp_path / "teacher.md")
+        run(evaluate, "--split", d / "split.json", f"t={tmp_path / 'teacher.md'}", "--out", tmp_path / "teacher.json")
+    assert (d / "teacher.pt").read_bytes() == before
+
+
+def test_a_killed_step_with_workers_never_blocks_its_resume(pipeline, tmp_path):
+    """SIGKILL leaves DataLoader workers behind for a moment; the lock is the process's, not theirs."""
+    d, env = pipeline, dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "distill.py", "--teacher", d / "teacher.pt", "--student", d / "student.pt", "--transfer",
+           d / "transfer.txt", "--epochs", 3, "--batch-size", 8, "--workers", 1, "--save-every", 5,
+           "--out", tmp_path / "kt.pt", "--resume"]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "kt.pt.state").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run(list(map(str, cmd[:-1] + ["--epochs", 3, "--resume"])), cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resuming" in again.stderr, again.stderr[-500:]
 
 
 def test_a_pickle_in_any_file_never_runs(pipeline, tmp_path):

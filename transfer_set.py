@@ -261,7 +261,7 @@ def main(args):
         fail(f"--source {args.source}: a comma list of labeled, target, generic, retrieval")
     if {"generic", "retrieval"} & set(sources) and not args.pool:
         fail("--source generic/retrieval needs --pool")
-    claims.check_writable(args.out)
+    claims.check_writable(args.out, reads=(args.split, args.pool))
     device, rank, world = training.setup(0)
     split = data.read_split(args.split)
     if "target" in sources and data.part_refs(split, "unlabeled") is None:  # before any embedding work

@@ -6,6 +6,7 @@ prob (n, K, k) fp16, cls (n, K, k) int16}. A view is rebuilt from its source ima
 """
 import os
 import sys
+import zipfile
 
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -19,11 +20,17 @@ def cache_shard(cache_dir, s):
     return os.path.join(cache_dir, f"shard_{s:05d}.pt")
 
 
+def shard_done(cache_dir, s):
+    """Whether shard s is there and whole (a torch file is a zip: a truncated one has no central directory);
+    cache_teacher.py makes a shard that is not, distill_cached.py refuses to start without it."""
+    return zipfile.is_zipfile(cache_shard(cache_dir, s))
+
+
 def open_or_gray(ref, root):
     """An image, or a gray 32x32 stand-in for an unreadable one: building and replay agree either way."""
     try:
         return data.open_image(ref, root)
-    except Exception as e:  # any per-image failure
+    except (Exception, SystemExit) as e:  # any per-image failure
         print(f"warning: unreadable image {ref} ({type(e).__name__}): a gray stand-in", file=sys.stderr)
         return Image.new("RGB", (32, 32), (128, 128, 128))
 

@@ -26,8 +26,10 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, a file-size limit, a read-only folder: the old file is intact
-        fail(f"cannot write {path} ({e.strerror or first_line(e)}); the previous file, if any, is intact")
+    except (OSError, RuntimeError) as e:  # a full disk, a file-size limit, a read-only folder (torch's writer
+        # raises RuntimeError for these): the old file is intact
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        fail(f"cannot write {path} ({reason}); the previous file, if any, is intact")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -53,7 +55,32 @@ def load_checkpoint(path, kinds=None, made_by=None):
     missing = [k for k in KEYS.get(kind, ()) if k not in ckpt]
     if kinds and missing:
         fail(f"{path} is not a whole '{kind}' checkpoint: it has no {', '.join(missing)}")
+    if kinds and kind in ("teacher", "student"):
+        check_recipe(ckpt, path)
     return ckpt
+
+
+NOT_IN_A_RECIPE = ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def check_recipe(ckpt, path):
+    """A model checkpoint's recipe rebuilds a model and nothing else: an architecture name, a class count, an
+    input size, a decoder, plain keyword arguments, none of which makes timm open a file or the network."""
+    recipe = ckpt["recipe"]
+    ok = isinstance(recipe, dict) and isinstance(recipe.get("arch"), str) and isinstance(recipe.get("kwargs"), dict) \
+        and type(recipe.get("num_classes")) is int and recipe["num_classes"] > 0 \
+        and (recipe.get("img_size") is None or isinstance(recipe.get("img_size"), int))
+    if not ok or recipe.get("decoder") not in (None, "linear", "lraspp"):
+        fail(f"{path} has a recipe that rebuilds no model: arch, num_classes, img_size, kwargs, decoder")
+    unsafe = [k for k in recipe["kwargs"] if k in NOT_IN_A_RECIPE]
+    if unsafe:
+        fail(f"{path}: its recipe passes {unsafe[0]} to the model: a checkpoint may not make it load other files")
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        fail(f"{path}: its model is not a state dict of tensors")
+    if not isinstance(ckpt["classes"], list) or len(ckpt["classes"]) != recipe["num_classes"]:
+        fail(f"{path}: its classes do not match its recipe's {recipe['num_classes']} classes")
+    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+        fail(f"{path} holds NaN or infinite weights: it would score as chance; retrain it (a lower --lr)")
 
 
 def task(made_for):

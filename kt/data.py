@@ -36,7 +36,51 @@ def read_split(path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         fail(f"{path} is not a split file ({first_line(e)}); split.py makes it (an older one, without `files`, "
              "is made again by split.py with its settings, or by run.sh --force)")
+    check_split(split, path)
     return split
+
+
+def check_split(split, path):
+    """What every step may rely on, checked once, each problem one line: unique class names; for each part,
+    [reference, label] pairs with a class index (or a mask reference, segmenting); some labeled images, no
+    image both labeled (or unlabeled) and a test or val image. A relative path is relative to split.json."""
+    classes, files = split["classes"], split["files"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        fail(f"{path}: classes is not a list of class names")
+    if len(set(classes)) < len(classes):
+        fail(f"{path}: class {next(c for c in classes if classes.count(c) > 1)!r} is named twice")
+    if not isinstance(files, dict):
+        fail(f"{path}: files is not a dict of parts (labeled, unlabeled, val, test)")
+    base, dense = os.path.dirname(os.path.abspath(path)), is_segmentation(split)
+    for part, pairs in files.items():
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            fail(f"{path}: files.{part} is not a list of [image, label] pairs")
+        bad = next((r for r, _ in pairs if not isinstance(r, str) or not r or "\n" in r or "\0" in r), None)
+        if bad is not None:
+            fail(f"{path}: files.{part} names an image {bad!r}: references are one-line strings")
+        for p in pairs:  # a relative path is relative to split.json's folder (when the file is there)
+            if not os.path.isabs(p[0]) and os.path.exists(os.path.join(base, p[0])):
+                p[0] = os.path.join(base, p[0])
+        labels = [y for _, y in pairs]
+        wrong = next((y for y in labels if not isinstance(y, str)), None) if dense else next(
+            (y for y in labels if type(y) is not int or not (0 <= y < len(classes) or (part == "unlabeled" and y == -1))),
+            None)
+        if wrong is not None:
+            what = "mask references" if dense else f"class indices 0-{len(classes) - 1}" + (
+                " (-1: none)" if part == "unlabeled" else "")
+            fail(f"{path}: files.{part} has the label {wrong!r}: its labels are {what}")
+    if not files.get("labeled"):
+        fail(f"{path} lists no labeled images: the teacher and the students need some")
+    paths = [r for r, _ in files["labeled"] if ":" not in r]  # file paths (not NAME:SPLIT:INDEX, not tar members)
+    if paths and not any(os.path.exists(r) for r in paths):
+        fail(f"{path}: none of its {len(paths)} labeled image files is there (e.g. {paths[0]}); a relative path "
+             "is relative to split.json's folder, or to the working directory")
+    parts = {part: {r for r, _ in pairs} for part, pairs in files.items()}
+    for a, b in [("labeled", "test"), ("labeled", "val"), ("unlabeled", "test")]:
+        both = parts.get(a, set()) & parts.get(b, set())
+        if both:
+            fail(f"{path}: {len(both)} images are both {a} and {b} images, e.g. {sorted(both)[0]}: the table "
+                 f"would score on images the models trained on")
 
 
 def is_segmentation(split):
@@ -157,9 +201,9 @@ class Images(torch.utils.data.Dataset):
                     from kt import masks
                     label = masks.open_mask(label, self.root, self.reduce_zero_label, self.num_classes, img.size)
                 break
-            except Exception as e:  # missing, truncated, not an image, a decompression bomb, a broken tar, ...
-                print(f"warning: skipped unreadable image {self.refs[j]} ({type(e).__name__})",
-                      file=sys.stderr, flush=True)
+            except (Exception, SystemExit) as e:  # missing, truncated, not an image, a bomb, a broken tar, an
+                # unknown NAME:SPLIT:INDEX dataset (a one-line SystemExit of kt.catalog), ...
+                print(f"warning: skipped unreadable image {self.refs[j]} ({first_line(e)})", file=sys.stderr, flush=True)
             if not self.substitute:
                 return None
             j = (j + 1) % len(self.refs)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kt import checkpoints, models, training
+from kt import checkpoints, claims, models, training
 from kt.checks import fail
 from kt.pools import PoolImages, collate
 
@@ -64,12 +64,19 @@ def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
     """
     S = args.shard_size
     h = hashlib.sha1(json.dumps([encoder.key, S], default=str).encode())
-    for r in refs:  # the key covers every ref: a changed pool gets a new cache
-        h.update(r.encode() + b"\n")
+    stat = {}
+    for r in refs:  # the key covers every ref, and each file's size and time: a changed pool gets a new cache
+        f = r.split("::")[0]  # a tar member: its shard
+        if f not in stat:
+            st = os.stat(f) if os.path.isfile(f) else None
+            stat[f] = (st.st_size, st.st_mtime_ns) if st else ()
+        h.update(f"{r}\0{stat[f]}\n".encode())
     key = h.hexdigest()[:12]
     d = os.path.join(args.cache_dir, f"{kind}-{re.sub(r'[^A-Za-z0-9._-]+', '_', name)[-50:]}-{key}")
     n = -(-len(refs) // S)
-    todo = [s for s in range(rank, n, world) if not os.path.exists(embedding_file(d, s, ".json"))]
+    if rank == 0:
+        claims.remove_dead_temps(os.path.join(d, ""))  # what killed writers left
+    todo = [s for s in range(rank, n, world) if not shard_done(d, s)]  # missing or broken shards
     B = args.batch_size
     batches = [[(s, i) for i in range(j, min(j + B, (s + 1) * S, len(refs)))]
                for s in todo for j in range(s * S, min((s + 1) * S, len(refs)), B)]
@@ -99,11 +106,23 @@ def embed_shards(refs, kind, name, encoder, args, device, rank=0, world=1):
     return d, n
 
 
+def shard_done(cache_dir, s):
+    """Whether shard s is whole: its .json (written last) and .npy read back, with one row per id."""
+    try:
+        with open(embedding_file(cache_dir, s, ".json")) as f:
+            meta = json.load(f)
+        z = np.load(embedding_file(cache_dir, s, ".npy"), mmap_mode="r")  # the header alone
+        return len(z) == len(meta["ids"]) == len(meta["hashes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def read_shards(cache_dir, n):
     """Yield each finished shard as (z (n_ok, D) float16, ids (n_ok,) int64, meta dict)."""
     for s in range(n):
-        if not os.path.exists(embedding_file(cache_dir, s, ".json")):
-            fail(f"{embedding_file(cache_dir, s, '.json')} missing: did a rank die? rerun to finish it")
+        if not shard_done(cache_dir, s):
+            fail(f"{embedding_file(cache_dir, s, '.json')} is missing or broken: rerun to make it again (did a "
+                 "rank die?)")
         with open(embedding_file(cache_dir, s, ".json")) as f:
             meta = json.load(f)
         yield np.load(embedding_file(cache_dir, s, ".npy")), np.asarray(meta["ids"], dtype=np.int64), meta

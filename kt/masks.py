@@ -27,7 +27,8 @@ def open_mask(ref, root="data", reduce_zero_label=False, num_classes=None, size=
     else:
         with Image.open(ref) as im:
             if im.mode not in ("L", "P", "I;16", "I"):
-                raise ValueError(f"mask {ref} is {im.mode}: save class indices as a 1-channel (L or P) PNG")
+                kind = "a 1-bit image" if im.mode == "1" else f"a {im.mode} image"
+                raise ValueError(f"mask {ref} is {kind}: save class indices as a 1-channel (L or P) PNG")
             mask = np.asarray(im, dtype=np.int64)
     if reduce_zero_label:  # ADE20K: 0 is "other", not scored; class k is stored as k + 1
         mask = np.where(mask == 0, IGNORE + 1, mask) - 1

@@ -111,7 +111,10 @@ def load_model(ckpt):
         model = _timm(arch, n, False, size, kwargs)
     if ckpt["recipe"].get("decoder"):
         model = _segmenter(model, n, ckpt["recipe"]["decoder"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing, unexpected or mis-shaped keys
+        fail(f"a checkpoint's weights do not fit its recipe's {arch} ({first_line(e)})")
     return model
 
 

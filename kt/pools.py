@@ -77,7 +77,7 @@ class PoolImages(torch.utils.data.Dataset):
             img = data.open_image(self.refs[i], self.root)  # decodes fully: truncation raises here
             digest = hashlib.sha1(repr(img.size).encode() + img.tobytes()).hexdigest()[:20]
             return s, i, self.transform(img) if self.transform else torch.zeros(0), digest, ""
-        except Exception as e:  # zero-byte, truncated, not an image, missing, a broken tar member
+        except (Exception, SystemExit) as e:  # zero-byte, truncated, not an image, missing, a broken tar member
             return s, i, None, "", f"{type(e).__name__}: {str(e)[:200]}"
 
 
