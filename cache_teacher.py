@@ -5,7 +5,8 @@ probabilities, so that distill_cached.py can train any number of students withou
 distillation (distill.py) stays the default: fixed views overfit on long schedules (Beyer et al. 2022).
 
 Reads:  teacher.pt, student.pt (the view size and interpolation), the transfer list.
-Uses:   kt.cached_views (the cache's views and files), kt.models, kt.data, kt.training.
+Uses:   kt.cached_views, kt.data, kt.models, kt.training; kt.checkpoints, kt.claims, kt.checks; where used:
+        kt.segmenters, kt.clip_towers.
 Writes: OUT/meta.json and OUT/shard_NNNNN.pt (cached_views.py); done shards are kept, so a killed run
         resumes; `--part I/N` builds shards I, I+N, ... (independent jobs); under torchrun each rank a share.
 Run:    python cache_teacher.py --teacher runs/eurosat/teacher.pt --student runs/eurosat/student_scratch.pt \

@@ -7,9 +7,10 @@ for segmentation. Both see the same augmented view; the teacher is frozen. cache
 distill_cached.py are the variant that runs the teacher once and replays its outputs.
 
 Reads:  teacher.pt (teacher.py), student.pt (student.py), the transfer list (transfer_set.py).
-Uses:   kt.data (images, sampler), kt.models (rebuild, input), kt.training + kt.progress (the loop, resume).
+Uses:   kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks; where used:
+        kt.segmenters, kt.clip_towers, kt.loggers.
 Writes: student_kt.pt = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, lineage};
-        student_kt.pt.state while training (resumable with --resume).
+        student_kt.pt.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python distill.py --teacher runs/eurosat/teacher.pt --student runs/eurosat/student_scratch.pt \
             --transfer runs/eurosat/transfer_target.txt --out runs/eurosat/student_kt.pt
         torchrun --nproc_per_node 8 distill.py ...   (DDP; the same script runs as one process)

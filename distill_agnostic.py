@@ -7,9 +7,10 @@ knows nothing of the task; the paper finds task-oriented transfer up to 11.6 poi
 segmentation student the targets are the VFM's patch features, one per location (a 1x1 conv projection).
 
 Reads:  the VFM (a timm name or open_clip:MODEL/TAG; hub or local weights), student.pt, the transfer list.
-Uses:   kt.models (the VFM, image_embedding), kt.data (images, held-out), kt.training + kt.progress.
+Uses:   kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks; where used:
+        kt.segmenters, kt.clip_towers, kt.loggers.
 Writes: student_agnostic.pt, in distill.py's format (the projection is thrown away);
-        student_agnostic.pt.state while training (resumable with --resume).
+        student_agnostic.pt.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python distill_agnostic.py --vfm vit_large_patch14_dinov2.lvd142m --img-size 224 \
             --student runs/eurosat/student_scratch.pt --transfer runs/eurosat/transfer_target.txt \
             --out runs/eurosat/student_agnostic.pt

@@ -5,9 +5,10 @@ the student matches the teacher's stored top-k probabilities (renormalised; the 
 when k = C). Epoch e shows view (e + i) mod K of image i, so K epochs see every view once.
 
 Reads:  the cache DIR (cache_teacher.py), student.pt (student.py).
-Uses:   kt.cached_views (rebuilding a view), kt.data (the sampler), kt.models, kt.training + kt.progress.
+Uses:   kt.cached_views, kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks;
+        where used: kt.segmenters, kt.loggers.
 Writes: student_kt.pt, as distill.py writes it (its cost includes building the cache);
-        student_kt.pt.state while training (resumable with --resume).
+        student_kt.pt.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python distill_cached.py --cache runs/eurosat/cache --student runs/eurosat/student_scratch.pt \
             --epochs 10 --out runs/eurosat/student_kt.pt
 """

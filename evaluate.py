@@ -6,7 +6,8 @@ GFLOPs per image, images/s on this device, and the training it took (steps x bat
 Runs named NAME@SEED are one row: mean ± std over the seeds.
 
 Reads:  checkpoints (any step's), the test (and val) images of split.json (split.py).
-Uses:   kt.models (rebuild, the deployed form), kt.data (the split, images), kt.training (device, AMP).
+Uses:   kt.data, kt.models, kt.training, kt.progress (its metrics files), kt.charts; kt.checkpoints,
+        kt.claims, kt.checks; where used: kt.masks, kt.segmenters, kt.clip_towers.
 Writes: results.json ({rows: {name: metrics}, runs: {...}}), results.md (the table, also printed),
         results.png (a bar chart) and results_curves.png (each row's training curves, from its steps'
         OUT.metrics.jsonl). Speed is timed in the deployed form (models.deployed).

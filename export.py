@@ -9,7 +9,7 @@ input size, interpolation, crop, class names), the check (each export's largest 
 PyTorch model on a few test images) and the latency at batch 1 and 64. A failed check writes nothing.
 
 Reads:  a student checkpoint (finetune.py), a few test images of split.json (split.py).
-Uses:   kt.models (rebuild, the deployed form), kt.data (test images).
+Uses:   kt.data, kt.models; kt.checkpoints, kt.claims, kt.checks; where used: kt.segmenters.
 Writes: OUT.pt2, OUT.onnx (optional), OUT.json, OUT_timm/ (config.json, model.safetensors, README.md).
 Run:    python export.py --split runs/eurosat/split.json --student runs/eurosat/s0/student_kt_target_ft.pt \
             --out runs/eurosat/export/student.pt2

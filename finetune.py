@@ -6,9 +6,10 @@ labels. The same script trains the baselines: a student from random, ImageNet, C
 
 Reads:  a student checkpoint (student.py or distill.py), split.json (split.py) and its labeled images;
         with --teacher, teacher.pt (its soft targets stay in the loss).
-Uses:   kt.data (split, images, sampler), kt.models (rebuild), kt.training + kt.progress (the loop, resume).
+Uses:   kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks; where used:
+        kt.masks, kt.segmenters, kt.loggers.
 Writes: OUT = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, split};
-        OUT.state while training (resumable with --resume).
+        OUT.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python finetune.py --split runs/eurosat/split.json \
             --student runs/eurosat/student_kt.pt --out runs/eurosat/student_kt_ft.pt
         torchrun --nproc_per_node 8 finetune.py ...   (DDP; the same script runs as one process)

@@ -6,7 +6,8 @@ test split the test set; or from the paper's split files (--split-files DIR --bu
 datasplits/<Task>/). Segmentation: --shots N is N images, and every mask is checked here, once.
 
 Reads:  the dataset (kt.catalog lists it by name); split files with --split-files.
-Uses:   kt.catalog (datasets by name), kt.data (image references), kt.masks (segmentation: mask checks).
+Uses:   kt.catalog, kt.data, kt.training; kt.checkpoints, kt.claims, kt.checks; where used: kt.masks
+        (segmentation), kt.demo (the demo).
 Writes: split.json = {dataset, shots, seed | split_files, budget, classes, labeled, files: {part: [[image
         reference, label], ...]} for labeled, unlabeled, test (and val)}: every later step reads it, and
         nothing else of the dataset. Asked again with the same settings it is kept; with others, refused.

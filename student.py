@@ -6,7 +6,7 @@ weights (`--weights hub`, the usual baseline) or a local file (`--weights PATH`,
 For segmentation the same backbone gets a light decoder (LR-ASPP) and outputs logits at 1/8.
 
 Reads:  split.json (split.py), for the class names.
-Uses:   kt.models (timm models, local weights), kt.data (the split).
+Uses:   kt.data, kt.models; kt.checkpoints, kt.claims, kt.checks; where used: kt.segmenters.
 Writes: student.pt = {kind: "student", recipe, data_config, classes, model, args, cost: []}.
 Run:    python student.py --split runs/eurosat/split.json --model fastvit_t8 --img-size 224 \
             --out runs/eurosat/student_scratch.pt

@@ -7,9 +7,10 @@ probabilities on unlabeled images are what the student learns from (distill.py).
 dataset) the head is linear on each patch token (kt.segmenters.Segmenter) and the loss is per pixel.
 
 Reads:  split.json (split.py) and its labeled images.
-Uses:   kt.data (split, images, sampler), kt.models (the VFM, local weights), kt.training + kt.progress.
+Uses:   kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks; where used:
+        kt.masks, kt.segmenters, kt.clip_towers, kt.loggers.
 Writes: teacher.pt = {kind: "teacher", recipe, data_config, classes, model, args, split, metrics, cost};
-        teacher.pt.state while training (resumable with --resume).
+        teacher.pt.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python teacher.py --split runs/eurosat/split.json --model vit_large_patch14_dinov2.lvd142m \
             --img-size 224 --out runs/eurosat/teacher.pt
         torchrun --nproc_per_node 8 teacher.py ...   (DDP; the same script runs as one process)

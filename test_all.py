@@ -1527,6 +1527,8 @@ def test_demo_table_has_the_papers_rows(tmp_path):
     finetunes = {c[c.index("--student") + 1]: c for c in calls if c[0] == "finetune.py"}  # kt: labels + teacher
     assert finetunes["runs/demo/s0/student_kt_target.pt"][-5:-3] == ["--teacher", "runs/demo/teacher.pt"]
     assert "--teacher" not in finetunes["runs/demo/s0/student_scratch.pt"] + finetunes["runs/demo/s0/student_agnostic.pt"]
+    steps = [c[0] for c in calls]  # every init's student is made before any training: a missing weight shows first
+    assert max(i for i, c in enumerate(steps) if c == "student.py") < steps.index("finetune.py")
     scripts = [c[0] for c in calls]
     assert scripts[:2] == ["-m", "-m"] and [c[1] for c in calls[:2]] == ["kt.demo", "kt.demo"]  # the stand-ins first, then the teacher uses one
     teacher = calls[scripts.index("teacher.py")]
@@ -1790,6 +1792,25 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     monkeypatch.undo()
     assert torch.equal(checkpoints.load_checkpoint(path)["v"], torch.ones(3))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_torchs_own_write_errors_and_a_vanished_folder_are_one_line(tmp_path, monkeypatch):
+    """A file-size limit or a full disk inside torch's writer raises RuntimeError, not OSError; a folder made
+    read-only (or removed) before the lock is released gives no traceback at exit."""
+    path = tmp_path / "ckpt.pt"
+    checkpoints.save_checkpoint({"kind": "student", "v": torch.ones(3)}, path)
+
+    def writer_failed(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(torch, "save", writer_failed)
+    with pytest.raises(SystemExit, match=r"cannot write .*ckpt.pt \(RuntimeError: .*PytorchStreamWriter") as e:
+        checkpoints.save_checkpoint({"kind": "student", "v": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert "\n" not in str(e.value) and torch.equal(checkpoints.load_checkpoint(path)["v"], torch.ones(3))
+    os.makedirs(tmp_path / "gone")
+    claims.claim(str(tmp_path / "gone/out.pt"))
+    shutil.rmtree(tmp_path / "gone")
+    claims.release(str(tmp_path / "gone/out.pt"))  # no error: the lock goes with its file descriptor
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -9,7 +9,8 @@ minus duplicates and test near-copies; --total N sets k for about N images with 
 Reads:  split.json (split.py), the pool, the retrieval encoder (an OpenCLIP tower or the teacher).
 Writes: --out, one image reference a line (read by distill.py); with a pool also OUT.report.json; with
         retrieval also OUT.png (each labeled query, then its kept neighbours). docs/transfer_sets.md: formats.
-Uses:   kt.knn (exact search), kt.pools (pools), kt.embeddings (embedding cache), kt.data (the split).
+Uses:   kt.knn, kt.pools, kt.embeddings, kt.data, kt.models, kt.training; kt.checkpoints, kt.claims,
+        kt.checks; where used: kt.catalog (DATASET:SPLIT pools), kt.clip_towers.
 Run:    python transfer_set.py --split runs/demo/split.json --source target,retrieval --pool demo:unlabeled \
             --embed open_clip:ViT-B-32/laion2b_s34b_b79k --k 50 --out runs/demo/transfer.txt
         torchrun --nproc_per_node 8 transfer_set.py ...   (each rank embeds its share of the pool)
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from kt import checkpoints, claims, data, training
+from kt.charts import contact_sheet
 from kt.checks import fail, finite, nonnegative, positive
 from kt.embeddings import Encoder, embed_shards, read_shards
 from kt.knn import near_duplicates, search
@@ -202,18 +204,6 @@ def stats(x):
     x = np.asarray(x, dtype=np.float64)
     return {} if x.size == 0 else dict(min=float(x.min()), mean=float(x.mean()),
                                        median=float(np.median(x)), max=float(x.max()))
-
-
-def contact_sheet(rows, root, size=64, pad=4):
-    """[(query ref, [neighbour refs])] -> PIL image, one row per query: query, gap, its neighbours."""
-    from PIL import Image
-    ncol = 1 + max(len(n) for _, n in rows)
-    sheet = Image.new("RGB", (ncol * (size + pad) + 3 * pad, len(rows) * (size + pad)), "white")
-    for r, (q, ns) in enumerate(rows):
-        for c, ref in enumerate([q] + ns):
-            sheet.paste(data.open_image(ref, root).resize((size, size)),
-                        (c * (size + pad) + (3 * pad if c else 0), r * (size + pad)))
-    return sheet
 
 
 def auto_or_number(s):

@@ -1,9 +1,11 @@
 """The report's pictures, drawn with PIL (no plotting package needed): results.png, the test score of each
-row, and results_curves.png, each row's training curves from its steps' OUT.metrics.jsonl (kt.progress).
+row; results_curves.png, each row's training curves from its steps' OUT.metrics.jsonl (kt.progress); and
+transfer_set.py's contact sheet, each labeled query beside the images retrieved for it.
 """
 from PIL import Image, ImageDraw
 
 from kt.checkpoints import atomic_write
+from kt.data import open_image
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -65,3 +67,15 @@ def curves_chart(panels, path, width=960, height=380, pad=48):
         d.line([(x, y + 6), (x + 18, y + 6)], fill=COLOURS[i % len(COLOURS)], width=3)
         d.text((x + 24, y), name, fill="black")
     atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def contact_sheet(rows, root, size=64, pad=4):
+    """transfer_set.py's OUT.png: [(query ref, [neighbour refs])] -> PIL image, one row per query: the
+    query, a gap, its neighbours."""
+    ncol = 1 + max(len(n) for _, n in rows)
+    sheet = Image.new("RGB", (ncol * (size + pad) + 3 * pad, len(rows) * (size + pad)), "white")
+    for r, (q, ns) in enumerate(rows):
+        for c, ref in enumerate([q] + ns):
+            sheet.paste(open_image(ref, root).resize((size, size)),
+                        (c * (size + pad) + (3 * pad if c else 0), r * (size + pad)))
+    return sheet
