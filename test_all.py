@@ -16,6 +16,7 @@ One section per step, in the order a run goes; each opens with a banner:
 Run: python -m pytest -q test_all.py
 """
 import copy
+import functools
 import glob
 import importlib.util
 import io
@@ -684,7 +685,7 @@ def run_ts(tmp_path, *extra, cache=None, out="out/transfer.txt"):
     argv = [*map(str, make_split(tmp_path, "--dataset", "demo", "--shots", 1)),
             "--embed", f"open_clip:{cfg}", "--embed-pretrained", "none", "--cache-dir", str(tmp_path / cache if cache else tmp_path.parent / "shared-cache"),
             "--workers", "0", "--batch-size", "64", "--shard-size", "64", "--dedup-threshold", "0.999",
-            "--leak-threshold", "0.999", "--out", str(out), *extra]
+            "--leak-threshold", "0.999", "--out", str(out), *map(str, extra)]
     transfer_set.main(transfer_set.get_args_parser().parse_args(argv))
     rep = out.with_suffix(".report.json")
     return out.read_text().splitlines(), json.loads(rep.read_text()) if rep.exists() else None
@@ -920,6 +921,216 @@ def test_resume_after_kill_matches_clean_run(tmp_path, monkeypatch):
     assert rep["similarity"] == clean_rep["similarity"]
     assert (tmp_path / "out/transfer.png").exists()
 
+
+
+# ---------------------------------------------------------------- web-scale pools (--pool emb:DIR)
+def _optional_all(*packages):
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"the optional package(s) {', '.join(missing)} not installed "
+                                                     "(.ci/run installs them)")
+
+
+def _web_pool(root, layout, sizes, dim=16, seed=0, urls=None, key="l14_img"):
+    """A pool of published embeddings, unit rows in files of `sizes` rows, with their metadata, in LAION's
+    (clip-retrieval: img_emb/img_emb_N.npy + metadata/metadata_N.parquet, N not zero-padded) or DataComp's
+    (<stem>.npz + <stem>.parquet) layout -> all rows in id order (the files in name order) and their urls."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng, blocks = np.random.default_rng(seed), []
+    names = [str(n) for n in range(len(sizes))]  # 0 1 2 ... 10: "10" sorts before "2"
+    for name, n in zip(names, sizes):
+        z = rng.normal(size=(n, dim)).astype(np.float32)
+        z = (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float16)
+        first = sum(len(b[1]) for b in blocks)
+        url = list(urls[first:first + n]) if urls else [f"http://127.0.0.1:1/{name}_{i}.jpg" for i in range(n)]
+        blocks.append((name, z, url))
+    for name, z, url in blocks:
+        table = dict(url=url, caption=[f"a picture {u}" for u in url], key=[f"{name}{i:06d}" for i in range(len(z))])
+        if layout == "laion":
+            os.makedirs(root / "img_emb", exist_ok=True), os.makedirs(root / "metadata", exist_ok=True)
+            np.save(root / "img_emb" / f"img_emb_{name}.npy", z)
+            pq.write_table(pa.table(table), root / "metadata" / f"metadata_{name}.parquet")
+        else:
+            os.makedirs(root, exist_ok=True)
+            np.savez(root / f"{int(name):08d}.npz", **{key: z, "b32_img": z[:, :8]})
+            table = dict(uid=table["key"], url=url, text=table["caption"], sha256=[f"sha-{u}" for u in url])
+            pq.write_table(pa.table(table), root / f"{int(name):08d}.parquet")
+    order = sorted(blocks, key=lambda b: f"img_emb_{b[0]}.npy") if layout == "laion" else blocks
+    return np.concatenate([b[1] for b in order]), [u for b in order for u in b[2]]
+
+
+@_optional_all("pyarrow")
+def test_published_embedding_pools_stream_in_both_layouts_and_find_the_exact_neighbours(tmp_path):
+    from kt import web_pools
+    for layout, spec in (("laion", "emb:{}"), ("datacomp", "emb:{}:l14_img")):
+        root = tmp_path / layout
+        z, urls = _web_pool(root, layout, [30, 20, 25, 5, 1, 7, 3, 9, 11, 13, 17])  # 11 files: 10 before 2
+        pool = web_pools.EmbeddingPool(spec.format(root))
+        pool.check_metadata()
+        assert pool.size == len(z) == 141 and pool.dim == 16
+        q = z[[3, 77, 140]].astype(np.float32) + 0.01 * np.random.default_rng(1).normal(size=(3, 16))
+        s, i = knn.search(q / np.linalg.norm(q, axis=1, keepdims=True), pool(), 5, torch.device("cpu"), chunk=7)
+        want = brute_force((q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32), z.astype(np.float32), 5)
+        assert np.array_equal(i.numpy(), want[1]) and i[:, 0].tolist() == [3, 77, 140]  # itself, then its nearest
+        meta = pool.metadata([140, 3])
+        assert meta[140]["url"] == urls[140] and meta[3]["url"] == urls[3] and meta[3]["caption"] == f"a picture {urls[3]}"
+        rows, identity = pool.rows([140, 3])
+        assert np.array_equal(rows, z[[140, 3]])
+        assert identity[3] == (urls[3] if layout == "laion" else f"sha-{urls[3]}")  # DataComp: sha256
+    with pytest.raises(SystemExit, match="name the embeddings of the npz files, e.g. emb:.*:l14_img"):
+        web_pools.EmbeddingPool(f"emb:{tmp_path / 'datacomp'}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq  # a metadata file of another length: its urls would be other rows'
+    pq.write_table(pa.table(dict(url=["x"] * 3)), tmp_path / "laion/metadata/metadata_2.parquet")
+    with pytest.raises(SystemExit, match="metadata_2.parquet has 3 rows for the 25 embeddings .*: a misaligned pool"):
+        web_pools.EmbeddingPool(f"emb:{tmp_path / 'laion'}").check_metadata()
+    os.remove(tmp_path / "laion/metadata/metadata_2.parquet")
+    with pytest.raises(SystemExit, match="has no metadata beside it"):
+        web_pools.EmbeddingPool(f"emb:{tmp_path / 'laion'}")
+
+
+def _scan_rank(rank, port, d):
+    """One of two gloo ranks: its own files of the pool, the top-k gathered (see the test below)."""
+    from kt import web_pools
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    pool = web_pools.EmbeddingPool(f"emb:{d}")
+    q = np.load(os.path.join(d, "queries.npy"))
+    s, i = knn.gather_ranks(*knn.search(q, pool(rank, 2), 6, torch.device("cpu")), 6)
+    torch.save(dict(s=s, i=i), os.path.join(d, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@_optional_all("pyarrow")
+def test_the_exact_scan_split_over_two_ranks_gives_one_processs_answer(tmp_path):
+    from kt import web_pools
+    import socket
+    z, _ = _web_pool(tmp_path, "laion", [9, 1, 14, 6, 3])
+    z[10] = z[11]  # a tie across files: broken by the lower id, whichever rank holds it
+    np.save(tmp_path / "img_emb/img_emb_2.npy", z[10:24])
+    q = np.concatenate([z[[0, 10, 23]], np.random.default_rng(2).normal(size=(2, 16)).astype(np.float16)])
+    np.save(tmp_path / "queries.npy", q)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_scan_rank, args=(port, str(tmp_path)), nprocs=2)
+    one = knn.search(q, web_pools.EmbeddingPool(f"emb:{tmp_path}")(), 6, torch.device("cpu"))
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert torch.equal(got["i"], one[1]) and torch.equal(got["s"], one[0])
+
+
+@_optional_all("pyarrow", "faiss")
+def test_an_ivf_index_searched_everywhere_is_the_exact_answer_and_another_pools_is_refused(tmp_path):
+    import faiss
+    from kt import web_pools
+    z, _ = _web_pool(tmp_path / "pool", "laion", [200, 150, 150])
+    index = faiss.index_factory(16, "IVF8,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(z.astype(np.float32))
+    index.add(z.astype(np.float32))
+    faiss.write_index(index, str(tmp_path / "pool/knn.index"))
+    (tmp_path / "pool/index_infos.json").write_text(json.dumps({"index_param": "nprobe=8"}))  # nprobe = nlist
+    pool = web_pools.EmbeddingPool(f"emb:{tmp_path / 'pool'}")
+    q = z[[5, 250, 499]].astype(np.float32)
+    scan, recall = web_pools.faiss_scan(str(tmp_path / "pool/knn.index"), pool, q, torch.device("cpu"))
+    assert recall == 1.0 and torch.equal(scan(q, None, 10, None)[1], knn.search(q, pool(), 10, torch.device("cpu"))[1])
+    small = faiss.IndexFlatIP(16)
+    small.add(z[:100].astype(np.float32))
+    faiss.write_index(small, str(tmp_path / "other.index"))
+    with pytest.raises(SystemExit, match="holds 100 vectors of 16 dimensions, the pool 500 of 16: an index of another pool"):
+        web_pools.faiss_scan(str(tmp_path / "other.index"), pool, q, torch.device("cpu"))
+
+
+def _img2dataset():
+    for cmd in (os.environ.get("KT_IMG2DATASET"), os.path.join(HERE, ".venv-img2dataset/bin/img2dataset"), "img2dataset"):
+        if cmd and shutil.which(cmd):
+            return shutil.which(cmd)
+    return None
+
+
+@_optional_all("pyarrow")
+@pytest.mark.skipif(_img2dataset() is None, reason="img2dataset is not installed (its own environment: "
+                    ".ci/run makes .venv-img2dataset; or set KT_IMG2DATASET)")
+def test_retrieval_from_published_embeddings_downloads_only_what_it_keeps(tmp_path):
+    """Images served on 127.0.0.1, their embeddings in a LAION-layout pool: transfer_set.py retrieves from
+    the embeddings, img2dataset fetches the kept rows (404s refilled from the next neighbours), and
+    distill.py trains on the shards."""
+    import http.server
+    import threading
+    from kt import embeddings as kt_embeddings
+    from kt import web_pools
+    cfg = tiny_clip(tmp_path)
+    os.makedirs(tmp_path / "web")
+    ds = catalog.load_dataset("demo", "unlabeled")[0]
+    names = [f"img{i:03d}.jpg" for i in range(60)]
+    for i, n in enumerate(names):
+        ds[i][0].resize((64, 64)).save(tmp_path / "web" / n, quality=95)
+    encoder = kt_embeddings.Encoder(f"open_clip:{cfg}", pretrained="none")
+    with torch.no_grad():
+        x = torch.stack([encoder.transform(ds[i][0].resize((64, 64))) for i in range(60)])
+        z = torch.nn.functional.normalize(encoder.fn(x).float(), dim=-1).half().numpy()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "web"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        urls = [f"{base}/{n}" if i % 7 else f"{base}/gone_{n}" for i, n in enumerate(names)]  # 1 in 7 is a 404
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        os.makedirs(tmp_path / "pool/img_emb"), os.makedirs(tmp_path / "pool/metadata")
+        for f, (a, b) in enumerate([(0, 25), (25, 60)]):
+            np.save(tmp_path / f"pool/img_emb/img_emb_{f}.npy", z[a:b])
+            pq.write_table(pa.table(dict(url=urls[a:b], caption=names[a:b], key=names[a:b])),
+                           tmp_path / f"pool/metadata/metadata_{f}.parquet")
+        (tmp_path / "pool/pool.json").write_text(json.dumps(dict(model=f"open_clip:{cfg}")))
+        lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", f"emb:{tmp_path / 'pool'}", "--k", 3,
+                            "--embed", f"open_clip:{cfg}", "--download", tmp_path / "downloads", "--img2dataset",
+                            _img2dataset(), "--download-args", "--processes_count 1 --thread_count 4 --resize_mode no "
+                            "--timeout 5 --retries 0", cache="cache")
+    finally:
+        server.shutdown()
+    assert rep["failed_downloads"] > 0 and rep["downloaded"] == len(lines) >= 10 and rep["short_queries"] == 0
+    assert all(".tar::" in r for r in lines) and data.open_image(lines[0]).size == (64, 64)
+    import pyarrow.parquet as pq
+    asked = pq.read_table(tmp_path / "out/transfer.parquet").to_pylist()
+    assert {"url", "caption", "pool_key", "pool_row", "score", "query", "image"} <= set(asked[0])
+    assert all((r["image"] is None) == ("/gone_" in r["url"]) for r in asked)  # every 404 missing, every other one there
+    run(distill, "--teacher", tiny_teacher(tmp_path), "--student", tmp_path / "student.pt", "--transfer",
+        tmp_path / "out/transfer.txt", "--epochs", 1, "--batch-size", 4, "--workers", 0, "--out", tmp_path / "kt.pt")
+    lineage = torch.load(tmp_path / "kt.pt", weights_only=True)["lineage"]
+    assert lineage["transfer_images"] + lineage["held_out_images"] == len(lines)
+    with pytest.raises(SystemExit, match="makes 32-d embeddings, .* holds 16-d ones"):  # another model's pool
+        _web_pool(tmp_path / "other", "laion", [10])
+        run_ts(tmp_path, "--source", "retrieval", "--pool", f"emb:{tmp_path / 'other'}", "--download",
+               tmp_path / "d2", "--img2dataset", _img2dataset(), cache="cache")
+    _web_pool(tmp_path / "dead", "laion", [40], dim=32)  # every url on a port nobody listens on
+    (tmp_path / "out/transfer.txt").write_text("the previous list\n")
+    with pytest.raises(SystemExit, match="none of the [0-9]+ images retrieval kept could be downloaded") as e:
+        run_ts(tmp_path, "--source", "retrieval", "--pool", f"emb:{tmp_path / 'dead'}", "--k", 3, "--embed",
+               f"open_clip:{cfg}", "--download", tmp_path / "d3", "--img2dataset", _img2dataset(), "--download-args",
+               "--processes_count 1 --thread_count 4 --timeout 2 --retries 0", cache="cache")
+    assert "\n" not in str(e.value) and (tmp_path / "out/transfer.txt").read_text() == "the previous list\n"
+
+
+def tiny_teacher(d):
+    """A random 10-class test_vit teacher and test_resnet student for the demo's classes, at 32 px."""
+    for kind, arch in (("teacher", "test_vit"), ("student", "test_resnet")):
+        random_checkpoint(d / f"{kind}.pt", kind, arch, list(demo.CLASSES))
+    return d / "teacher.pt"
+
+
+def test_the_papers_transfer_lists_resolve_by_name_in_a_local_pool(tmp_path):
+    """--source named --names FILE: names of the pool's images (by file name, stem or key), in their order;
+    a name the pool lacks is refused with a count and the first few."""
+    paths = demo_pool(tmp_path / "yfcc", 6)
+    names = [os.path.basename(paths[3]), os.path.splitext(os.path.basename(paths[0]))[0], "some/dir/" +
+             os.path.basename(paths[5])]
+    (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
+    lines, _ = run_ts(tmp_path, "--source", "labeled,named", "--names", tmp_path / "list.txt", "--pool", tmp_path / "yfcc")
+    assert lines[-3:] == [paths[3], paths[0], paths[5]] and len(lines) == 10 + 3
+    (tmp_path / "list.txt").write_text("\n".join(names + ["gone1.jpg", "gone2.jpg"]))
+    with pytest.raises(SystemExit, match="2 of the 5 images --names .* lists are not in --pool .*gone1.jpg"):
+        run_ts(tmp_path, "--source", "named", "--names", tmp_path / "list.txt", "--pool", tmp_path / "yfcc")
 
 
 # ====================================================================================================

@@ -26,21 +26,23 @@ import torch
 from kt import checkpoints, claims, data, training
 from kt.charts import contact_sheet
 from kt.checks import fail, finite, nonnegative, positive
-from kt.embeddings import Encoder, embed_shards, read_shards
+from kt.embeddings import EmbeddedPool, Encoder, embed_shards, read_embeddings
 from kt.knn import near_duplicates, search
-from kt.pools import decode_all, pool_refs
+from kt.downloads import DEFAULT_ARGS
+from kt.pools import decode_all, named, pool_refs
 
 
 # ------------------------------------------------------------------------------ the paper's retrieval
-def retrieve(queries, pool, k, allowed, device):
+def retrieve(queries, pool, k, allowed, device, scan=search):
     """The paper's retrieval: each labeled image (a query) gets its k nearest pool images by the cosine of
     their embeddings, an equal number for every query, none taken by two queries. queries (Q, D) unit rows;
     pool() yields the pool's embedding shards (z, ids); allowed(top_s, top_i) -> the ids that pass the
     filters. The search goes deeper (2k, 4k, ... neighbours a query) until every query has its k or the
-    pool is used up. Returns (the pool ids of each query, the depth searched)."""
+    pool is used up. Returns (the pool ids of each query, the depth searched). scan: the exact search
+    (kt.knn), or the same over torchrun ranks, or a faiss index."""
     depth = min(2 * k, pool.size)
     while True:
-        top_s, top_i = search(queries, pool(), depth, device)  # (Q, depth), best first
+        top_s, top_i = scan(queries, pool(), depth, device)  # (Q, depth), best first
         mine = balance(top_i.numpy(), allowed(top_s, top_i), k)
         if all(len(m) == k for m in mine) or depth >= pool.size:
             return mine, depth
@@ -105,30 +107,11 @@ class NearCopyFilter:
         self.thresholds = leak_threshold, dedup_threshold
 
     def __call__(self, top_s, top_i):
-        self.top_s, (self.cand, self.best) = top_s, candidates(top_s, top_i)
+        self.top_s, self.top_i, (self.cand, self.best) = top_s, top_i, candidates(top_s, top_i)
         self.rz, self.hashes = self.pool.rows(self.cand)  # their embeddings and pixel hashes
         self.exact, self.leak, self.near, self.leak_s = near_copies(self.cand, self.rz, self.hashes, self.test_z,
                                                                     *self.thresholds, self.device)
         return self.cand[~self.exact & ~self.leak & ~self.near]
-
-
-class EmbeddedPool:
-    """A pool's embedding cache (kt.embeddings): pool() streams its shards, rows(ids) reads some rows back."""
-
-    def __init__(self, cache, shards, size, dim):
-        self.cache, self.shards, self.size, self.dim = cache, shards, size, dim
-        self.unreadable = [bad for _, _, m in read_shards(cache, shards) for bad in m["bad"]]
-
-    def __call__(self):
-        return ((z, i) for z, i, _ in read_shards(self.cache, self.shards))
-
-    def rows(self, ids):
-        """(embeddings (R, D) float16, {id: pixel hash}) of pool ids, in the order of `ids`."""
-        z_out, hashes, pos = np.zeros((len(ids), self.dim), np.float16), {}, {int(c): n for n, c in enumerate(ids)}
-        for z, i, m in read_shards(self.cache, self.shards):
-            for r in np.flatnonzero(np.isin(i, ids)):
-                z_out[pos[int(i[r])]], hashes[int(i[r])] = z[r], m["hashes"][r]
-        return z_out, hashes
 
 
 # ------------------------------------------------------------------------------------- the whole step
@@ -147,12 +130,6 @@ def embed_all(refs, args, split, device, rank, world):
     if world > 1:
         torch.distributed.barrier()  # every rank's shards are on disk
     return q_refs, caches
-
-
-def read_embeddings(cache):
-    """All readable rows of a cache -> (z (n, D) float16, ids (n,)); None when none could be read."""
-    rows = [(z, i) for z, i, _ in read_shards(*cache) if len(i)]
-    return tuple(np.concatenate(x) for x in zip(*rows)) if rows else None
 
 
 def retrieval(refs, args, split, device, rank, world):
@@ -178,6 +155,49 @@ def retrieval(refs, args, split, device, rank, world):
     rows = [(q_refs[qi[j]], [refs[c] for c in mine[j][:args.sheet]]) for j in show]
     rows = [r for r in rows if r[1]]
     return [refs[c] for c in kept], report, contact_sheet(rows, args.data_root) if rows else None
+
+
+# ----------------------------------------------------------------------------------- web-scale pools
+def web_retrieval(args, split, device, rank, world):
+    """--pool emb:DIR: the same retrieval over the embeddings a web pool publishes (kt.web_pools: LAION,
+    DataComp), searched where they lie, each torchrun rank its own files (or through a faiss --index); then
+    only the kept rows are downloaded (kt.downloads, img2dataset) and a query whose images fail takes its
+    next neighbours. Every rank searches; rank 0 returns (downloaded refs, report, contact sheet)."""
+    from kt import downloads, knn, web_pools  # (optional: pyarrow; img2dataset in its own environment)
+    pool = web_pools.EmbeddingPool(args.pool)
+    pool.check_metadata()
+    if pool.model and pool.model != args.embed:
+        fail(f"{args.pool} was embedded by {pool.model} (its pool.json); --embed {args.embed} would compare the "
+             "embeddings of two models")
+    q_refs, (dq, dt, _) = embed_all([], args, split, device, rank, world)  # the pool is embedded already
+    queries = read_embeddings(dq)
+    if queries is None:
+        fail(f"none of the {len(q_refs)} labeled images could be read: nothing to retrieve with")
+    qz, qi = queries
+    if qz.shape[1] != pool.dim:
+        fail(f"--embed {args.embed} makes {qz.shape[1]}-d embeddings, {args.pool} holds {pool.dim}-d ones: embed "
+             "the queries with the model that made the pool")
+    test_z = (read_embeddings(dt) or (np.zeros((0, qz.shape[1]), np.float16),))[0]
+    scan, recall = search, None
+    if args.index:  # approximate: a faiss index of this pool
+        scan, recall = web_pools.faiss_scan(args.index, pool, qz, device)
+    elif world > 1:  # exact, each rank its own files, the lists merged: the answer of one process
+        scan = lambda q, _, depth, dev: knn.gather_ranks(*search(q, pool(rank, world), depth, dev), depth)
+    filters = NearCopyFilter(pool, test_z, *(threshold(t, test_z, device) for t in
+                                             (args.leak_threshold, args.dedup_threshold)), device)
+    both, depth = retrieve(qz, pool, 2 * args.k, filters, device, scan)  # k to fetch, k more in reserve
+    if rank != 0:
+        return None
+    mine, images, tried = downloads.download_rounds([m[:args.k] for m in both], [m[args.k:] for m in both],
+                                                    filters, pool, [q_refs[j] for j in qi], args)
+    kept = sorted({c for m in mine for c in m}, key={int(c): n for n, c in enumerate(filters.cand)}.get)
+    report = retrieval_report(args, q_refs, qi, mine, np.array(kept), depth, filters, pool, [dq[0], dt[0]])
+    report.update(downloaded=len(images), failed_downloads=len(tried) - len(images), recall_at_k=recall,
+                  rows=os.path.splitext(args.out)[0] + ".parquet")
+    show = np.linspace(0, len(qi) - 1, min(args.sheet, len(qi))).round().astype(int)
+    rows = [(q_refs[qi[j]], [images[c] for c in mine[j][:args.sheet]]) for j in show]
+    return [images[c] for c in kept], report, contact_sheet([r for r in rows if r[1]], args.data_root) \
+        if any(r[1] for r in rows) else None
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -242,26 +262,42 @@ def get_args_parser():
     p.add_argument("--batch-size", type=positive, default=256, help="encoder batch")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--sheet", type=positive, default=8, help="queries (and neighbours each) in the contact sheet")
+    p.add_argument("--names", help="with --source named: a list of the pool's image names (the paper's "
+                   "yfcc_retrieved_images_with_*query.txt), each found in --pool by file name, stem or key")
+    w = p.add_argument_group("web-scale pools (--pool emb:DIR: LAION's or DataComp's published embeddings)")
+    w.add_argument("--download", metavar="DIR", help="where the images retrieval keeps are downloaded "
+                   "(webdataset shards); the transfer list names them")
+    w.add_argument("--img2dataset", default="img2dataset", help="the img2dataset command (its own environment)")
+    w.add_argument("--download-args", default=DEFAULT_ARGS, help="img2dataset's options: processes, threads, "
+                   "size, --distributor pyspark or ray for many machines")
+    w.add_argument("--index", help="a faiss index of the pool (autofaiss; index_infos.json beside it sets its "
+                   "search): approximate, with recall@k on a sample reported; default: the exact scan")
     return p
 
 
 def main(args):
     sources = [s for s in args.source.split(",") if s]
-    if not sources or set(sources) - {"labeled", "target", "generic", "retrieval"}:
-        fail(f"--source {args.source}: a comma list of labeled, target, generic, retrieval")
-    if {"generic", "retrieval"} & set(sources) and not args.pool:
-        fail("--source generic/retrieval needs --pool")
+    if not sources or set(sources) - {"labeled", "target", "generic", "retrieval", "named"}:
+        fail(f"--source {args.source}: a comma list of labeled, target, generic, retrieval, named")
+    if {"generic", "retrieval", "named"} & set(sources) and not args.pool:
+        fail("--source generic/retrieval/named needs --pool")
+    if ("named" in sources) != bool(args.names):
+        fail("--source named and --names FILE go together")
+    web = bool(args.pool) and args.pool.startswith("emb:")
+    if web and ({"generic", "named"} & set(sources) or not args.download):
+        fail(f"--pool {args.pool} is embeddings, not images: --source retrieval with --download DIR (the kept "
+             "images are downloaded there), not generic or named")
     claims.check_writable(args.out, reads=(args.split, args.pool))
     device, rank, world = training.setup(0)
     split = data.read_split(args.split)
     if "target" in sources and data.part_refs(split, "unlabeled") is None:  # before any embedding work
         fail(f"--source target: {args.split} lists no unlabeled images")
-    refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] else ([], [])
+    refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] and not web else ([], [])
     out, report, sheet = [], dict(pool=args.pool, pool_images=len(refs)), None
     if args.total:  # a fixed size, an equal share per query: the queries plus k neighbours each
         args.k = max(1, math.ceil(args.total / len(split["labeled"])) - 1)
     if "retrieval" in sources:
-        got = retrieval(refs, args, split, device, rank, world)
+        got = web_retrieval(args, split, device, rank, world) if web else retrieval(refs, args, split, device, rank, world)
         if got is None:
             return  # not rank 0: its shards are done
         kept, report, sheet = got
@@ -281,6 +317,8 @@ def main(args):
             ok, more = decode_all(refs, args.batch_size, args.workers, args.data_root)
             out += ok
             report.update(unreadable_files=bad + more, dropped=dict(unreadable=len(bad + more)))
+    if "named" in sources:
+        out += named(args.names, refs, args.pool)  # the paper's own sets
     if "retrieval" in sources:
         out += kept
     out = list(dict.fromkeys(out))  # one copy of each ref: labeled, target, generic, then retrieved images

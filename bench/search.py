@@ -6,7 +6,11 @@ pipeline against the encoder alone.
    not grow with the pool. Here it runs on the same random unit vectors as faiss.IndexFlatIP (exact inner product, the
    usual reference); we check that both return the same neighbours (an index may differ only where two
    scores tie to float rounding) and time each, best of --repeats, interleaved (a shared machine is noisy).
-2. Embedding throughput. embeddings.embed_shards (JPEG decoding in DataLoader workers, the encoder, the cached
+2. A web pool's published embeddings (kt.web_pools: LAION's img_emb/*.npy, float16 on disk, memory-mapped).
+   The exact scan is bound by reading the files, not by the arithmetic, for a few thousand queries: it is
+   timed beside the raw read rate of the same files (every chunk read and turned to float32, nothing else)
+   and beside faiss.IndexFlatIP on the same rows in memory, with the same neighbours (--web-rows; 0: skip).
+3. Embedding throughput. embeddings.embed_shards (JPEG decoding in DataLoader workers, the encoder, the cached
    shards) against the encoder's forward pass alone on the same, already decoded images: a ratio near 1
    means data loading is not the bottleneck. On CPU a small OpenCLIP config stands in for ViT-L-14.
 
@@ -119,6 +123,7 @@ def get_args_parser():
     p.add_argument("--chunk", type=int, default=16384, help="pool rows per matrix product; try 4096-65536")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each search (best is reported)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch and faiss")
+    p.add_argument("--web-rows", type=int, default=200000, help="rows of the generated web pool (0: skip it)")
     p.add_argument("--images", type=int, default=512, help="images for the throughput test (0: skip it)")
     p.add_argument("--image-px", type=int, default=256, help="side of the generated JPEGs")
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch")
@@ -126,9 +131,57 @@ def get_args_parser():
     return p
 
 
+def bench_web_pool(args):
+    """The exact scan of a LAION-layout pool against the raw read rate of its files and against faiss."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from kt import web_pools
+    tmp, rng = tempfile.mkdtemp(prefix="bench_pool_"), np.random.default_rng(0)
+    os.makedirs(os.path.join(tmp, "img_emb")), os.makedirs(os.path.join(tmp, "metadata"))
+    per_file = max(1, args.web_rows // 4)
+    for f, a in enumerate(range(0, args.web_rows, per_file)):
+        n = min(per_file, args.web_rows - a)
+        z = rng.standard_normal((n, args.dim), dtype=np.float32)
+        np.save(os.path.join(tmp, f"img_emb/img_emb_{f}.npy"), (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float16))
+        pq.write_table(pa.table(dict(url=[f"u{a + i}" for i in range(n)])), os.path.join(tmp, f"metadata/metadata_{f}.parquet"))
+    pool = web_pools.EmbeddingPool(f"emb:{tmp}")
+    q = F.normalize(torch.randn(args.queries, args.dim, generator=torch.Generator().manual_seed(1)), dim=1)
+    cpu, times = torch.device("cpu"), {}
+    for _ in range(args.repeats):  # interleaved, best of --repeats
+        t = time.perf_counter()
+        for z, _ in pool():  # the floor: read every chunk and make it float32, as the scan must
+            for a in range(0, len(z), args.chunk):
+                torch.from_numpy(z[a:a + args.chunk].astype("float32"))
+        times["read"] = min(times.get("read", 1e9), time.perf_counter() - t)
+        t = time.perf_counter()
+        s, i = knn.search(q, pool(), args.k, cpu, chunk=args.chunk)
+        times["scan"] = min(times.get("scan", 1e9), time.perf_counter() - t)
+    line = (f"web pool {args.web_rows:,} x {args.dim} float16 in {len(pool.files)} files, {args.queries} queries, "
+            f"k={args.k}: raw read {args.web_rows / times['read']:,.0f} rows/s, exact scan "
+            f"{args.web_rows / times['scan']:,.0f} rows/s = {times['read'] / times['scan']:.2f} of the read rate")
+    try:
+        import faiss
+        faiss.omp_set_num_threads(args.threads)
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(np.concatenate([z for z, _ in pool()]).astype(np.float32))
+        t = time.perf_counter()
+        fs, fi = index.search(q.numpy(), args.k)
+        flat = time.perf_counter() - t
+        same, ties, differ = same_neighbours(s.numpy(), i.numpy(), fs, fi, 1e-5)
+        line += (f"; faiss IndexFlatIP (in memory) {args.web_rows / flat:,.0f} rows/s; the same neighbours: {same} "
+                 f"rows identical, {ties} up to ties, {differ} differ")
+    except ImportError:
+        line += "; faiss not installed (pip install faiss-cpu)"
+    print(line)
+    shutil.rmtree(tmp)
+    return times
+
+
 def main(args):
     torch.set_num_threads(args.threads)
     bench_search(args)
+    if args.web_rows:
+        bench_web_pool(args)
     if args.images:
         bench_embedding(args)
 

@@ -126,3 +126,29 @@ def read_shards(cache_dir, n):
         with open(embedding_file(cache_dir, s, ".json")) as f:
             meta = json.load(f)
         yield np.load(embedding_file(cache_dir, s, ".npy")), np.asarray(meta["ids"], dtype=np.int64), meta
+
+
+def read_embeddings(cache):
+    """All readable rows of a cache -> (z (n, D) float16, ids (n,)); None when none could be read."""
+    rows = [(z, i) for z, i, _ in read_shards(*cache) if len(i)]
+    return tuple(np.concatenate(x) for x in zip(*rows)) if rows else None
+
+
+class EmbeddedPool:
+    """A pool's embedding cache, as transfer_set.py searches it: pool() streams its shards, rows(ids) reads
+    some rows back with their pixel hashes (exact duplicates)."""
+
+    def __init__(self, cache, shards, size, dim):
+        self.cache, self.shards, self.size, self.dim = cache, shards, size, dim
+        self.unreadable = [bad for _, _, m in read_shards(cache, shards) for bad in m["bad"]]
+
+    def __call__(self):
+        return ((z, i) for z, i, _ in read_shards(self.cache, self.shards))
+
+    def rows(self, ids):
+        """(embeddings (R, D) float16, {id: pixel hash}) of pool ids, in the order of `ids`."""
+        z_out, hashes, pos = np.zeros((len(ids), self.dim), np.float16), {}, {int(c): n for n, c in enumerate(ids)}
+        for z, i, m in read_shards(self.cache, self.shards):
+            for r in np.flatnonzero(np.isin(i, ids)):
+                z_out[pos[int(i[r])]], hashes[int(i[r])] = z[r], m["hashes"][r]
+        return z_out, hashes

@@ -1,6 +1,7 @@
 """Exact nearest neighbours by inner product (cosine, for unit rows), in torch alone: the search behind
 retrieval (transfer_set.py) and its near-duplicate filter. Ties go to the lower id, so a result is the same
-on any device, for any chunk or shard size; bench/search.py checks it against faiss and times it.
+on any device, for any chunk or shard size, and split over torchrun ranks (gather_ranks); bench/search.py
+checks it against faiss and times it.
 """
 import torch
 
@@ -40,16 +41,36 @@ def search(queries, pool, k, device, chunk=16384):
     best_s = torch.empty(len(q), 0, device=device)
     best_i = torch.empty(len(q), 0, dtype=torch.long, device=device)
     buf = torch.empty(0, device=device)  # scores (Q, chunk), reused: no fresh 100 MB block per chunk
-    for z, ids in pool:
-        z, ids = torch.as_tensor(z).to(device, torch.float32), torch.as_tensor(ids).to(device)
+    for z, ids in pool:  # z: a tensor, an array, or a memory-mapped array: read a chunk at a time
+        ids = torch.as_tensor(ids).to(device)
         for a in range(0, len(ids), chunk):
             n = min(chunk, len(ids) - a)
+            part = z[a:a + n]
+            part = part if torch.is_tensor(part) else torch.from_numpy(part.astype("float32"))  # one copy, read
+            part = part.to(device, torch.float32)
             if buf.numel() < len(q) * n:
                 buf = torch.empty(len(q) * n, device=device)
-            s = torch.mm(q, z[a:a + n].T, out=buf[:len(q) * n].view(len(q), n))  # (Q, n) cosines
+            s = torch.mm(q, part.T, out=buf[:len(q) * n].view(len(q), n))  # (Q, n) cosines
             v, c = topk_lowest(s, min(k, n))
             best_s, best_i = merge(torch.cat([best_s, v], 1), torch.cat([best_i, ids[a + c]], 1), k)
     return best_s.cpu(), best_i.cpu()
+
+
+def gather_ranks(best_s, best_i, k):
+    """Under torchrun, each rank's top-k of its own part of the pool -> the top-k of the whole pool, the same
+    on every rank and the same as one process's search (ties too: merge breaks them by id)."""
+    world = torch.distributed.get_world_size()
+    width = torch.tensor([best_s.shape[1]])
+    widths = [torch.zeros_like(width) for _ in range(world)]
+    torch.distributed.all_gather(widths, width)
+    pad = k - best_s.shape[1]  # a rank with a small part has fewer than k: pad with -inf, never kept
+    s = torch.cat([best_s, torch.full((len(best_s), pad), -float("inf"))], 1)
+    i = torch.cat([best_i, torch.full((len(best_i), pad), -1, dtype=torch.long)], 1)
+    all_s, all_i = [torch.empty_like(s) for _ in range(world)], [torch.empty_like(i) for _ in range(world)]
+    torch.distributed.all_gather(all_s, s)
+    torch.distributed.all_gather(all_i, i)
+    s, i = merge(torch.cat(all_s, 1), torch.cat(all_i, 1), min(k, int(sum(widths).item())))
+    return s, i
 
 
 def near_duplicates(z, thr, device, chunk=1024, block=65536):

@@ -98,3 +98,25 @@ def decode_all(refs, batch_size, workers, root):
         ok += [refs[i] for i in ids]
         bad += [[refs[i], err] for i, err in b]
     return ok, bad
+
+
+def named(path, refs, pool):
+    """The paper's own transfer sets: a list of a pool's image names, one a line (its
+    yfcc_retrieved_images_with_1200query.txt), each found in the local copy of the pool by its file name,
+    its file stem or its webdataset key. Names the pool lacks are refused, counted, the first few named."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read --names {path} ({type(e).__name__})")
+    index = {}
+    for r in refs:
+        base = os.path.basename(r.split("::")[-1])
+        index.setdefault(base, r)
+        index.setdefault(os.path.splitext(base)[0], r)
+    found = [index.get(os.path.basename(n)) or index.get(os.path.splitext(os.path.basename(n))[0]) for n in names]
+    missing = [n for n, r in zip(names, found) if r is None]
+    if missing:
+        fail(f"{len(missing)} of the {len(names)} images --names {path} lists are not in --pool {pool} (e.g. "
+             f"{missing[:3]}): download those images of the pool first")
+    return found
