@@ -15,8 +15,8 @@ pipeline() {
   [[ $DATASET == demo* ]] && standins                                    # the demo's stand-in VFM (presets/demo.sh)
   make_split                                                             # split.py: the label budget
   step "$OUT/transfer_target.txt" $PY transfer_set.py "${TASK[@]}" --source target --out "$OUT/transfer_target.txt"
-  [[ -n $POOL ]] && SETS+=(generic) && step "$OUT/transfer_generic.txt" $PY transfer_set.py "${TASK[@]}" \
-    --source generic --pool "$POOL" --out "$OUT/transfer_generic.txt"
+  [[ -n $POOL && $POOL != emb:* ]] && SETS+=(generic) && step "$OUT/transfer_generic.txt" $PY transfer_set.py \
+    "${TASK[@]}" --source generic --pool "$POOL" --out "$OUT/transfer_generic.txt"  # (a web pool has no pixels)
   for s in $SEEDS; do baselines "$s"; done                               # student.py + finetune.py, every --init
   wait_for standins
   if [[ $DATASET == demo* ]]; then                                       # 2 CPU cores: beside the teacher
@@ -121,13 +121,15 @@ make_split() {
 # --shots, --seed, --split-files, --budget: split.py's label budget. --seeds: every student row once per seed
 # (the teacher is trained once). --init NAME=WEIGHTS: one more baseline row, the student from none, hub, a file
 # or a timm model.tag (scratch=none and imagenet=hub are always there); --kt-init: the init of the kt_* and
-# agnostic rows. --pool: a generic pool (kt_generic, and kt_retrieval by --embed). --out: the run's directory,
+# agnostic rows. --pool: a generic pool (kt_generic, and kt_retrieval by --embed; emb:DIR: LAION's or DataComp's
+# embeddings, the kept images downloaded by img2dataset, $IMG2DATASET); --transfer-names FILE: kt_retrieval is the
+# paper's list of the pool's images (its yfcc_retrieved_images_*.txt) instead. --out: the run's directory,
 # one configuration (run.cfg). --log: tensorboard, wandb and/or mlflow too. --force: redo every step. --smoke:
 # one short epoch a step. Environment: PY, DATA_ROOT. The README explains each; the steps' --help their flags.
 settings() {
   DATASET=demo
   if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
-  SHOTS="" SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 SMOKE=0 IMG_SIZE="" SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS="" LOG=""
+  SHOTS="" SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 SMOKE=0 IMG_SIZE="" SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS="" LOG="" NAMES=""
   TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8 T_WEIGHTS="" KT_INIT=scratch INITS=()
   while [[ $# -gt 0 ]]; do
     case $1 in --force) FORCE=1; shift; continue ;; --smoke) SMOKE=1; shift; continue ;; esac
@@ -137,6 +139,7 @@ settings() {
       --budget) BUDGET=$2 ;; --teacher) TEACHER=$2 ;; --teacher-weights) T_WEIGHTS=$2 ;; --student) STUDENT=$2 ;;
       --img-size) IMG_SIZE=$2 ;; --init) INITS+=("$2") ;; --kt-init) KT_INIT=$2 ;; --pool) POOL=$2 ;;
       --embed) EMBED=$2 ;; --embed-weights) EMBED_WEIGHTS=$2 ;; --out) OUT=$2 ;; --log) LOG=$2 ;;
+      --transfer-names) NAMES=$2 ;;
       *) bad "unknown argument '$1'" ;;
     esac
     shift 2
@@ -158,6 +161,8 @@ settings() {
     T_ARGS+=(--log "$LOG") D_ARGS+=(--log "$LOG") F_ARGS+=(--log "$LOG")
     export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$(cd "$OUT" && pwd)/mlflow.db}
   fi
+  [[ -n $NAMES ]] && RET_SOURCE=${RET_SOURCE/retrieval/named} R_ARGS+=(--names "$NAMES")  # the paper's own set
+  [[ $POOL == emb:* ]] && R_ARGS+=(--download "$OUT/web_images" ${IMG2DATASET:+--img2dataset "$IMG2DATASET"})
   [[ -n $EMBED ]] && R_ARGS+=(--embed "$EMBED")
   [[ -n $EMBED_WEIGHTS ]] && R_ARGS+=(--embed-weights "$EMBED_WEIGHTS")
   S_SIZE_ARG=(); [[ -n $S_SIZE ]] && S_SIZE_ARG=(--img-size "$S_SIZE")
@@ -187,7 +192,8 @@ one_configuration() {
   [[ $DATASET == demo* ]] && CONFIG="dataset=$DATASET shots=$SHOTS seed=$SEED pool=$POOL"
   local setting have
   for setting in "split_files=$SPLIT_FILES" "budget=$BUDGET" "teacher_weights=$T_WEIGHTS" "inits=${INITS[*]}" \
-                 "kt_init=${KT_INIT#scratch}" "embed=$EMBED" "embed_weights=$EMBED_WEIGHTS" "smoke=${SMOKE#0}"; do
+                 "kt_init=${KT_INIT#scratch}" "embed=$EMBED" "embed_weights=$EMBED_WEIGHTS" "smoke=${SMOKE#0}" \
+                 "names=$NAMES"; do
     [[ -n ${setting#*=} ]] && CONFIG="$CONFIG $setting"  # only what is not the default
   done
   have=$(cat "$OUT/run.cfg" 2>/dev/null || true)

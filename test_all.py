@@ -1723,10 +1723,23 @@ def test_every_command_of_run_sh_is_one_its_script_accepts(tmp_path):
     """The stand-in python takes anything; here each command run.sh gave goes through its script's parser."""
     run_stubbed(tmp_path, "--pool", "demo:unlabeled", "--seeds", "0 1")
     run_stubbed(tmp_path, "demo-seg", "--smoke")
+    before = len(run_stubbed(tmp_path, "demo-seg", "--smoke"))
+    web = run_stubbed(tmp_path, "flowers102", "--pool", "emb:/data/laion400m", "--embed", "open_clip:ViT-B-32/openai")[before:]
+    retrieval = next(c for c in web if c[0] == "transfer_set.py" and "retrieval" in c)  # no generic row: no pixels
+    assert retrieval[retrieval.index("--download") + 1] == "runs/flowers102/web_images"
+    assert not any("generic" in c for c in web if c[0] == "transfer_set.py")
+    files = tmp_path / "ADE20K"
+    files.mkdir()
+    (files / "train_1200img.txt").write_text("ADE_train_00000001.jpg\n")
+    before = len((tmp_path / "calls.txt").read_text().splitlines())
+    paper = run_stubbed(tmp_path, "ade20k", "--split-files", files, "--budget", "train_1200img", "--pool", "/data/yfcc",
+                        "--transfer-names", "yfcc_retrieved_images_with_1200query.txt")[before:]
+    named = next(c for c in paper if c[0] == "transfer_set.py" and "labeled,named" in c)  # the paper's own set
+    assert named[named.index("--names") + 1] == "yfcc_retrieved_images_with_1200query.txt"
     calls = run_stubbed(tmp_path, "eurosat", "--pool", "stl10:unlabeled", "--init", "clip=fastvit_mci0.apple_mclip")
     assert {c[0] for c in calls} >= {"split.py", "teacher.py", "student.py", "transfer_set.py", "distill.py",
                                      "distill_agnostic.py", "finetune.py", "evaluate.py", "export.py"}
-    for c in calls:  # python SCRIPT.py ARGS, or python -m kt.demo ARGS
+    for c in web + paper + calls:  # python SCRIPT.py ARGS, or python -m kt.demo ARGS
         module, argv = (c[1], c[2:]) if c[0] == "-m" else (c[0].removesuffix(".py"), c[1:])
         importlib.import_module(module).get_args_parser().parse_args(argv)
 
