@@ -100,7 +100,8 @@ def segmentation_files(dataset, read, root):
     train, test = (catalog.load_dataset(dataset, part, root)[0] for part in ("train", "test"))
     if not hasattr(train, "samples"):
         fail(f"split files name image files; {dataset} has none")
-    pairs = {os.path.basename(img): [img, mask] for img, mask in train.samples + test.samples}
+    pairs = {os.path.basename(img): [os.path.abspath(img), os.path.abspath(mask)]
+             for img, mask in train.samples + test.samples}
     lost = [n for rows in read.values() for n, _ in rows if n not in pairs]
     if lost:
         fail(f"{len(lost)} images of the split files are not in {dataset} under {root} (e.g. {lost[:3]})")
@@ -136,7 +137,7 @@ def classification_files(dataset, read, root):
     for d, _, names in os.walk(top, followlinks=True):
         for name in names:
             if name.lower().endswith(catalog.IMAGE_EXTS):
-                paths.setdefault(name, []).append(os.path.join(d, name))
+                paths.setdefault(name, []).append(os.path.abspath(os.path.join(d, name)))
 
     def find(name, cls):
         hits = paths.get(name, [])

@@ -239,8 +239,9 @@ def split_refs(dataset, split, indices=None, root="data"):
         fail(f"{len(outside)} indices outside {dataset}/{split} ({len(ds)} images), e.g. {outside[:3]}: "
              "the split file was made for other data")
     if hasattr(ds, "samples"):  # real files (folder:, imagenet, ham10000, ade20k): reference them by path
-        refs = [ds.samples[i][0] for i in indices]
-        return refs, [ds.samples[i][1] for i in indices] if is_dense(ds) else [labels[i] for i in indices]
+        refs = [os.path.abspath(ds.samples[i][0]) for i in indices]  # split.json works from any folder
+        masks = [os.path.abspath(ds.samples[i][1]) for i in indices] if is_dense(ds) else None
+        return refs, masks or [labels[i] for i in indices]
     refs = [f"{dataset}:{split}:{i}" for i in indices]
     return refs, refs if is_dense(ds) else [labels[i] for i in indices]  # a dense dataset's ref names its mask too
 
