@@ -1040,20 +1040,41 @@ def test_an_ivf_index_searched_everywhere_is_the_exact_answer_and_another_pools_
         web_pools.faiss_scan(str(tmp_path / "other.index"), pool, q, torch.device("cpu"))
 
 
-def _img2dataset():
-    for cmd in (os.environ.get("KT_IMG2DATASET"), os.path.join(HERE, ".venv-img2dataset/bin/img2dataset"), "img2dataset"):
+def _tool(name, env):
+    for cmd in (os.environ.get(env), os.path.join(HERE, f".venv-{name}/bin/{name}"), name):
         if cmd and shutil.which(cmd):
             return shutil.which(cmd)
     return None
 
 
+@_optional_all("pyarrow", "faiss")
+@pytest.mark.skipif(_tool("autofaiss", "KT_AUTOFAISS") is None, reason="autofaiss is not installed (its own "
+                    "environment: .ci/run makes .venv-autofaiss; or set KT_AUTOFAISS)")
+def test_autofaiss_builds_an_index_of_the_pool_in_its_row_order(tmp_path):
+    from kt import web_pools
+    z, _ = _web_pool(tmp_path, "laion", [40, 30, 20, 10, 5, 5, 5, 5, 5, 5, 70])  # "10" sorts before "2"
+    pool = web_pools.EmbeddingPool(f"emb:{tmp_path}")
+    web_pools.build_index(pool, str(tmp_path / "index/knn.index"), _tool("autofaiss", "KT_AUTOFAISS"))
+    q = z[[0, 100, 199]].astype(np.float32)
+    scan, recall = web_pools.faiss_scan(str(tmp_path / "index/knn.index"), pool, q, torch.device("cpu"))
+    assert recall >= 0.9 and scan(q, None, 1, None)[1][:, 0].tolist() == [0, 100, 199]
+    with pytest.raises(SystemExit, match="autofaiss reads folders of .npy files"):
+        _web_pool(tmp_path / "dc", "datacomp", [10])
+        web_pools.build_index(web_pools.EmbeddingPool(f"emb:{tmp_path / 'dc'}:l14_img"), str(tmp_path / "x.index"), "x")
+
+
+def _img2dataset():
+    return _tool("img2dataset", "KT_IMG2DATASET")
+
+
 @_optional_all("pyarrow")
 @pytest.mark.skipif(_img2dataset() is None, reason="img2dataset is not installed (its own environment: "
                     ".ci/run makes .venv-img2dataset; or set KT_IMG2DATASET)")
-def test_retrieval_from_published_embeddings_downloads_only_what_it_keeps(tmp_path):
-    """Images served on 127.0.0.1, their embeddings in a LAION-layout pool: transfer_set.py retrieves from
-    the embeddings, img2dataset fetches the kept rows (404s refilled from the next neighbours), and
-    distill.py trains on the shards."""
+@pytest.mark.parametrize("layout", ["laion", "datacomp"])
+def test_retrieval_from_published_embeddings_downloads_only_what_it_keeps(tmp_path, layout):
+    """Images served on 127.0.0.1, their embeddings in a LAION- or DataComp-layout pool: transfer_set.py
+    retrieves from the embeddings, img2dataset fetches the kept rows (404s refilled from each query's
+    reserve), and distill.py trains on the shards."""
     import http.server
     import threading
     from kt import embeddings as kt_embeddings
@@ -1079,10 +1100,15 @@ def test_retrieval_from_published_embeddings_downloads_only_what_it_keeps(tmp_pa
         import pyarrow.parquet as pq
         os.makedirs(tmp_path / "pool/img_emb"), os.makedirs(tmp_path / "pool/metadata")
         for f, (a, b) in enumerate([(0, 25), (25, 60)]):
-            np.save(tmp_path / f"pool/img_emb/img_emb_{f}.npy", z[a:b])
-            pq.write_table(pa.table(dict(url=urls[a:b], caption=names[a:b], key=names[a:b])),
-                           tmp_path / f"pool/metadata/metadata_{f}.parquet")
-        (tmp_path / "pool/pool.json").write_text(json.dumps(dict(model=f"open_clip:{cfg}")))
+            if layout == "laion":
+                np.save(tmp_path / f"pool/img_emb/img_emb_{f}.npy", z[a:b])
+                pq.write_table(pa.table(dict(url=urls[a:b], caption=names[a:b], key=names[a:b])),
+                               tmp_path / f"pool/metadata/metadata_{f}.parquet")
+            else:  # the duplicate url of row 1 (row 0's) is an exact duplicate by its sha256
+                np.savez(tmp_path / f"pool/{f:08d}.npz", l14_img=z[a:b], b32_img=z[a:b, :8])
+                pq.write_table(pa.table(dict(uid=names[a:b], url=urls[a:b], text=names[a:b],
+                                             sha256=[f"sha-{u}" for u in urls[a:b]])), tmp_path / f"pool/{f:08d}.parquet")
+        (tmp_path / "pool/pool.json").write_text(json.dumps(dict(model=f"open_clip:{cfg}", key="l14_img")))
         lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", f"emb:{tmp_path / 'pool'}", "--k", 3,
                             "--embed", f"open_clip:{cfg}", "--download", tmp_path / "downloads", "--img2dataset",
                             _img2dataset(), "--download-args", "--processes_count 1 --thread_count 4 --resize_mode no "
@@ -1526,6 +1552,22 @@ def test_evaluate_times_the_deployed_form_and_draws_the_chart(tmp_path, cpu):
                 "--out", tmp_path / "r.json",
                 f"resnet={tmp_path / 'resnet.pt'}")
     assert table["resnet"]["images_per_s"] is None and "| - |" in (tmp_path / "r.md").read_text()
+
+
+def test_the_report_draws_every_rows_training_curves_from_its_metrics_files(pipeline, tmp_path):
+    """results_curves.png: each row's distillation held-out KD loss and its training on the labels, read
+    from the metrics files its checkpoint's stages name; results.md links it."""
+    d = pipeline
+    run(evaluate, "--split", d / "split.json", "--workers", 0, "--speed-batch", 0, "--out", tmp_path / "r.json",
+        f"teacher={d / 'teacher.pt'}", f"kt_distilled={d / 'kt.pt'}", f"kt={d / 'kt_ft.pt'}")
+    held_out, labels = evaluate.curves(torch.load(d / "kt_ft.pt", weights_only=True))
+    distilled = kt_progress.read_metrics(d / "kt.pt.metrics.jsonl")
+    assert held_out == [(r["images"], r["held_out_kd"]) for r in distilled] and held_out[0][0] == 0
+    assert labels == [(r["images"], r["loss"]) for r in kt_progress.read_metrics(d / "kt_ft.pt.metrics.jsonl")]
+    assert evaluate.curves(torch.load(d / "kt.pt", weights_only=True))[1] is None  # its last stage: distillation
+    from PIL import Image
+    assert Image.open(tmp_path / "r_curves.png").size[0] >= 960
+    assert "[r_curves.png](r_curves.png)" in (tmp_path / "r.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------- export.py

@@ -179,7 +179,11 @@ def web_retrieval(args, split, device, rank, world):
              "the queries with the model that made the pool")
     test_z = (read_embeddings(dt) or (np.zeros((0, qz.shape[1]), np.float16),))[0]
     scan, recall = search, None
-    if args.index:  # approximate: a faiss index of this pool
+    if args.index:  # approximate: a faiss index of this pool (built first with --autofaiss where it is not there)
+        if not os.path.exists(args.index) and args.autofaiss and rank == 0:
+            web_pools.build_index(pool, args.index, args.autofaiss)
+        if world > 1:
+            torch.distributed.barrier()
         scan, recall = web_pools.faiss_scan(args.index, pool, qz, device)
     elif world > 1:  # exact, each rank its own files, the lists merged: the answer of one process
         scan = lambda q, _, depth, dev: knn.gather_ranks(*search(q, pool(rank, world), depth, dev), depth)
@@ -272,6 +276,8 @@ def get_args_parser():
                    "size, --distributor pyspark or ray for many machines")
     w.add_argument("--index", help="a faiss index of the pool (autofaiss; index_infos.json beside it sets its "
                    "search): approximate, with recall@k on a sample reported; default: the exact scan")
+    w.add_argument("--autofaiss", help="the autofaiss command (its own environment) that builds --index if it "
+                   "is not there, from the pool's img_emb/ files")
     return p
 
 

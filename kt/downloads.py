@@ -53,7 +53,8 @@ def fetch(rows, folder, command, extra=DEFAULT_ARGS):
            "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", folder,
            "--save_additional_columns", '["pool_row","query","pool_key"]', "--enable_wandb", "False",
            *shlex.split(extra)]
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")  # img2dataset's image library would call home
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own environment, not ours
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"  # img2dataset's image library would call home
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -133,6 +133,27 @@ class EmbeddingPool:
         return [{k: (str(v[r]) if v[r] is not None else None) for k, v in columns.items()} for r in range(len(local))]
 
 
+def build_index(pool, path, command):
+    """Build a faiss index of a LAION-layout pool's img_emb/ files with autofaiss, which picks the index for
+    the pool's size and the memory given, and writes index_infos.json (its search parameters) beside it.
+    autofaiss pins numpy<2: it lives in an environment of its own, its command given as --autofaiss."""
+    import shutil
+    import subprocess
+    if pool.layout != "clip-retrieval":
+        fail(f"autofaiss reads folders of .npy files; {pool.root} holds DataComp's .npz: give a built --index")
+    found = shutil.which(command)
+    if not found:
+        fail(f"--autofaiss {command} is not there: python3 -m venv ~/af && ~/af/bin/pip install autofaiss "
+             "'pyarrow<18', then --autofaiss ~/af/bin/autofaiss (it pins numpy<2: its own environment)")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cmd = [found, "build_index", f"--embeddings={os.path.join(pool.root, 'img_emb')}", f"--index_path={path}",
+           f"--index_infos_path={os.path.join(os.path.dirname(path), 'index_infos.json')}", "--metric_type=ip"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own environment, not ours
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode or not os.path.exists(path):
+        fail(f"autofaiss failed ({(done.stderr or done.stdout).strip().splitlines()[-1:] or 'no output'}): {' '.join(cmd)}")
+
+
 def faiss_scan(path, pool, qz, device, sample=64):
     """A faiss index of the pool (autofaiss builds one from its npy files; LAION publishes some), memory-mapped,
     with the search parameters its index_infos.json names -> (a scan for retrieve(), recall@k of a sample
