@@ -132,52 +132,53 @@ def embed_all(refs, args, split, device, rank, world):
     return q_refs, caches
 
 
+def read_queries(dq, dt, q_refs):
+    """The labeled images' embeddings (the queries) and the target test images' -> (qz, qi, test_z)."""
+    queries = read_embeddings(dq)
+    if queries is None:
+        fail(f"none of the {len(q_refs)} labeled images could be read: nothing to retrieve with")
+    qz, qi = queries
+    return qz, qi, (read_embeddings(dt) or (np.zeros((0, qz.shape[1]), np.float16),))[0]
+
+
+def kept_and_sheet(mine, filters, q_refs, qi, ref_of, args):
+    """The kept pool ids, best first, and the contact sheet (a row per shown query: it, then its images)."""
+    rank_of = {int(c): n for n, c in enumerate(filters.cand)}
+    kept = np.array(sorted({c for m in mine for c in m}, key=rank_of.get), dtype=np.int64)
+    show = np.linspace(0, len(qi) - 1, min(args.sheet, len(qi))).round().astype(int)
+    rows = [(q_refs[qi[j]], [ref_of(c) for c in mine[j][:args.sheet]]) for j in show]
+    rows = [r for r in rows if r[1]]
+    return kept, contact_sheet(rows, args.data_root) if rows else None
+
+
 def retrieval(refs, args, split, device, rank, world):
     """--source retrieval: embed, search, filter, balance. Rank 0 returns (kept refs, report, contact sheet);
     other ranks return None after embedding their shards."""
     q_refs, (dq, dt, dp) = embed_all(refs, args, split, device, rank, world)
     if rank != 0:
         return None
-    queries = read_embeddings(dq)
-    if queries is None:
-        fail(f"none of the {len(q_refs)} labeled images could be read: nothing to retrieve with")
-    qz, qi = queries
-    test_z = (read_embeddings(dt) or (np.zeros((0, qz.shape[1]), np.float16),))[0]
+    qz, qi, test_z = read_queries(dq, dt, q_refs)
     pool = EmbeddedPool(*dp, size=len(refs), dim=qz.shape[1])
     thresholds = [threshold(t, test_z, device) for t in (args.leak_threshold, args.dedup_threshold)]
     filters = NearCopyFilter(pool, test_z, *thresholds, device)
     mine, depth = retrieve(qz, pool, args.k, filters, device)
-    kept = [c for m in mine for c in m]
-    rank_of = {int(c): n for n, c in enumerate(filters.cand)}
-    kept = np.array(sorted(set(kept), key=rank_of.get), dtype=np.int64)  # best first
+    kept, sheet = kept_and_sheet(mine, filters, q_refs, qi, refs.__getitem__, args)
     report = retrieval_report(args, q_refs, qi, mine, kept, depth, filters, pool, [dq[0], dt[0], dp[0]])
-    show = np.linspace(0, len(qi) - 1, min(args.sheet, len(qi))).round().astype(int)
-    rows = [(q_refs[qi[j]], [refs[c] for c in mine[j][:args.sheet]]) for j in show]
-    rows = [r for r in rows if r[1]]
-    return [refs[c] for c in kept], report, contact_sheet(rows, args.data_root) if rows else None
+    return [refs[c] for c in kept], report, sheet
 
 
 # ----------------------------------------------------------------------------------- web-scale pools
 def web_retrieval(args, split, device, rank, world):
     """--pool emb:DIR: the same retrieval over the embeddings a web pool publishes (kt.web_pools: LAION,
     DataComp), searched where they lie, each torchrun rank its own files (or through a faiss --index); then
-    only the kept rows are downloaded (kt.downloads, img2dataset) and a query whose images fail takes its
-    next neighbours. Every rank searches; rank 0 returns (downloaded refs, report, contact sheet)."""
+    only the kept rows are downloaded (kt.downloads, img2dataset), and a query whose images fail takes more
+    from its reserve of neighbours. Every rank searches; rank 0 returns (downloaded refs, report, sheet)."""
     from kt import downloads, knn, web_pools  # (optional: pyarrow; img2dataset in its own environment)
     pool = web_pools.EmbeddingPool(args.pool)
     pool.check_metadata()
-    if pool.model and pool.model != args.embed:
-        fail(f"{args.pool} was embedded by {pool.model} (its pool.json); --embed {args.embed} would compare the "
-             "embeddings of two models")
     q_refs, (dq, dt, _) = embed_all([], args, split, device, rank, world)  # the pool is embedded already
-    queries = read_embeddings(dq)
-    if queries is None:
-        fail(f"none of the {len(q_refs)} labeled images could be read: nothing to retrieve with")
-    qz, qi = queries
-    if qz.shape[1] != pool.dim:
-        fail(f"--embed {args.embed} makes {qz.shape[1]}-d embeddings, {args.pool} holds {pool.dim}-d ones: embed "
-             "the queries with the model that made the pool")
-    test_z = (read_embeddings(dt) or (np.zeros((0, qz.shape[1]), np.float16),))[0]
+    qz, qi, test_z = read_queries(dq, dt, q_refs)
+    pool.check_encoder(args.embed, qz.shape[1])
     scan, recall = search, None
     if args.index:  # approximate: a faiss index of this pool (built first with --autofaiss where it is not there)
         if not os.path.exists(args.index) and args.autofaiss and rank == 0:
@@ -187,21 +188,18 @@ def web_retrieval(args, split, device, rank, world):
         scan, recall = web_pools.faiss_scan(args.index, pool, qz, device)
     elif world > 1:  # exact, each rank its own files, the lists merged: the answer of one process
         scan = lambda q, _, depth, dev: knn.gather_ranks(*search(q, pool(rank, world), depth, dev), depth)
-    filters = NearCopyFilter(pool, test_z, *(threshold(t, test_z, device) for t in
-                                             (args.leak_threshold, args.dedup_threshold)), device)
+    thresholds = [threshold(t, test_z, device) for t in (args.leak_threshold, args.dedup_threshold)]
+    filters = NearCopyFilter(pool, test_z, *thresholds, device)
     both, depth = retrieve(qz, pool, 2 * args.k, filters, device, scan)  # k to fetch, k more in reserve
     if rank != 0:
         return None
     mine, images, tried = downloads.download_rounds([m[:args.k] for m in both], [m[args.k:] for m in both],
                                                     filters, pool, [q_refs[j] for j in qi], args)
-    kept = sorted({c for m in mine for c in m}, key={int(c): n for n, c in enumerate(filters.cand)}.get)
-    report = retrieval_report(args, q_refs, qi, mine, np.array(kept), depth, filters, pool, [dq[0], dt[0]])
+    kept, sheet = kept_and_sheet(mine, filters, q_refs, qi, images.__getitem__, args)
+    report = retrieval_report(args, q_refs, qi, mine, kept, depth, filters, pool, [dq[0], dt[0]])
     report.update(downloaded=len(images), failed_downloads=len(tried) - len(images), recall_at_k=recall,
                   rows=os.path.splitext(args.out)[0] + ".parquet")
-    show = np.linspace(0, len(qi) - 1, min(args.sheet, len(qi))).round().astype(int)
-    rows = [(q_refs[qi[j]], [images[c] for c in mine[j][:args.sheet]]) for j in show]
-    return [images[c] for c in kept], report, contact_sheet([r for r in rows if r[1]], args.data_root) \
-        if any(r[1] for r in rows) else None
+    return [images[c] for c in kept], report, sheet
 
 
 # --------------------------------------------------------------------------------------------- report

@@ -68,6 +68,15 @@ class EmbeddingPool:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.size, self.unreadable = int(self.offsets[-1]), []
 
+    def check_encoder(self, embed, dim):
+        """The queries come from the model that made the pool (pool.json's), at its width; else one line."""
+        if self.model and self.model != embed:
+            fail(f"emb:{self.root} was embedded by {self.model} (its pool.json); --embed {embed} would compare "
+                 "the embeddings of two models")
+        if dim != self.dim:
+            fail(f"--embed {embed} makes {dim}-d embeddings, emb:{self.root} holds {self.dim}-d ones: embed the "
+                 "queries with the model that made the pool")
+
     def _shape(self, path):
         if path.endswith(".npy"):
             with open(path, "rb") as f:
