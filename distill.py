@@ -8,7 +8,7 @@ distill_cached.py are the variant that runs the teacher once and replays its out
 
 Reads:  teacher.pt (teacher.py), student.pt (student.py), the transfer list (transfer_set.py).
 Uses:   kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks; where used:
-        kt.segmenters, kt.clip_towers, kt.loggers.
+        kt.segmenters, kt.clip_towers, kt.loggers (--log).
 Writes: student_kt.pt = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, lineage};
         student_kt.pt.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python distill.py --teacher runs/eurosat/teacher.pt --student runs/eurosat/student_scratch.pt \
@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
-from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, share
-from kt.loggers import log_kinds
-from kt.progress import Progress, converged, run_config
+from kt.checks import fraction, log_kinds, nonnegative, nonnegative_number, positive, rate, share
+from kt.progress import Progress, check_logging, converged, run_config
 
 
 def kd_loss(student_logits, teacher_logits, temperature=1.0):
@@ -113,6 +112,7 @@ def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
         claims.claim(args.out, reads=(args.teacher, args.student, args.transfer))
+        check_logging(args.log, args.out)  # and the folders of --log can be made
     autocast, scaler = training.amp(device)
     t_ckpt = checkpoints.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")

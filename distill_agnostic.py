@@ -8,7 +8,7 @@ segmentation student the targets are the VFM's patch features, one per location 
 
 Reads:  the VFM (a timm name or open_clip:MODEL/TAG; hub or local weights), student.pt, the transfer list.
 Uses:   kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks; where used:
-        kt.segmenters, kt.clip_towers, kt.loggers.
+        kt.segmenters, kt.clip_towers, kt.loggers (--log).
 Writes: student_agnostic.pt, in distill.py's format (the projection is thrown away);
         student_agnostic.pt.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python distill_agnostic.py --vfm vit_large_patch14_dinov2.lvd142m --img-size 224 \
@@ -22,9 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
-from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, share
-from kt.loggers import log_kinds
-from kt.progress import Progress, converged, run_config
+from kt.checks import fail, fraction, log_kinds, nonnegative, nonnegative_number, positive, rate, share
+from kt.progress import Progress, check_logging, converged, run_config
 
 
 def agnostic_loss(student_embedding, vfm_embedding):
@@ -125,6 +124,7 @@ def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
         claims.claim(args.out, reads=(args.student, args.transfer, args.vfm_weights))
+        check_logging(args.log, args.out)  # and the folders of --log can be made
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     refs = data.read_transfer_list(args.transfer)
     if args.vfm_weights == "none":

@@ -6,7 +6,7 @@ when k = C). Epoch e shows view (e + i) mod K of image i, so K epochs see every 
 
 Reads:  the cache DIR (cache_teacher.py), student.pt (student.py).
 Uses:   kt.cached_views, kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks;
-        where used: kt.segmenters, kt.loggers.
+        where used: kt.segmenters, kt.loggers (--log).
 Writes: student_kt.pt, as distill.py writes it (its cost includes building the cache);
         student_kt.pt.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python distill_cached.py --cache runs/eurosat/cache --student runs/eurosat/student_scratch.pt \
@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
 from kt.cached_views import cache_shard, make_view, open_or_gray, shard_done
-from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate
-from kt.loggers import log_kinds
-from kt.progress import Progress, run_config
+from kt.checks import fail, fraction, log_kinds, nonnegative, nonnegative_number, positive, rate
+from kt.progress import Progress, check_logging, run_config
 
 
 def kd_loss_topk(student_logits, prob, cls, temperature=1.0):
@@ -145,6 +144,7 @@ def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
         claims.claim(args.out, reads=(args.student,))
+        check_logging(args.log, args.out)  # and the folders of --log can be made
     autocast, scaler = training.amp(device)
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     meta, cache, cache_cost = load_cache(args.cache)

@@ -187,21 +187,27 @@ def markdown(table):
 
 def curves(ckpt):
     """A row's training curves, from the metrics files its checkpoint's stages wrote: (its distillation's
-    held-out loss, the loss of its last stage if that trained on the labels), each [(images, value)] or None."""
+    held-out loss, the loss of its last stage if that trained on the labels), each [(images, value)] or None.
+    Only the lines of each stage's own generation are read: after a redo into the same file that has not
+    finished, the file holds another training's lines, and the row has no curve of that stage."""
     held_out, labels = None, None
     for c in ckpt.get("cost", []):
         stage, path = c.get("stage", c.get("step")), c.get("metrics")
         key = dict(distill="held_out_kd", distill_agnostic="held_out_loss").get(stage, "loss")
-        curve = [(r["images"], r[key]) for r in read_metrics(path) if isinstance(r.get(key), (int, float))] if path else []
+        records = read_metrics(path, c.get("generation")) if path else []
+        curve = [(r["images"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if path and not records and os.path.exists(path):
+            training.log(0, f"note: {path} holds another training's curves than this checkpoint's {stage} "
+                            "(redone since): not drawn")
         if stage in ("distill", "distill_agnostic"):
             held_out = curve or held_out
         labels = curve or None if stage in ("teacher", "finetune") else None
     return held_out, labels
 
 
-def draw_curves(ckpts, path):
-    """PATH (results_curves.png): each row's distillation held-out loss and its training on the labels,
-    against images seen (a row's first run). Returns whether there was any curve to draw."""
+def draw_curves(ckpts):
+    """results_curves.png as PNG bytes, or None when no row has a curve: each row's distillation held-out loss
+    and its training on the labels, against images seen (a row's first run)."""
     first = {}
     for n in ckpts:
         first.setdefault(n.split("@")[0], curves(ckpts[n]))
@@ -212,9 +218,7 @@ def draw_curves(ckpts, path):
             if c[i] and c[i] not in drawn.values():
                 drawn[name] = c[i]
         panels.append((title, drawn))
-    if any(c for _, c in panels):
-        curves_chart(panels, path)
-    return any(c for _, c in panels)
+    return curves_chart([p for p in panels if p[1]]) if any(c for _, c in panels) else None
 
 
 def get_args_parser():
@@ -259,6 +263,10 @@ def main(args):
     results, predictions = {}, {}
     for name, ckpt in ckpts.items():
         checkpoints.check_same_task(ckpt, name, split, args.split)
+        labels = lambda s: {k: s.get(k) for k in ("dataset", "shots", "seed", "budget") if s.get(k) is not None}
+        if "split" in ckpt and labels(ckpt["split"]) != labels(split):
+            training.log(0, f"warning: {name} was trained on other labels ({labels(ckpt['split'])}) than "
+                            f"{args.split} gives ({labels(split)}): its row is of another label budget")
         model = models.load_model(ckpt).to(device).eval()
         metrics = {}
         for part in parts:  # nothing is tuned on test: val is reported beside it
@@ -283,12 +291,15 @@ def main(args):
         if teacher is not None and name != args.teacher_row:
             results[name]["agreement"] = 100 * float(np.mean(predictions[name, "test"] == teacher))
     table = summarize(results)
-    md = markdown(table)
-    if draw_curves(ckpts, stem + "_curves.png"):
+    md, curves_png = markdown(table), draw_curves(ckpts)
+    files = {args.out: json.dumps(dict(rows=table, runs=results), indent=1).encode(), stem + ".png": bar_chart(table)}
+    if curves_png:
         md += f"\nTraining curves: [{os.path.basename(stem)}_curves.png]({os.path.basename(stem)}_curves.png)\n"
-    checkpoints.atomic_write(args.out, lambda f: f.write(json.dumps(dict(rows=table, runs=results), indent=1).encode()))
-    checkpoints.atomic_write(stem + ".md", lambda f: f.write(md.encode()))
-    bar_chart(table, stem + ".png")
+        files[stem + "_curves.png"] = curves_png
+    elif os.path.exists(stem + "_curves.png"):
+        os.remove(stem + "_curves.png")  # an earlier evaluation's: no curve of this one's rows
+    files[stem + ".md"] = md.encode()
+    checkpoints.atomic_write_all({path: (lambda f, b=b: f.write(b)) for path, b in files.items()})  # together
     print(md)
     return table
 

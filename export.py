@@ -1,18 +1,24 @@
-"""Step 7, export: the small model as it ships, checked against PyTorch and timed.
+"""Step 7, export: the small model as it ships, checked against PyTorch and timed, in one folder.
 
 The student is reparameterised first (models.deployed: FastViT, MobileOne, RepVGG fold their training
-branches), then written as a torch.export program (OUT.pt2) and, when onnx and onnxscript are installed,
-as ONNX (OUT.onnx, opset 18); both take any batch size. A classifier is also written where timm users look
-for models: OUT_timm/, a folder timm.create_model("local-dir:OUT_timm", pretrained=True) loads (and the
-Hugging Face hub takes as it is), with a model card. OUT.json holds what preprocessing needs (mean, std,
-input size, interpolation, crop, class names), the check (each export's largest difference from the
-PyTorch model on a few test images) and the latency at batch 1 and 64. A failed check writes nothing.
+branches), then written as a torch.export program (model.pt2) and, when onnx and onnxscript are installed,
+as ONNX (model.onnx, opset 18); both take any batch size. A classifier's folder is also what timm users and
+the Hugging Face Hub look for: config.json and model.safetensors (timm's save_for_hf), so that
+timm.create_model("local-dir:OUT", pretrained=True) loads it and `hf upload` takes it as it is, and a model
+card (README.md: the Hub's metadata, with the test scores as its model-index). export.json holds what
+preprocessing needs (mean, std, input size, interpolation, crop, class names), the check (each export's
+largest difference from the PyTorch model on a few test images) and the latency at batch 1 and 64.
 
-Reads:  a student checkpoint (finetune.py), a few test images of split.json (split.py).
+The folder is one generation: it is made aside and put in place whole (kt.claims.commit_folder), so a kill
+at any moment leaves the previous export or this one, and a failed check writes nothing.
+
+Reads:  a student checkpoint (finetune.py), a few test images of split.json (split.py); with --results,
+        evaluate.py's results.json (the student's row goes into the card).
 Uses:   kt.data, kt.models; kt.checkpoints, kt.claims, kt.checks; where used: kt.segmenters.
-Writes: OUT.pt2, OUT.onnx (optional), OUT.json, OUT_timm/ (config.json, model.safetensors, README.md).
+Writes: OUT/ = model.pt2, model.onnx (optional), export.json; a classifier's also config.json,
+        model.safetensors, README.md.
 Run:    python export.py --split runs/eurosat/split.json --student runs/eurosat/s0/student_kt_target_ft.pt \
-            --out runs/eurosat/export/student.pt2
+            --results runs/eurosat/results.json --out runs/eurosat/export/student_kt_target
 """
 import argparse
 import contextlib
@@ -27,6 +33,8 @@ import torch
 
 from kt import checkpoints, claims, data, models
 from kt.checks import fail, nonnegative, number, positive
+
+REPORT = "export.json"  # in every folder export.py writes: the mark of its folders
 
 
 def results_row(path, student):
@@ -71,53 +79,123 @@ def export_onnx(program, path):
     return (lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])), None
 
 
-def timm_folder(ckpt, folder, row):
+def timm_folder(ckpt, trained, folder):
     """The student as timm users load models: timm.models.save_for_hf writes config.json (architecture,
-    class names, pretrained_cfg with mean, std, input size) and model.safetensors into `folder`, beside a
-    model card (README.md), so that timm.create_model("local-dir:FOLDER", pretrained=True) rebuilds it and
-    huggingface_hub can upload the folder as it is. Returns a function that runs the reloaded model."""
+    class names, pretrained_cfg with mean, std, input size) and model.safetensors into `folder`, so that
+    timm.create_model("local-dir:FOLDER", pretrained=True) rebuilds it. The init weights' tag and license are
+    taken out of the config: these weights are not those. Returns the reloaded model, to check."""
     import timm
     from timm.models import save_for_hf
-    save_for_hf(models.load_model(ckpt).eval(), folder, model_config=dict(label_names=ckpt["classes"]),
+    save_for_hf(trained, folder, model_config=dict(label_names=ckpt["classes"]),
                 data_config=ckpt["data_config"], safe_serialization=True)
-    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(ckpt, row))
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    for stale in ("tag", "license"):
+        config["pretrained_cfg"].pop(stale, None)
+    checkpoints.atomic_write(path, lambda f: f.write(json.dumps(config, indent=2).encode()))
     return timm.create_model("local-dir:" + folder, pretrained=True).eval()
 
 
-def model_card(ckpt, row):
-    """The model card: what the model is for, how it was made and scored, in which form its weights are."""
+SCORES = dict(top1="top-1 accuracy", mean_class="mean per-class accuracy", val_top1="val top-1 accuracy",
+              agreement="top-1 agreement with the teacher")
+
+
+def model_card(ckpt, row, license, folded):
+    """The model card (README.md) as the Hub shows it: its metadata (huggingface_hub's ModelCardData:
+    pipeline_tag, library_name, tags, base_model where the student started from hub weights, the license
+    given, the test scores as a model-index), then what the model is for, how it was made and scored."""
+    from huggingface_hub import EvalResult, ModelCardData
     split, cfg, lineage = ckpt.get("split", {}), ckpt["data_config"], ckpt.get("lineage", {})
-    scores = {k: round(v, 2) for k, v in (row or {}).items() if k in ("top1", "mean_class", "agreement", "val_top1")}
+    dataset = split.get("dataset", "task")
+    scores = {k: round(row[k], 2) for k in SCORES if k in (row or {})}
+    results = [EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
+                          dataset_split="test" if k != "val_top1" else "validation", metric_type="accuracy",
+                          metric_name=SCORES[k], metric_value=v) for k, v in scores.items() if k != "agreement"]
+    base = ckpt.get("init", {}).get("base_model")
+    data = ModelCardData(library_name="timm", pipeline_tag="image-classification", license=license,
+                         tags=["image-classification", "timm", "knowledge-distillation"], base_model=base,
+                         model_name=f"{ckpt['recipe']['arch']}-{dataset}", eval_results=results or None)
     stages = " + ".join(f"{c.get('stage', c.get('step'))} {c['steps']}x{c['batch']}" for c in ckpt["cost"])
+    table = "".join(f"| {SCORES[k]} | {v} |\n" for k, v in scores.items()) or \
+        "| (not given: export.py --results results.json) | |\n"
     return f"""---
-library_name: timm
-tags: [image-classification, timm, knowledge-distillation]
+{data.to_yaml()}
 ---
-# {ckpt["recipe"]["arch"]}: {split.get("dataset", "a task")}, {len(ckpt["classes"])} classes
+# {ckpt["recipe"]["arch"]}: {dataset}, {len(ckpt["classes"])} classes
 
 A small model trained by task-oriented knowledge transfer from a vision foundation model (Vemulapalli et
 al., ICML 2024, arXiv 2311.18237): distilled from the finetuned teacher on a transfer set of unlabeled
 images, then finetuned on the labels.
 
+## Test scores (%)
+
+| metric | value |
+|---|---|
+{table}
+## How it was made
+
 | | |
 |---|---|
 | classes | {", ".join(ckpt["classes"])} |
 | input | {"x".join(map(str, cfg["input_size"]))}, mean {cfg["mean"]}, std {cfg["std"]}, {cfg["interpolation"]} |
-| labels | {split.get("dataset")}: {split.get("budget") or f"{split.get('shots')} per class, seed {split.get('seed')}"} |
-| test scores (%) | {scores or "not given (export.py --results results.json)"} |
+| labels | {dataset}: {split.get("budget") or f"{split.get('shots')} per class, seed {split.get('seed')}"} |
+| init | {base or ckpt.get("init", {}).get("weights", "-")} |
 | teacher | {lineage.get("teacher", "-")} |
 | transfer set | {lineage.get("transfer", "-")} ({lineage.get("transfer_images", "-")} images) |
 | training | {stages} |
-| weights | the training form{" (its branches fold into single convolutions for inference: timm.utils.reparameterize_model(model); the .pt2 and .onnx beside this folder are the folded form)" if models.deployed(models.load_model(ckpt))[1] else ""} |
+| weights | the training form{" (its branches fold into single convolutions for inference: timm.utils.reparameterize_model(model); model.pt2 and model.onnx are the folded form)" if folded else ""} |
+
+## Use
 
 ```python
 import timm
-model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True).eval()
+model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True).eval()  # or "hf-hub:USER/REPO" once uploaded
 transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
 labels = model.pretrained_cfg["label_names"]
 ```
+
+Also here: model.pt2 (torch.export; `torch.export.load("model.pt2").module()`), model.onnx (where exported)
+and export.json (preprocessing, the exports' check against PyTorch, latency).
 """
+
+
+def write_exports(folder, program, ckpt, trained, row, args, classifier, folded, x, want, model):
+    """Every export of the student into `folder`, each checked against the PyTorch model's outputs `want`
+    on the test images x (relative difference <= --tolerance, else one line and nothing kept), timed, and
+    described in export.json. Returns that report."""
+    runners = {"torch.export": program.module()}
+    run_onnx, note = export_onnx(program, os.path.join(folder, "model.onnx"))
+    if run_onnx:
+        runners["onnx"] = run_onnx
+    if classifier:  # a segmenter is no timm model: its .pt2 is the export
+        runners["timm folder"] = timm_folder(ckpt, trained, folder)
+        checkpoints.atomic_write(os.path.join(folder, "README.md"),
+                                 lambda f: f.write(model_card(ckpt, row, args.license, folded).encode()))
+    check, scale = {}, want.abs().max().item()
+    for name, run in runners.items():
+        with torch.inference_mode():
+            check[name] = (run(x) - want).abs().max().item() / scale
+        if check[name] > args.tolerance:
+            fail(f"the {name} export differs from PyTorch by {check[name]:.2e} (relative) > --tolerance "
+                 f"{args.tolerance}: nothing written")
+    latency = {}
+    for b in (1, 64) if args.repeats else ():
+        xb = x[:1].expand(b, -1, -1, -1).contiguous()
+        with torch.inference_mode():
+            latency[f"batch_{b}"] = {n: round(latency_ms(r, xb, args.repeats), 3)
+                                     for n, r in dict(pytorch=model, **runners).items() if n != "timm folder"}
+    program_bytes = io.BytesIO()  # in memory first: a full disk is then one line, not a crash in torch's writer
+    torch.export.save(program, program_bytes)
+    checkpoints.atomic_write(os.path.join(folder, "model.pt2"), lambda f: f.write(program_bytes.getvalue()))
+    output = "classification logits (B, classes)" if classifier else \
+        "segmentation logits (B, classes, h, w): resize to the image, argmax over classes"
+    report = dict(student=args.student, arch=ckpt["recipe"]["arch"], reparameterized=folded, output=output,
+                  classes=ckpt["classes"], data_config=ckpt["data_config"],
+                  check=dict(images=len(x), max_relative_diff=check), latency_ms=latency, note=note,
+                  files=sorted(os.listdir(folder)) + [REPORT])
+    checkpoints.atomic_write(os.path.join(folder, REPORT), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    return report
 
 
 def get_args_parser():
@@ -132,70 +210,44 @@ def get_args_parser():
                    help="largest allowed difference from PyTorch, relative to the largest logit")
     p.add_argument("--repeats", type=nonnegative, default=5, help="timed runs per latency (0: do not time)")
     p.add_argument("--results", help="evaluate.py's results.json: the student's row goes into the model card")
-    p.add_argument("--out", default="runs/demo/export/student.pt2", help="also writes OUT.onnx, OUT.json and, for "
-                   "a classifier, the timm model folder OUT_timm/")
+    p.add_argument("--license", help="the model card's license (a Hub license id: apache-2.0, mit, other, ...); "
+                   "yours to choose: the teacher's, the data's and the init weights' terms may bind it")
+    p.add_argument("--out", default="runs/demo/export/student_kt_target", help="the folder to write (made "
+                   "whole, or a previous export of this script replaced whole)")
     return p
 
 
 def main(args):
-    claims.check_writable(args.out, reads=(args.student, args.split, args.results))
+    if args.out.endswith(".pt2"):
+        fail(f"--out {args.out}: export.py writes a folder (model.pt2, model.onnx, the timm files, export.json); "
+             f"give its name, e.g. {args.out[:-4]}")
+    claims.claim(args.out, reads=(args.student, args.split, args.results), marker=REPORT)
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="finetune.py")
     split = data.read_split(args.split)
     checkpoints.check_same_task(ckpt, args.student, split, args.split)
-    model, folded = models.deployed(models.load_model(ckpt).eval())
-    cfg, stem = ckpt["data_config"], os.path.splitext(args.out)[0]
+    row = results_row(args.results, args.student)
+    trained = models.load_model(ckpt).eval()  # the training form: what evaluate.py scored
+    model, folded = models.deployed(trained)  # the deployed form (a folded copy, where there is anything to fold)
+    cfg, classifier = ckpt["data_config"], checkpoints.task(ckpt) == "classification"
     refs = data.part_refs(split, "test")[0][:args.images]
     images = data.Images(refs, None, models.transform(cfg, train=False), args.data_root)
     x = torch.stack([images[i][0] for i in range(len(images))])  # (N, 3, H, W), preprocessed as deployed
     with torch.inference_mode():
-        want = models.load_model(ckpt).eval()(x)  # the training-form model: what was evaluated
+        want = trained(x)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    runners = {"torch.export": program.module()}
-    tmp = f"{stem}.onnx.tmp{os.getpid()}"  # renamed to OUT.onnx once the check has passed
-    run_onnx, note = export_onnx(program, tmp)
-    if run_onnx:
-        runners["onnx"] = run_onnx
-    timm_tmp = f"{stem}_timm.tmp{os.getpid()}"  # renamed to OUT_timm/ once the check has passed
-    if checkpoints.task(ckpt) == "classification":  # a segmenter is no timm model: its .pt2 is the export
-        runners["timm folder"] = timm_folder(ckpt, timm_tmp, results_row(args.results, args.student))
-    check, scale = {}, want.abs().max().item()
-    for name, run in runners.items():
-        with torch.inference_mode():
-            check[name] = (run(x) - want).abs().max().item() / scale
-        if check[name] > args.tolerance:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            shutil.rmtree(timm_tmp, ignore_errors=True)
-            fail(f"the {name} export differs from PyTorch by {check[name]:.2e} (relative) > --tolerance "
-                 f"{args.tolerance}: nothing written")
-    latency = {}
-    for b in (1, 64) if args.repeats else ():
-        xb = x[:1].expand(b, -1, -1, -1).contiguous()
-        with torch.inference_mode():
-            latency[f"batch_{b}"] = {n: round(latency_ms(r, xb, args.repeats), 3)
-                                     for n, r in dict(pytorch=model, **runners).items() if n != "timm folder"}
-    program_bytes = io.BytesIO()  # in memory first: a full disk is then one line, not a crash in torch's writer
-    torch.export.save(program, program_bytes)
-    checkpoints.atomic_write(args.out, lambda f: f.write(program_bytes.getvalue()))
-    files = [args.out]
-    if os.path.exists(tmp):
-        os.replace(tmp, stem + ".onnx")
-        files.append(stem + ".onnx")
-    if os.path.isdir(timm_tmp):
-        shutil.rmtree(stem + "_timm", ignore_errors=True)
-        os.replace(timm_tmp, stem + "_timm")
-        files.append(stem + "_timm/")
-    output = ("segmentation logits (B, classes, h, w): resize to the image, argmax over classes"
-              if checkpoints.task(ckpt) == "segmentation" else "classification logits (B, classes)")
-    report = dict(student=args.student, arch=ckpt["recipe"]["arch"], reparameterized=folded, output=output,
-                  classes=ckpt["classes"], data_config=cfg, check=dict(images=len(x), max_relative_diff=check),
-                  latency_ms=latency, note=note, files=files)
-    checkpoints.atomic_write(stem + ".json", lambda f: f.write(json.dumps(report, indent=1).encode()))
-    if note:
-        print(note)
-    print(f"wrote {', '.join(files)} and {stem}.json: the check passed on {len(x)} test images "
-          f"({', '.join(f'{n} {d:.1e}' for n, d in check.items())})")
+    tmp = f"{args.out}.tmp{os.getpid()}"  # the new generation, put in place whole once it is checked
+    try:
+        os.makedirs(tmp)
+        report = write_exports(tmp, program, ckpt, trained, row, args, classifier, folded, x, want, model)
+        claims.commit_folder(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed check, an error: nothing of it stays
+    claims.release(args.out)
+    if report["note"]:
+        print(report["note"])
+    print(f"wrote {args.out}/ ({', '.join(report['files'])}): the check passed on {len(x)} test images "
+          f"({', '.join(f'{n} {d:.1e}' for n, d in report['check']['max_relative_diff'].items())})")
     return report
 
 

@@ -7,7 +7,7 @@ labels. The same script trains the baselines: a student from random, ImageNet, C
 Reads:  a student checkpoint (student.py or distill.py), split.json (split.py) and its labeled images;
         with --teacher, teacher.pt (its soft targets stay in the loss).
 Uses:   kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks; where used:
-        kt.masks, kt.segmenters, kt.loggers.
+        kt.masks, kt.segmenters, kt.loggers (--log).
 Writes: OUT = {kind: "student", recipe, data_config, classes, model, args, metrics, cost, split};
         OUT.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python finetune.py --split runs/eurosat/split.json \
@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
-from kt.checks import fail, fraction, nonnegative, nonnegative_number, positive, rate, smoothing
-from kt.loggers import log_kinds
-from kt.progress import Progress, run_config
+from kt.checks import fail, fraction, log_kinds, nonnegative, nonnegative_number, positive, rate, smoothing
+from kt.progress import Progress, check_logging, run_config
 
 
 def finetune_loss(logits, labels, smoothing, teacher_logits=None, kd_weight=0.0):
@@ -63,7 +62,8 @@ def get_args_parser():
     p.add_argument("--smoothing", type=smoothing, default=0.1, help="label smoothing")
     p.add_argument("--teacher", help="teacher.pt (teacher.py): keep its soft targets in the loss, so that the "
                    "few labels do not undo distillation (classification)")
-    p.add_argument("--kd-weight", type=fraction, default=0.5, help="with --teacher: the loss is (1 - w) CE + w KD")
+    p.add_argument("--kd-weight", type=fraction, default=None, help="with --teacher: the loss is (1 - w) CE + w KD "
+                   "(default 0.5)")
     p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps with linear lr warmup")
     p.add_argument("--workers", type=nonnegative, default=4)
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")
@@ -79,6 +79,10 @@ def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
         claims.claim(args.out, reads=(args.student, args.split, args.teacher))
+        check_logging(args.log, args.out)  # and the folders of --log can be made
+    if args.kd_weight is not None and not args.teacher:
+        fail("--kd-weight weighs the teacher's soft targets: it needs --teacher")
+    args.kd_weight = 0.5 if args.kd_weight is None and args.teacher else args.kd_weight
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py or distill.py")
     split = data.read_split(args.split)
     checkpoints.check_same_task(ckpt, args.student, split, args.split)

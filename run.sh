@@ -34,9 +34,9 @@ pipeline() {
   wait_for agnostic
   mapfile -t ROWS < <(rows)
   $PY evaluate.py "${TASK[@]}" "${E_ARGS[@]}" --out "$OUT/results.json" "${ROWS[@]}"
-  step "$OUT/export/student_kt_target.pt2" $PY export.py "${TASK[@]}" --student \
+  step "$OUT/export/student_kt_target" $PY export.py "${TASK[@]}" --student \
     "$OUT/s${SEEDS%% *}/student_kt_target_ft.pt" --results="$OUT/results.json" "${X_ARGS[@]}" \
-    --out "$OUT/export/student_kt_target.pt2"  # (--results=: its table row for the model card; not redone for it)
+    --out "$OUT/export/student_kt_target"  # (--results=: its table row for the model card; not redone for it)
 }
 rows() {  # the table's rows, NAME@SEED=CHECKPOINT: the teacher, task-oriented transfer, agnostic, the inits
   echo "teacher=$OUT/teacher.pt"
@@ -97,6 +97,14 @@ step() {
   echo "== $*"
   "$@"
 }
+stop_jobs() {  # on any exit: the demo's background jobs stop with run.sh, and so do the steps they run
+  local pid
+  for pid in ${STANDINS:-} ${AGNOSTIC:-}; do
+    kill -STOP "$pid" 2>/dev/null || continue  # frozen, it starts no next step while its children go
+    pkill -TERM -P "$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; kill -CONT "$pid" 2>/dev/null
+  done
+  return 0
+}
 wait_for() {  # wait_for NAME: the demo's background job NAME; the tail of its log if it failed
   local pid; [[ $1 == standins ]] && pid=$STANDINS || pid=$AGNOSTIC
   [[ -z $pid ]] || wait "$pid" || { tail -5 "$OUT/$1.log" >&2; exit 1; }
@@ -130,10 +138,11 @@ settings() {
   DATASET=demo
   if [[ $# -gt 0 && $1 != --* ]]; then DATASET=$1; shift; fi
   SHOTS="" SEED=0 SEEDS="" POOL="" OUT="" FORCE=0 SMOKE=0 IMG_SIZE="" SPLIT_FILES="" BUDGET="" EMBED="" EMBED_WEIGHTS="" LOG="" NAMES=""
-  TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8 T_WEIGHTS="" KT_INIT=scratch INITS=()
+  TEACHER=vit_large_patch14_dinov2.lvd142m STUDENT=fastvit_t8 T_WEIGHTS="" KT_INIT=scratch INITS=() GIVEN=()
   while [[ $# -gt 0 ]]; do
     case $1 in --force) FORCE=1; shift; continue ;; --smoke) SMOKE=1; shift; continue ;; esac
     [[ $# -ge 2 ]] || bad "$1 needs a value"
+    GIVEN+=("$1")
     case $1 in
       --shots) SHOTS=$2 ;; --seed) SEED=$2 ;; --seeds) SEEDS=$2 ;; --split-files) SPLIT_FILES=$2 ;;
       --budget) BUDGET=$2 ;; --teacher) TEACHER=$2 ;; --teacher-weights) T_WEIGHTS=$2 ;; --student) STUDENT=$2 ;;
@@ -146,6 +155,7 @@ settings() {
   done
   SEEDS=${SEEDS:-$SEED} PY=${PY:-python} DATA_ROOT=${DATA_ROOT:-data}
   [[ -x .venv/bin/python && $PY == python ]] && PY=.venv/bin/python
+  check_inputs
   NAME=${DATASET#folder:} && OUT=${OUT:-runs/$(basename "$NAME")}
   for f in "$T_WEIGHTS" "$EMBED_WEIGHTS"; do [[ -z $f || -f $f ]] || bad "no such weights file: $f"; done
   inits
@@ -203,7 +213,26 @@ one_configuration() {
   fi
   mkdir -p "$OUT"
 }
+# Bad input is one line before any work: flags the demo fixes, a list of names without its pool, a pool that
+# is not there (a web pool's layout is checked by kt.web_pools, reading headers only).
+check_inputs() {
+  local flag
+  if [[ $DATASET == demo* ]]; then
+    for flag in --teacher --teacher-weights --student --img-size; do
+      [[ " ${GIVEN[*]} " == *" $flag "* ]] && bad "$DATASET: $flag is fixed by the demo (its stand-in models at 32px, " \
+        "presets/demo.sh); give a real dataset or folder:PATH for other models"
+    done
+  fi
+  [[ -z $NAMES || -n $POOL ]] || bad "--transfer-names needs --pool, the local copy of the pool it names"
+  [[ -z $NAMES || -f $NAMES ]] || bad "no such file: --transfer-names $NAMES"
+  if [[ $POOL == emb:* ]]; then
+    $PY -c 'import sys; from kt.web_pools import EmbeddingPool; EmbeddingPool(sys.argv[1])' "$POOL" || exit 2
+  elif [[ -n $POOL && $POOL != *:* && $POOL != *[*?[]* && ! -e $POOL ]]; then
+    bad "no such pool: --pool $POOL"
+  fi
+}
 bad() { echo "run.sh: $*" >&2; exit 2; }
 
+trap stop_jobs EXIT
 settings "$@"
 pipeline

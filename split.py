@@ -25,6 +25,7 @@ from PIL import Image
 
 from kt import catalog, data, training
 from kt.checkpoints import atomic_write, differences
+from kt.data import check_split
 from kt.checks import fail, first_line, positive
 
 
@@ -238,6 +239,7 @@ def make_split(path, dataset, shots, seed, root="data", split_files=None, budget
     if dense:
         split.update(dense=True, reduce_zero_label=getattr(ds, "reduce_zero_label", False))
         check_masks(split, root)
+    check_split(split, path)  # what every later step checks (labeled and test images apart, ...): before writing
     atomic_write(path, lambda f: f.write(json.dumps(split).encode()))
     return split
 

@@ -7,7 +7,8 @@ For segmentation the same backbone gets a light decoder (LR-ASPP) and outputs lo
 
 Reads:  split.json (split.py), for the class names.
 Uses:   kt.data, kt.models; kt.checkpoints, kt.claims, kt.checks; where used: kt.segmenters.
-Writes: student.pt = {kind: "student", recipe, data_config, classes, model, args, cost: []}.
+Writes: student.pt = {kind: "student", recipe, data_config, classes, model, args, init, cost: []}; init
+        names the weights it starts from (base_model: their Hub id, for export.py's model card).
 Run:    python student.py --split runs/eurosat/split.json --model fastvit_t8 --img-size 224 \
             --out runs/eurosat/student_scratch.pt
 """
@@ -45,8 +46,11 @@ def main(args):
         weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size,
         decoder=args.decoder if data.is_segmentation(split) else None)  # segmentation: a light decoder on its maps
     params = sum(p.numel() for p in model.parameters())
+    hub_id = getattr(getattr(model, "backbone", model), "pretrained_cfg", {}).get("hf_hub_id")
+    init = dict(weights=args.weights, base_model=hub_id if args.weights == "hub" else None)
     checkpoints.save_checkpoint(dict(kind="student", recipe=recipe, data_config=cfg, classes=split["classes"],
-                                     model=model.state_dict(), args=checkpoints.plain(args), cost=[]), args.out)
+                                     model=model.state_dict(), args=checkpoints.plain(args), init=init, cost=[]),
+                                args.out)
     print(f"wrote {args.out}: {args.model}, {params / 1e6:.2f}M parameters, init {args.weights}")
 
 

@@ -8,7 +8,7 @@ dataset) the head is linear on each patch token (kt.segmenters.Segmenter) and th
 
 Reads:  split.json (split.py) and its labeled images.
 Uses:   kt.data, kt.models, kt.training, kt.progress; kt.checkpoints, kt.claims, kt.checks; where used:
-        kt.masks, kt.segmenters, kt.clip_towers, kt.loggers.
+        kt.masks, kt.segmenters, kt.clip_towers, kt.loggers (--log).
 Writes: teacher.pt = {kind: "teacher", recipe, data_config, classes, model, args, split, metrics, cost};
         teacher.pt.state while training (resumable with --resume) and .metrics.jsonl (its curves).
 Run:    python teacher.py --split runs/eurosat/split.json --model vit_large_patch14_dinov2.lvd142m \
@@ -22,9 +22,8 @@ import torch
 import timm.optim
 
 from kt import checkpoints, claims, data, models, training
-from kt.checks import fraction, nonnegative, nonnegative_number, positive, rate, share, smoothing
-from kt.loggers import log_kinds
-from kt.progress import Progress, run_config
+from kt.checks import fraction, log_kinds, nonnegative, nonnegative_number, positive, rate, share, smoothing
+from kt.progress import Progress, check_logging, run_config
 
 
 def param_groups(model, mode, lr, head_lr, layer_decay, weight_decay):
@@ -86,6 +85,7 @@ def main(args):
     device, rank, world = training.setup(args.train_seed)
     if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
         claims.claim(args.out, reads=(args.split, args.weights))
+        check_logging(args.log, args.out)  # and the folders of --log can be made
     split = data.read_split(args.split)
     model, recipe, cfg = models.create_model(
         args.model, len(split["classes"]), pretrained=args.weights == "hub",

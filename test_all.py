@@ -1038,6 +1038,27 @@ def test_an_ivf_index_searched_everywhere_is_the_exact_answer_and_another_pools_
     faiss.write_index(small, str(tmp_path / "other.index"))
     with pytest.raises(SystemExit, match="holds 100 vectors of 16 dimensions, the pool 500 of 16: an index of another pool"):
         web_pools.faiss_scan(str(tmp_path / "other.index"), pool, q, torch.device("cpu"))
+    sparse = faiss.index_factory(16, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)  # lists of ~8, one probed: ids -1
+    sparse.train(z.astype(np.float32))
+    sparse.add(z.astype(np.float32))
+    faiss.write_index(sparse, str(tmp_path / "sparse.index"))
+    (tmp_path / "pool/index_infos.json").write_text(json.dumps({"index_param": "nprobe=1"}))
+    scan, _ = web_pools.faiss_scan(str(tmp_path / "sparse.index"), pool, q, torch.device("cpu"))
+    assert (scan(q, None, 40, None)[1] == -1).any()
+    every = lambda top_s, top_i: transfer_set.candidates(top_s, top_i)[0]  # no filter: every id found
+    mine, depth = transfer_set.retrieve(q, pool, 20, every, torch.device("cpu"), scan)
+    assert depth < pool.size and all(0 <= c < pool.size for m in mine for c in m)  # -1 is no row; not 500 deep
+    for bad, message in [("", "is not a readable faiss index"), ("garbage", "is not a readable faiss index")]:
+        (tmp_path / "bad.index").write_text(bad)
+        with pytest.raises(SystemExit, match=message):
+            web_pools.faiss_scan(str(tmp_path / "bad.index"), pool, q, torch.device("cpu"))
+    with pytest.raises(SystemExit, match="--index .*nope.index is not there: give a faiss index of the pool, or --autofaiss"):
+        run_ts(tmp_path, "--source", "retrieval", "--pool", f"emb:{tmp_path / 'pool'}", "--download", tmp_path / "d",
+               "--index", tmp_path / "nope.index")
+    npy = tmp_path / "pool/img_emb/img_emb_1.npy"
+    npy.write_bytes(npy.read_bytes()[:-100])  # a download cut short: the header is whole, the rows are not
+    with pytest.raises(SystemExit, match="img_emb_1.npy is cut short .* download it again"):
+        web_pools.EmbeddingPool(f"emb:{tmp_path / 'pool'}")
 
 
 def _tool(name, env):
@@ -1129,13 +1150,28 @@ def test_retrieval_from_published_embeddings_downloads_only_what_it_keeps(tmp_pa
         _web_pool(tmp_path / "other", "laion", [10])
         run_ts(tmp_path, "--source", "retrieval", "--pool", f"emb:{tmp_path / 'other'}", "--download",
                tmp_path / "d2", "--img2dataset", _img2dataset(), cache="cache")
+    pixels = lambda refs: [np.asarray(data.open_image(r)).tobytes() for r in refs]
+    kept = pixels(lines)
     _web_pool(tmp_path / "dead", "laion", [40], dim=32)  # every url on a port nobody listens on
-    (tmp_path / "out/transfer.txt").write_text("the previous list\n")
     with pytest.raises(SystemExit, match="none of the [0-9]+ images retrieval kept could be downloaded") as e:
         run_ts(tmp_path, "--source", "retrieval", "--pool", f"emb:{tmp_path / 'dead'}", "--k", 3, "--embed",
-               f"open_clip:{cfg}", "--download", tmp_path / "d3", "--img2dataset", _img2dataset(), "--download-args",
-               "--processes_count 1 --thread_count 4 --timeout 2 --retries 0", cache="cache")
-    assert "\n" not in str(e.value) and (tmp_path / "out/transfer.txt").read_text() == "the previous list\n"
+               f"open_clip:{cfg}", "--download", tmp_path / "downloads", "--img2dataset", _img2dataset(),
+               "--download-args", "--processes_count 1 --thread_count 4 --timeout 2 --retries 0", cache="cache")
+    assert "\n" not in str(e.value) and (tmp_path / "out/transfer.txt").read_text().split() == lines
+    assert pixels(lines) == kept  # the list kept is whole: its images are all there
+    assert not list((tmp_path / "downloads").glob("*.tmp*"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a))  # a second list, same folder
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        _web_pool(tmp_path / "pool2", "laion", [30], dim=32, urls=[f"{base}/{n}" for n in names[:30]])
+        second, _ = run_ts(tmp_path, "--source", "retrieval", "--pool", f"emb:{tmp_path / 'pool2'}", "--k", 2, "--embed",
+                           f"open_clip:{cfg}", "--download", tmp_path / "downloads", "--img2dataset", _img2dataset(),
+                           "--download-args", "--processes_count 1 --thread_count 4 --timeout 5 --retries 0",
+                           cache="cache", out="out/second.txt")
+    finally:
+        server.shutdown()
+    assert second and pixels(lines) == kept and not set(second) & set(lines)  # the first list's images untouched
 
 
 def tiny_teacher(d):
@@ -1145,18 +1181,32 @@ def tiny_teacher(d):
     return d / "teacher.pt"
 
 
-def test_the_papers_transfer_lists_resolve_by_name_in_a_local_pool(tmp_path):
-    """--source named --names FILE: names of the pool's images (by file name, stem or key), in their order;
-    a name the pool lacks is refused with a count and the first few."""
+def test_the_papers_transfer_lists_resolve_by_name_in_a_local_pool(tmp_path, capsys):
+    """--source named --names FILE: names of the pool's images (by file name, stem, or the end of their path),
+    in their order; a name the pool lacks is refused with a count and the first few, a name two images carry
+    with both, a name listed twice is taken once and said."""
     paths = demo_pool(tmp_path / "yfcc", 6)
-    names = [os.path.basename(paths[3]), os.path.splitext(os.path.basename(paths[0]))[0], "some/dir/" +
-             os.path.basename(paths[5])]
+    names = [os.path.basename(paths[3]), os.path.splitext(os.path.basename(paths[0]))[0], "yfcc/" +
+             os.path.basename(paths[5]), os.path.basename(paths[3])]
     (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
     lines, _ = run_ts(tmp_path, "--source", "labeled,named", "--names", tmp_path / "list.txt", "--pool", tmp_path / "yfcc")
     assert lines[-3:] == [paths[3], paths[0], paths[5]] and len(lines) == 10 + 3
+    assert "1 lines repeat a name; each image is taken once" in capsys.readouterr().err
     (tmp_path / "list.txt").write_text("\n".join(names + ["gone1.jpg", "gone2.jpg"]))
     with pytest.raises(SystemExit, match="2 of the 5 images --names .* lists are not in --pool .*gone1.jpg"):
         run_ts(tmp_path, "--source", "named", "--names", tmp_path / "list.txt", "--pool", tmp_path / "yfcc")
+    os.makedirs(tmp_path / "two/a"), os.makedirs(tmp_path / "two/b")
+    for sub, name in [("a", "0001.png"), ("b", "0001.png"), ("a", "0002.png"), ("a", "0002.jpg"), ("a", "x.png")]:
+        shutil.copy(paths[0], tmp_path / "two" / sub / name)
+    for name, message in [("0001.png", "'0001.png' names 2 images .*a/0001.png and .*b/0001.png"),
+                          ("0002", "'0002' names 2 images .*a/0002.jpg and .*a/0002.png"),
+                          ("b/x.png", "1 of the 1 images .* are not in --pool")]:  # not a/x.png by its file name
+        (tmp_path / "list.txt").write_text(name + "\n")
+        with pytest.raises(SystemExit, match=message):
+            run_ts(tmp_path, "--source", "named", "--names", tmp_path / "list.txt", "--pool", tmp_path / "two")
+    (tmp_path / "list.txt").write_text("b/0001.png\n")  # its folder makes it one image
+    assert run_ts(tmp_path, "--source", "named", "--names", tmp_path / "list.txt", "--pool", tmp_path / "two")[0] == \
+        [str(tmp_path / "two/b/0001.png")]
 
 
 # ====================================================================================================
@@ -1210,9 +1260,10 @@ def test_wandb_logs_offline_without_a_network(tiny, tmp_path, cpu, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default without a key
     monkeypatch.setenv("WANDB_SILENT", "true")
     _logged(tmp_path, tiny, "--log", "wandb")
-    from kt.loggers import _run_id
+    from kt.loggers import _out_id
     run_file, = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # offline: for `wandb sync` later
-    assert run_file.name == f"run-{_run_id(str(tmp_path / 'kt.pt'))}.wandb"  # a resumed run continues it
+    gen = torch.load(tmp_path / "kt.pt", weights_only=True)["cost"][-1]["generation"]
+    assert run_file.name == f"run-{_out_id(str(tmp_path / 'kt.pt'))}-{gen}.wandb"  # a resumed run continues it
     assert all(key in run_file.read_bytes() for key in (b"held_out_kd", b"loss", b"images_per_s"))
 
 
@@ -1227,6 +1278,113 @@ def test_mlflow_gets_the_metrics_files_values(tiny, tmp_path, cpu, monkeypatch):
     assert [m.step for m in history] == [r["step"] for r in records if "loss" in r]
     assert [m.value for m in history] == pytest.approx([r["loss"] for r in records if "loss" in r])
     assert run_info.info.status == "FINISHED" and run_info.data.params["--epochs"] == "2"
+
+
+def _curves(folder, out="kt.pt"):
+    """What a training into folder/out left in every sink: its metrics file's values, its TensorBoard
+    scalars, and the loss history of each MLflow run not deleted (steps and values)."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    keys = ("step", "images", "loss", "lr", "held_out_kd")
+    metrics = [{k: r.get(k) for k in keys} for r in kt_progress.read_metrics(folder / f"{out}.metrics.jsonl")]
+    events = EventAccumulator(str(folder / "tensorboard" / out.removesuffix(".pt")))
+    events.Reload()
+    tensorboard = [(e.step, e.value) for e in events.Scalars("loss")]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("vfm-kt").experiment_id])  # active runs only
+    mlflow_runs = [[(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")] for r in runs]
+    return metrics, tensorboard, mlflow_runs
+
+
+@_optional("tensorboard")
+@_optional("mlflow")
+def test_a_redo_into_the_same_out_equals_a_fresh_run_in_every_sink(tiny, tmp_path, cpu, monkeypatch):
+    """A training redone from step 0 into an existing --out (a changed input, --force) starts its metrics
+    file, TensorBoard folder and MLflow run anew: what it leaves is what the same training leaves in a new
+    folder, and so is its convergence mark."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(64)))
+    base = ["--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer", tmp_path / "transfer.txt",
+            "--batch-size", 16, "--workers", 0, "--log-every", 1, "--log", "tensorboard,mlflow"]
+    for folder, epochs in [("redone", 3), ("redone", 1), ("fresh", 1)]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        run(distill, *base, "--epochs", epochs, "--out", tmp_path / folder / "kt.pt")
+    redone, fresh = _curves(tmp_path / "redone"), _curves(tmp_path / "fresh")
+    assert redone == fresh and len(fresh[0]) == 4 and len(fresh[2]) == 1  # steps 0..3 logged, one MLflow run
+    marks = [torch.load(tmp_path / f / "kt.pt", weights_only=True)["metrics"]["converged"] for f in ("redone", "fresh")]
+    assert marks[0] == marks[1]
+    generations = {r["generation"] for r in kt_progress.read_metrics(tmp_path / "redone/kt.pt.metrics.jsonl")}
+    cost = torch.load(tmp_path / "redone/kt.pt", weights_only=True)["cost"][-1]
+    assert generations == {cost["generation"]}  # the checkpoint names the lines of its own training
+
+
+@_optional("tensorboard")
+@_optional("mlflow")
+def test_a_resume_after_a_kill_rewinds_every_sink_to_the_resumed_step(tiny, tmp_path, cpu, monkeypatch):
+    """Killed after logging past its last state, a training resumed from that state drops what lies past it
+    in the metrics file, TensorBoard and MLflow alike: they end as an uninterrupted run's."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(64)))
+    argv = ["--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer", tmp_path / "transfer.txt",
+            "--batch-size", 8, "--epochs", 2, "--workers", 0, "--log-every", 1, "--save-every", 5, "--resume",
+            "--log", "tensorboard,mlflow"]
+    for folder in ("killed", "whole"):
+        (tmp_path / folder).mkdir()
+    real_log = Progress._log
+
+    def killed_at_step_8(self):
+        real_log(self)
+        if self.step == 8:
+            raise KeyboardInterrupt  # SIGKILL: the state is step 5's, the sinks have 6, 7 and 8 too
+    monkeypatch.setattr(Progress, "_log", killed_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(distill, *argv, "--out", tmp_path / "killed/kt.pt")
+    monkeypatch.undo()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert max(s for s, _ in _curves(tmp_path / "killed")[2][0]) == 8
+    run(distill, *argv, "--out", tmp_path / "killed/kt.pt")  # resumed at step 5
+    run(distill, *argv, "--out", tmp_path / "whole/kt.pt")
+    killed, whole = _curves(tmp_path / "killed"), _curves(tmp_path / "whole")
+    assert killed == whole and [r["step"] for r in whole[0]] == list(range(15))
+
+
+@_optional("wandb")
+def test_wandb_offline_runs_follow_the_generation(tiny, tmp_path, cpu, monkeypatch):
+    """Offline W&B: one local run per generation of OUT; a redo removes the earlier generation's run."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for _ in range(2):
+        _logged(tmp_path, tiny, "--log", "wandb")
+    gen = torch.load(tmp_path / "kt.pt", weights_only=True)["cost"][-1]["generation"]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and runs[0].name.endswith(gen)
+
+
+@_optional("mlflow")
+def test_two_steps_logging_to_a_new_mlflow_database_at_once_both_run(tmp_path):
+    """Two trainings start together on a new SQLite database: without a lock both would create its tables."""
+    code = ("import sys; from kt.loggers import MLflow; m = MLflow(sys.argv[1], {'--x': 1}, 'g', 0, [], False); "
+            "m.log({'step': 1, 'loss': 0.5}); m.close()")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/new.db", PYTHONPATH=HERE)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"{i}.pt")], env=env, cwd=HERE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    import mlflow
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/new.db")
+    assert len(client.search_runs([client.get_experiment_by_name("vfm-kt").experiment_id])) == 3
+
+
+@_optional("tensorboard")
+def test_a_logger_folder_that_cannot_be_made_is_one_line_before_any_work(tiny, tmp_path, cpu, monkeypatch):
+    (tmp_path / "tensorboard").write_text("a file where the folder goes")
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a: loaded.append(a) or pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit, match="--log: cannot make .*tensorboard/kt") as e:
+        run(distill, "--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer",
+            tiny / "transfer.txt", "--log", "tensorboard", "--out", tmp_path / "kt.pt")
+    assert "\n" not in str(e.value) and not loaded
 
 
 def test_an_unknown_or_missing_logger_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
@@ -1568,12 +1726,15 @@ def test_the_report_draws_every_rows_training_curves_from_its_metrics_files(pipe
     from PIL import Image
     assert Image.open(tmp_path / "r_curves.png").size[0] >= 960
     assert "[r_curves.png](r_curves.png)" in (tmp_path / "r.md").read_text()
+    ckpt = torch.load(d / "kt_ft.pt", weights_only=True)  # its finetune redone since (another generation)
+    ckpt["cost"][-1]["generation"] = "another"
+    assert evaluate.curves(ckpt)[1] is None and evaluate.curves(ckpt)[0] == held_out  # not another run's curve
 
 
 # ---------------------------------------------------------------------------------------- export.py
 def _export(tmp_path, student, *extra):
     split = [] if "--split" in extra else make_split(tmp_path, "--dataset", "demo", "--shots", 1)
-    return run(export, "--student", student, *split, "--images", 4, "--repeats", 1, "--out", tmp_path / "export/s.pt2",
+    return run(export, "--student", student, *split, "--images", 4, "--repeats", 1, "--out", tmp_path / "export/s",
                *extra)
 
 
@@ -1584,24 +1745,24 @@ def test_export_round_trip_with_its_data_config(tmp_path, cpu, monkeypatch, caps
     report = _export(tmp_path, tmp_path / "s.pt")  # without the optional onnx package: one line, the rest done
     out = capsys.readouterr().out
     assert "ONNX skipped: onnx" in out and "not installed (pip install onnx" in out
-    program = torch.export.load(str(tmp_path / "export/s.pt2")).module()
+    program = torch.export.load(str(tmp_path / "export/s/model.pt2")).module()
     x = torch.rand(3, 3, 32, 32)  # another batch size than the export saw
     torch.testing.assert_close(program(x), models.load_model(checkpoints.load_checkpoint(tmp_path / "s.pt")).eval()(x))
-    meta = json.loads((tmp_path / "export/s.json").read_text())
+    meta = json.loads((tmp_path / "export/s/export.json").read_text())
     assert meta["classes"] == list(demo.CLASSES) and meta["data_config"]["input_size"] == [3, 32, 32]
     assert meta["check"]["max_relative_diff"]["torch.export"] < 1e-5 and set(meta["latency_ms"]) == {"batch_1", "batch_64"}
-    assert report["files"] == [str(tmp_path / "export/s.pt2"), str(tmp_path / "export/s_timm") + "/"]
-    assert not (tmp_path / "export/s.onnx").exists()
+    assert report["files"] == ["README.md", "config.json", "model.pt2", "model.safetensors", "export.json"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["s"]  # no temp, lock or old generation
 
 
 def test_the_student_ships_as_a_timm_model_folder(tmp_path, cpu):
-    """export.py's OUT_timm/: what timm.models.save_for_hf writes, plus a model card; timm.create_model
+    """export.py's folder holds what timm.models.save_for_hf writes, plus a model card; timm.create_model
     rebuilds it from the folder alone, with the checkpoint's outputs, classes and preprocessing."""
     import timm
     random_checkpoint(tmp_path / "s.pt", "student", "test_vit", list(demo.CLASSES))
     report = _export(tmp_path, tmp_path / "s.pt")
-    folder = tmp_path / "export/s_timm"
-    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    folder = tmp_path / "export/s"
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     ckpt = checkpoints.load_checkpoint(tmp_path / "s.pt")
     x = torch.rand(2, 3, 32, 32)
@@ -1613,6 +1774,8 @@ def test_the_student_ships_as_a_timm_model_folder(tmp_path, cpu):
     assert report["check"]["max_relative_diff"]["timm folder"] < 1e-6
     card = (folder / "README.md").read_text()
     assert "library_name: timm" in card and "circle, square" in card and 'create_model("local-dir:' in card
+    config = json.loads((folder / "config.json").read_text())  # the init weights' tag is not these weights'
+    assert "tag" not in config["pretrained_cfg"] and "license" not in config["pretrained_cfg"]
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxscript", "onnxruntime")),
@@ -1621,7 +1784,7 @@ def test_onnx_export_matches_pytorch(tmp_path, cpu):
     random_checkpoint(tmp_path / "s.pt", "student", "test_resnet", list(demo.CLASSES))
     report = _export(tmp_path, tmp_path / "s.pt")
     import onnxruntime
-    session = onnxruntime.InferenceSession(str(tmp_path / "export/s.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(tmp_path / "export/s/model.onnx"), providers=["CPUExecutionProvider"])
     x = torch.rand(5, 3, 32, 32)
     want = models.load_model(checkpoints.load_checkpoint(tmp_path / "s.pt")).eval()(x).detach()
     torch.testing.assert_close(torch.from_numpy(session.run(None, {"image": x.numpy()})[0]), want, rtol=1e-4, atol=1e-4)
@@ -1630,6 +1793,8 @@ def test_onnx_export_matches_pytorch(tmp_path, cpu):
 
 def test_a_failed_export_check_writes_nothing(tmp_path, cpu, monkeypatch):
     random_checkpoint(tmp_path / "s.pt", "student", "test_resnet", list(demo.CLASSES))
+    _export(tmp_path, tmp_path / "s.pt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "export/s").iterdir()}
     real = models.deployed
 
     def wrong_folding(model):  # a reparameterisation that changes what the model computes
@@ -1640,16 +1805,94 @@ def test_a_failed_export_check_writes_nothing(tmp_path, cpu, monkeypatch):
     monkeypatch.setattr(models, "deployed", wrong_folding)
     with pytest.raises(SystemExit, match="the torch.export export differs from PyTorch .* nothing written"):
         _export(tmp_path, tmp_path / "s.pt")
-    assert not (tmp_path / "export/s.pt2").exists() and not list((tmp_path / "export").glob("*.tmp*"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "export/s").iterdir()} == before  # the last export, whole
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["s", "s.lock"]  # (the lock goes at exit)
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_folder_output_is_one_whole_generation_at_every_moment_of_its_commit(tmp_path):
+    """claims.commit_folder sets the old generation aside, renames the new one in, deletes the old one. A
+    writer killed before, between or after those renames leaves, once the next claim has tidied up, the old
+    generation whole or the new one whole."""
+    def generation(name, files=("a", "b")):
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text(name)
+    dead, out = _dead_pid(), str(tmp_path / "s")
+    for killed_after, want in [(0, "s"), (1, "s"), (2, f"s.tmp{dead}")]:  # renames done when killed
+        shutil.rmtree(tmp_path)
+        tmp_path.mkdir()
+        generation("s")
+        generation(f"s.tmp{dead}")
+        if killed_after >= 1:
+            os.rename(out, f"{out}.old{dead}")
+        if killed_after >= 2:
+            os.rename(f"{out}.tmp{dead}", out)
+        claims.remove_dead_temps(out)
+        assert [p.name for p in tmp_path.iterdir()] == ["s"]
+        assert {p.read_text() for p in (tmp_path / "s").iterdir()} == {want}  # every file of one generation
+    generation("new")
+    claims.commit_folder(str(tmp_path / "new"), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["s"] and (tmp_path / "s/a").read_text() == "new"
+
+
+def test_a_killed_export_leaves_the_last_whole_export(tmp_path, cpu):
+    """export.py killed (SIGKILL) while it works: the folder is the previous export, whole, and agrees with
+    its student; the next run tidies up after the dead writer and replaces it whole."""
+    import timm
+    for i in range(2):
+        torch.manual_seed(i)
+        random_checkpoint(tmp_path / f"s{i}.pt", "student", "test_resnet", list(demo.CLASSES))
+    split = make_split(tmp_path, "--dataset", "demo", "--shots", 1)
+    cmd = lambda i: [sys.executable, "export.py", "--student", str(tmp_path / f"s{i}.pt"), *map(str, split),
+                     "--images", "2", "--repeats", "1", "--out", str(tmp_path / "export/s")]
+    subprocess.run(cmd(0), cwd=HERE, check=True, capture_output=True)
+    p = subprocess.Popen(cmd(1), cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list((tmp_path / "export").glob("s.tmp*")) and time.time() < deadline:
+        time.sleep(0.02)  # until it writes its new generation
+    p.kill()
+    p.wait()
+    folder, x = tmp_path / "export/s", torch.rand(2, 3, 32, 32)
+    claims.remove_dead_temps(str(folder))  # what the next run's claim does first
+    assert json.loads((folder / "export.json").read_text())["student"] == str(tmp_path / "s0.pt")
+    want = models.load_model(checkpoints.load_checkpoint(tmp_path / "s0.pt")).eval()(x)
+    torch.testing.assert_close(torch.export.load(str(folder / "model.pt2")).module()(x), want)
+    torch.testing.assert_close(timm.create_model(f"local-dir:{folder}", pretrained=True).eval()(x), want)
+    assert sorted(q.name for q in (tmp_path / "export").iterdir()) == ["s", "s.lock"]  # (a lock of the dead)
+    run(export, "--student", tmp_path / "s1.pt", *split, "--images", 2, "--repeats", 1, "--out", folder)
+    assert json.loads((folder / "export.json").read_text())["student"] == str(tmp_path / "s1.pt")
+
+
+def test_export_refuses_a_folder_that_is_not_its_own_and_an_input_inside_its_out(tmp_path, cpu):
+    random_checkpoint(tmp_path / "s.pt", "student", "test_resnet", list(demo.CLASSES))
+    split = make_split(tmp_path, "--dataset", "demo", "--shots", 1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/results.json").write_text("{}")
+    for out, extra, message in [(tmp_path / "run", [], r"is a folder of other files \(it has no export.json\)"),
+                                (tmp_path / "s.pt", [], "is a file; give a folder name"),
+                                (tmp_path / "x.pt2", [], "export.py writes a folder"),
+                                (tmp_path / "e", ["--results", tmp_path / "e/results.json"], "holds")]:
+        if extra:
+            (tmp_path / "e").mkdir()
+            (tmp_path / "e/export.json").write_text("{}")
+            (tmp_path / "e/results.json").write_text("{}")
+        with pytest.raises(SystemExit, match=message):
+            run(export, "--student", tmp_path / "s.pt", *split, *extra, "--out", out)
+    assert (tmp_path / "run/results.json").read_text() == "{}" and (tmp_path / "e/results.json").exists()
 
 
 def test_a_segmenter_exports_and_says_what_it_outputs(seg, tmp_path, cpu):
     report = _export(tmp_path, seg / "student.pt", "--split", seg / "split.json")
-    program = torch.export.load(str(tmp_path / "export/s.pt2")).module()
+    program = torch.export.load(str(tmp_path / "export/s/model.pt2")).module()
     x = torch.rand(3, 3, 64, 64)
     torch.testing.assert_close(program(x), models.load_model(checkpoints.load_checkpoint(seg / "student.pt")).eval()(x))
     assert report["output"].startswith("segmentation logits (B, classes, h, w)")
-
 
 
 # ====================================================================================================
@@ -1731,6 +1974,7 @@ STUB = """#!/usr/bin/env bash
 # a stand-in python: records each step's command and creates its --out, trains nothing
 echo "$*" >> "$CALLS"
 [[ -n ${FAIL_ON:-} && $1 == "$FAIL_ON" ]] && exit 1  # a step that fails (or is killed) before its output
+[[ -n ${SLEEP_ON:-} && "$*" == *"$SLEEP_ON"* ]] && sleep 60  # a long step
 while [[ $# -gt 0 ]]; do
   if [[ $1 == --out ]]; then mkdir -p "$(dirname "$2")"; touch "$2"; fi
   shift
@@ -1738,14 +1982,15 @@ done
 """
 
 
-def run_sh(tmp_path, *args, fail_on=""):
-    """run.sh in tmp_path with the stand-in python (fail_on: a script that fails); returns the finished process."""
+def run_sh(tmp_path, *args, fail_on="", sleep_on=""):
+    """run.sh in tmp_path with the stand-in python (fail_on: a script that fails; sleep_on: a command that takes
+    a minute, those with this in their arguments); returns the finished process."""
     shutil.copy(os.path.join(HERE, "run.sh"), tmp_path / "run.sh")
     shutil.copytree(os.path.join(HERE, "presets"), tmp_path / "presets", dirs_exist_ok=True)
     stub = tmp_path / "fakepy"
     stub.write_text(STUB)
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PY=str(stub), CALLS=str(tmp_path / "calls.txt"), FAIL_ON=fail_on)
+    env = dict(os.environ, PY=str(stub), CALLS=str(tmp_path / "calls.txt"), FAIL_ON=fail_on, SLEEP_ON=sleep_on)
     return subprocess.run(["bash", str(tmp_path / "run.sh"), *args], env=env, capture_output=True, text=True)
 
 
@@ -1773,15 +2018,18 @@ def test_every_command_of_run_sh_is_one_its_script_accepts(tmp_path):
     files = tmp_path / "ADE20K"
     files.mkdir()
     (files / "train_1200img.txt").write_text("ADE_train_00000001.jpg\n")
+    (tmp_path / "yfcc").mkdir()
+    (tmp_path / "yfcc_retrieved_images_with_1200query.txt").write_text("1.jpg\n")
     before = len((tmp_path / "calls.txt").read_text().splitlines())
-    paper = run_stubbed(tmp_path, "ade20k", "--split-files", files, "--budget", "train_1200img", "--pool", "/data/yfcc",
+    paper = run_stubbed(tmp_path, "ade20k", "--split-files", files, "--budget", "train_1200img", "--pool", "yfcc",
                         "--transfer-names", "yfcc_retrieved_images_with_1200query.txt")[before:]
     named = next(c for c in paper if c[0] == "transfer_set.py" and "labeled,named" in c)  # the paper's own set
     assert named[named.index("--names") + 1] == "yfcc_retrieved_images_with_1200query.txt"
     calls = run_stubbed(tmp_path, "eurosat", "--pool", "stl10:unlabeled", "--init", "clip=fastvit_mci0.apple_mclip")
     assert {c[0] for c in calls} >= {"split.py", "teacher.py", "student.py", "transfer_set.py", "distill.py",
                                      "distill_agnostic.py", "finetune.py", "evaluate.py", "export.py"}
-    for c in web + paper + calls:  # python SCRIPT.py ARGS, or python -m kt.demo ARGS
+    assert web[0][0] == "-c" and "EmbeddingPool" in " ".join(web[0])  # the web pool checked before any work
+    for c in [c for c in web + paper + calls if c[0] != "-c"]:  # python SCRIPT.py ARGS, or python -m kt.demo ARGS
         module, argv = (c[1], c[2:]) if c[0] == "-m" else (c[0].removesuffix(".py"), c[1:])
         importlib.import_module(module).get_args_parser().parse_args(argv)
 
@@ -1850,12 +2098,44 @@ def test_run_sh_ade20k_builds_the_papers_transfer_sets(tmp_path):
     files = tmp_path / "ADE20K"
     files.mkdir()
     (files / "train_1200img.txt").write_text("ADE_train_00000001.jpg\n")
+    (tmp_path / "pool").mkdir()
     calls = run_stubbed(tmp_path, "ade20k", "--split-files", files, "--budget", "train_1200img", "--pool", "pool")
     retrieval = next(c for c in calls if c[0] == "transfer_set.py" and "labeled,retrieval" in c)
     assert retrieval[retrieval.index("--total") + 1] == "153600"  # the labeled images + an equal share each
     teacher_call = next(c for c in calls if c[0] == "teacher.py")
     assert "--decoder" not in teacher_call and teacher_call[teacher_call.index("--img-size") + 1] == "448"
     assert teacher_call[teacher_call.index("--smoothing") + 1] == "0"
+
+
+def test_run_sh_refuses_before_any_work_what_it_would_ignore_or_find_late(tmp_path):
+    """Flags the demo fixes, --transfer-names without its pool or file, a pool that is not there, a web pool
+    without its files: each one line, exit 2, before any step runs (nothing in calls.txt)."""
+    for argv, message in [(["--student", "fastvit_t8"], "demo: --student is fixed by the demo"),
+                          (["demo-seg", "--img-size", "224"], "demo-seg: --img-size is fixed by the demo"),
+                          (["--teacher", "x"], "--teacher is fixed"), (["--teacher-weights", "w.pth"], "fixed"),
+                          (["eurosat", "--transfer-names", "n.txt"], "--transfer-names needs --pool"),
+                          (["eurosat", "--pool", "pool", "--transfer-names", "n.txt"], "no such file: --transfer-names"),
+                          (["eurosat", "--pool", "no/such/dir"], "no such pool: --pool no/such/dir")]:
+        (tmp_path / "pool").mkdir(exist_ok=True)
+        r = run_sh(tmp_path, *argv, "--out", "runs/x")
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (argv, r.stderr)
+    assert not (tmp_path / "calls.txt").exists() and not (tmp_path / "runs").exists()
+    shutil.copy(os.path.join(HERE, "run.sh"), tmp_path / "run.sh")  # a web pool, checked by kt.web_pools itself
+    env = dict(os.environ, PY=sys.executable, PYTHONPATH=HERE)
+    r = subprocess.run(["bash", str(tmp_path / "run.sh"), "eurosat", "--pool", f"emb:{tmp_path / 'pool'}"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no img_emb/*.npy (LAION, clip-retrieval) nor *.npz" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "runs").exists()
+
+
+def test_run_sh_stops_its_background_jobs_when_it_fails(tmp_path):
+    """The demo pretrains its stand-in VFM in the background; when run.sh fails meanwhile, that job (and the step
+    it runs) stops too, and writes nothing more into the run."""
+    r = run_sh(tmp_path, fail_on="split.py", sleep_on="standin_vfm")
+    assert r.returncode == 1
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "fakepy")], capture_output=True, text=True).stdout
+    assert not left.strip(), "a background job of run.sh outlived it"
 
 
 def test_run_sh_ends_with_the_exported_kt_student(tmp_path):
@@ -1894,7 +2174,7 @@ def test_an_interrupted_force_never_leaves_a_stale_table(tmp_path):
     again = [c[0] for c in run_stubbed(tmp_path, "--shots", "5")[n:]]
     assert {"teacher.py", "distill.py", "finetune.py", "evaluate.py"} <= set(again)
     made = tmp_path / "runs/demo/split.json"
-    outputs = [f for f in (tmp_path / "runs/demo").rglob("*") if f.suffix in (".pt", ".txt", ".pt2")]
+    outputs = [f for f in (tmp_path / "runs/demo").rglob("*") if f.suffix in (".pt", ".txt") or f.parent.name == "export"]
     assert len(outputs) >= 14 and all(f.stat().st_mtime_ns >= made.stat().st_mtime_ns for f in outputs)
     cfg, split_json = (tmp_path / "runs/demo/run.cfg").read_text(), (tmp_path / "runs/demo/split.json")
     split_json.write_text("the labels of the 5-shot run")
@@ -2156,6 +2436,39 @@ def test_bad_flags_and_files_are_one_line(pipeline, tmp_path, capsys):
     assert "skipped unreadable image demo:train:99999 (IndexError" in capsys.readouterr().err
 
 
+def test_what_a_step_would_ignore_or_accept_silently_is_said(pipeline, tmp_path, capsys):
+    """--kd-weight without --teacher; split files whose labeled and test images overlap (refused by split.py
+    itself, not by the next step); a teacher whose classes are named otherwise; a checkpoint of another label
+    budget than the split's (evaluated, with a warning)."""
+    d = pipeline
+    with pytest.raises(SystemExit, match="--kd-weight weighs the teacher's soft targets: it needs --teacher"):
+        run(finetune, *task_args(d), "--student", d / "kt.pt", "--kd-weight", 0.3, "--out", tmp_path / "x.pt")
+    root = tmp_path / "data/eurosat"  # the paper's EuroSAT files, a test image also labeled
+    for c in ("Forest", "River"):
+        os.makedirs(root / c)
+        for i in range(3):
+            demo.draw("circle", np.random.default_rng(i), size=16).save(root / c / f"{c}_{i}.jpg")
+    files = tmp_path / "files"
+    files.mkdir()
+    for name, lines in [("train_full", ["Forest_0", "Forest_1", "River_0", "River_1"]), ("budget", ["Forest_0", "River_0"]),
+                        ("val", ["Forest_2"]), ("test", ["River_2", "Forest_0"])]:
+        (files / f"{name}.txt").write_text("".join(f"{n}.jpg,{n.split('_')[0]}\n" for n in lines))
+    with pytest.raises(SystemExit, match="images are both labeled and test images"):
+        run(split_step, "--dataset", "eurosat", "--split-files", files, "--budget", "budget", "--data-root",
+            tmp_path / "data", "--out", tmp_path / "split.json")
+    assert not (tmp_path / "split.json").exists()
+    ckpt = torch.load(d / "teacher.pt", weights_only=True)
+    ckpt["classes"] = ckpt["classes"][:3] + ["zebra"] + ckpt["classes"][4:]
+    torch.save(ckpt, tmp_path / "renamed.pt")
+    with pytest.raises(SystemExit, match=r"name their 10 classes differently \(class 3: 'zebra' vs 'cross'\)"):
+        run(distill, "--teacher", tmp_path / "renamed.pt", "--student", d / "student.pt", "--transfer",
+            d / "transfer.txt", "--out", tmp_path / "y.pt")
+    other = make_split(tmp_path, "--dataset", "demo", "--shots", 2, "--seed", 1, name="other.json")
+    capsys.readouterr()
+    run(evaluate, *other, "--workers", 0, "--speed-batch", 0, "--out", tmp_path / "r.json", f"kt={d / 'kt_ft.pt'}")
+    assert "warning: kt was trained on other labels ({'dataset': 'demo', 'shots': 4, 'seed': 0})" in capsys.readouterr().err
+
+
 def test_checkpoints_with_bad_contents_are_one_line(pipeline, tmp_path):
     """Valid dicts with wrong insides: a weight missing, a recipe that is no dict, a recipe that would make
     timm open another file, NaN weights; and an --out that is one of the step's inputs. One line each, the
@@ -2172,7 +2485,7 @@ def test_checkpoints_with_bad_contents_are_one_line(pipeline, tmp_path):
     for name, (bad, message) in variants.items():
         checkpoints.save_checkpoint(bad, tmp_path / f"{name}.pt")
         for module, argv in [(evaluate, [f"x={tmp_path / name}.pt", "--out", tmp_path / "r.json"]),
-                             (export, ["--student", tmp_path / f"{name}.pt", "--out", tmp_path / "x.pt2"])]:
+                             (export, ["--student", tmp_path / f"{name}.pt", "--out", tmp_path / "x"])]:
             with pytest.raises(SystemExit, match=message) as e:
                 run(module, "--split", d / "split.json", *argv)
             assert "\n" not in str(e.value) and not (tmp_path / "r.json").exists()

@@ -37,14 +37,16 @@ def retrieve(queries, pool, k, allowed, device, scan=search):
     """The paper's retrieval: each labeled image (a query) gets its k nearest pool images by the cosine of
     their embeddings, an equal number for every query, none taken by two queries. queries (Q, D) unit rows;
     pool() yields the pool's embedding shards (z, ids); allowed(top_s, top_i) -> the ids that pass the
-    filters. The search goes deeper (2k, 4k, ... neighbours a query) until every query has its k or the
-    pool is used up. Returns (the pool ids of each query, the depth searched). scan: the exact search
-    (kt.knn), or the same over torchrun ranks, or a faiss index."""
+    filters. The search goes deeper (2k, 4k, ... neighbours a query) until every query has its k, the pool
+    is used up, or the scan has nothing more for the queries still short (an approximate index answers id -1
+    past what the lists it probes hold). Returns (the pool ids of each query, the depth searched). scan: the
+    exact search (kt.knn), or the same over torchrun ranks, or a faiss index."""
     depth = min(2 * k, pool.size)
     while True:
-        top_s, top_i = scan(queries, pool(), depth, device)  # (Q, depth), best first
+        top_s, top_i = scan(queries, pool(), depth, device)  # (Q, depth), best first; -1: no neighbour
         mine = balance(top_i.numpy(), allowed(top_s, top_i), k)
-        if all(len(m) == k for m in mine) or depth >= pool.size:
+        short = [q for q, m in enumerate(mine) if len(m) < k]
+        if not short or depth >= pool.size or bool((top_i[short] < 0).any(1).all()):
             return mine, depth
         depth = min(2 * depth, pool.size)
 
@@ -65,9 +67,10 @@ def balance(top_i, allowed, k):
 
 # --------------------------------------------------------------------------------------------- filters
 def candidates(top_s, top_i):
-    """The union of all queries' neighbours, best first: each ranked by its best score, ties by pool id.
-    -> (ids (R,), best scores (R,))."""
+    """The union of all queries' neighbours, best first: each ranked by its best score, ties by pool id (an id
+    -1, no neighbour, is none). -> (ids (R,), best scores (R,))."""
     fs, fi = top_s.flatten().numpy(), top_i.flatten().numpy()
+    fs, fi = fs[fi >= 0], fi[fi >= 0]
     order = np.lexsort((fi, -fs))
     first = np.sort(np.unique(fi[order], return_index=True)[1])  # each id's first (best) place
     return fi[order][first], fs[order][first]
@@ -164,7 +167,7 @@ def retrieval(refs, args, split, device, rank, world):
     mine, depth = retrieve(qz, pool, args.k, filters, device)
     kept, sheet = kept_and_sheet(mine, filters, q_refs, qi, refs.__getitem__, args)
     report = retrieval_report(args, q_refs, qi, mine, kept, depth, filters, pool, [dq[0], dt[0], dp[0]])
-    return [refs[c] for c in kept], report, sheet
+    return [refs[c] for c in kept], report, sheet, None
 
 
 # ----------------------------------------------------------------------------------- web-scale pools
@@ -193,13 +196,13 @@ def web_retrieval(args, split, device, rank, world):
     both, depth = retrieve(qz, pool, 2 * args.k, filters, device, scan)  # k to fetch, k more in reserve
     if rank != 0:
         return None
-    mine, images, tried = downloads.download_rounds([m[:args.k] for m in both], [m[args.k:] for m in both],
-                                                    filters, pool, [q_refs[j] for j in qi], args)
+    mine, images, tried, asked = downloads.download_rounds([m[:args.k] for m in both], [m[args.k:] for m in both],
+                                                           filters, pool, [q_refs[j] for j in qi], args)
     kept, sheet = kept_and_sheet(mine, filters, q_refs, qi, images.__getitem__, args)
     report = retrieval_report(args, q_refs, qi, mine, kept, depth, filters, pool, [dq[0], dt[0]])
     report.update(downloaded=len(images), failed_downloads=len(tried) - len(images), recall_at_k=recall,
                   rows=os.path.splitext(args.out)[0] + ".parquet")
-    return [images[c] for c in kept], report, sheet
+    return [images[c] for c in kept], report, sheet, downloads.parquet(asked)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -215,7 +218,7 @@ def retrieval_report(args, q_refs, qi, mine, kept, depth, filters, pool, caches)
                      leaks=int(filters.leak.sum()), unreadable=len(pool.unreadable)),
         thresholds=dict(dedup=dedup_t, leak=leak_t, calibrated=[t == "auto" for t in
                                                                 (args.dedup_threshold, args.leak_threshold)]),
-        similarity=dict(topk=stats(filters.top_s.numpy()[:, :args.k]),
+        similarity=dict(topk=stats(filters.top_s.numpy()[:, :args.k][filters.top_i.numpy()[:, :args.k] >= 0]),
                         kept_best=stats(filters.best[[rank_of[int(c)] for c in kept]]),
                         nearest_test=stats(filters.leak_s.numpy())),
         images_per_query=dict(stats(per_query), per_query={q_refs[j]: n for j, n in zip(qi, per_query)}),
@@ -291,20 +294,22 @@ def main(args):
     if web and ({"generic", "named"} & set(sources) or not args.download):
         fail(f"--pool {args.pool} is embeddings, not images: --source retrieval with --download DIR (the kept "
              "images are downloaded there), not generic or named")
+    if args.index and not os.path.exists(args.index) and not args.autofaiss:
+        fail(f"--index {args.index} is not there: give a faiss index of the pool, or --autofaiss CMD to build it")
     claims.check_writable(args.out, reads=(args.split, args.pool))
     device, rank, world = training.setup(0)
     split = data.read_split(args.split)
     if "target" in sources and data.part_refs(split, "unlabeled") is None:  # before any embedding work
         fail(f"--source target: {args.split} lists no unlabeled images")
     refs, bad = pool_refs(args.pool, args.data_root) if args.pool and sources != ["target"] and not web else ([], [])
-    out, report, sheet = [], dict(pool=args.pool, pool_images=len(refs)), None
+    out, report, sheet, rows = [], dict(pool=args.pool, pool_images=len(refs)), None, None
     if args.total:  # a fixed size, an equal share per query: the queries plus k neighbours each
         args.k = max(1, math.ceil(args.total / len(split["labeled"])) - 1)
     if "retrieval" in sources:
         got = web_retrieval(args, split, device, rank, world) if web else retrieval(refs, args, split, device, rank, world)
         if got is None:
             return  # not rank 0: its shards are done
-        kept, report, sheet = got
+        kept, report, sheet, rows = got
         report["unreadable_files"] = bad + report["unreadable_files"]
         report["dropped"]["unreadable"] = len(report["unreadable_files"])
     elif rank != 0:
@@ -332,13 +337,16 @@ def main(args):
              f"{n_bad} unreadable); try another --pool, a larger --k, or add target")
     skipped = f", {n_bad} unreadable skipped" if n_bad else ""
     training.log(rank, f"transfer set: {len(out)} images from {args.source}{skipped}")
-    checkpoints.atomic_write(args.out, lambda f: f.write("".join(r + "\n" for r in out).encode("utf-8")))
-    stem = os.path.splitext(args.out)[0]
+    stem = os.path.splitext(args.out)[0]  # the list and what it comes with, written together
+    files = {args.out: lambda f: f.write("".join(r + "\n" for r in out).encode("utf-8"))}
     if args.pool and sources != ["target"]:
         report["sources"], report["transfer_set"] = sources, len(out)
-        checkpoints.atomic_write(stem + ".report.json", lambda f: f.write(json.dumps(report, indent=1).encode()))
+        files[stem + ".report.json"] = lambda f: f.write(json.dumps(report, indent=1).encode())
     if sheet is not None:
-        checkpoints.atomic_write(stem + ".png", lambda f: sheet.save(f, format="PNG"))
+        files[stem + ".png"] = lambda f: sheet.save(f, format="PNG")
+    if rows is not None:
+        files[stem + ".parquet"] = lambda f: f.write(rows)
+    checkpoints.atomic_write_all(files)
 
 
 if __name__ == "__main__":

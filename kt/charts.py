@@ -1,77 +1,66 @@
-"""The report's pictures, drawn with PIL (no plotting package needed): results.png, the test score of each
-row; results_curves.png, each row's training curves from its steps' OUT.metrics.jsonl (kt.progress); and
-transfer_set.py's contact sheet, each labeled query beside the images retrieved for it.
+"""The report's pictures: results.png, the test score of each row, and results_curves.png, each row's training
+curves from its steps' OUT.metrics.jsonl (kt.progress), drawn with matplotlib (its object API: no global
+state, no display needed) and returned as PNG bytes, so that evaluate.py writes its files together; and
+transfer_set.py's contact sheet, each labeled query beside the images retrieved for it (PIL).
 """
-from PIL import Image, ImageDraw
+import io
 
-from kt.checkpoints import atomic_write
 from kt.data import open_image
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+def _png(fig):
+    """A matplotlib figure -> PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
 
 
-def bar_chart(table, path, width=640, height=360, pad=40):
-    """A PNG of top-1 (mIoU for segmentation) per row, the std over seeds as a whisker."""
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    base, top, slot = height - pad, pad // 2, (width - 2 * pad) / len(table)
+def bar_chart(table):
+    """PNG bytes: a horizontal bar per row of the table, its test top-1 (mIoU for segmentation), the std over
+    seeds as an error bar, the value at the bar's end."""
+    from matplotlib.figure import Figure
     key = "miou" if "miou" in next(iter(table.values())) else "top1"
-
-    def y(v):  # a score in percent -> pixel row
-        return base - (base - top) * v / 100
-    for v in range(0, 101, 20):  # the axis: gridlines every 20 points
-        d.line([(pad, y(v)), (width - pad // 2, y(v))], fill=(225, 225, 225))
-        d.text((4, y(v) - 6), f"{v}", fill="black")
-    for i, (name, r) in enumerate(table.items()):
-        left, mid = pad + i * slot + slot * 0.15, pad + (i + 0.5) * slot
-        d.rectangle([left, y(r[key]), left + slot * 0.7, base], fill=COLOURS[0])
-        if r[key + "_std"]:
-            d.line([(mid, y(r[key] - r[key + "_std"])), (mid, y(r[key] + r[key + "_std"]))], fill="black", width=2)
-        d.text((mid, y(r[key]) - 4), f"{r[key]:.1f}", fill="black", anchor="md")
-        d.text((mid, base + 6), name, fill="black", anchor="ma")
-    d.text((pad, 2), f"test {'mIoU' if key == 'miou' else 'top-1'} (%)", fill="black")
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    names = list(table)
+    values = [table[n][key] for n in names]
+    errors = [table[n].get(key + "_std") or 0.0 for n in names]
+    fig = Figure(figsize=(7, 0.45 * len(names) + 1.2))
+    ax = fig.subplots()
+    ax.barh(names, values, xerr=errors, color="tab:blue", capsize=3)
+    for y, (v, e) in enumerate(zip(values, errors)):
+        ax.text(v + e + 1, y, f"{v:.1f}", va="center", fontsize=9)
+    ax.invert_yaxis()  # the table's order, top to bottom
+    ax.set_xlim(0, 105)
+    ax.set_xlabel(f"test {'mIoU' if key == 'miou' else 'top-1'} (%)")
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
 
 
-def curves_chart(panels, path, width=960, height=380, pad=48):
-    """Panels side by side, each (title, {row name: [(images seen, value), ...]}): a line per row, its
-    colour the same in every panel, the legend under the panels."""
+def curves_chart(panels):
+    """PNG bytes: panels side by side, each (title, {row name: [(images seen, value), ...]}), a line per row
+    in the same colour in every panel, one legend below."""
+    from matplotlib.figure import Figure
     names = list(dict.fromkeys(n for _, curves in panels for n in curves))
-    img = Image.new("RGB", (width, height + 16 * ((len(names) + 3) // 4)), "white")
-    d = ImageDraw.Draw(img)
-    w = width // max(1, len(panels))
-    for p, (title, curves) in enumerate(panels):
-        x0, x1, y0, y1 = p * w + pad, (p + 1) * w - pad // 2, height - pad, pad // 2 + 12
-        points = [pt for c in curves.values() for pt in c]
-        if not points:
-            continue
-        xmax = max(x for x, _ in points) or 1
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        hi = hi if hi > lo else lo + 1
-
-        def at(x, v):
-            return x0 + (x1 - x0) * x / xmax, y0 - (y0 - y1) * (v - lo) / (hi - lo)
-        d.rectangle([x0, y1, x1, y0], outline=(200, 200, 200))
-        for k in range(5):  # four gridlines, labelled
-            v = lo + (hi - lo) * k / 4
-            d.line([at(0, v), at(xmax, v)], fill=(235, 235, 235))
-            d.text((x0 - 4, at(0, v)[1]), f"{v:.3g}", fill="black", anchor="rm")
-        d.text((x0, y1 - 14), title, fill="black")
-        d.text((x1, y0 + 6), f"images seen ({xmax:,.0f})", fill="black", anchor="ra")
+    fig = Figure(figsize=(6 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, curves) in zip(axes, panels):
         for name, curve in curves.items():
-            if len(curve) > 1:
-                d.line([at(x, v) for x, v in curve], fill=COLOURS[names.index(name) % len(COLOURS)], width=2)
-    for i, name in enumerate(names):  # the legend
-        x, y = pad + (i % 4) * (width - 2 * pad) // 4, height + 16 * (i // 4)
-        d.line([(x, y + 6), (x + 18, y + 6)], fill=COLOURS[i % len(COLOURS)], width=3)
-        d.text((x + 24, y), name, fill="black")
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+            xs, ys = zip(*curve)
+            ax.plot(xs, ys, color=f"C{names.index(name) % 10}", label=name, marker="." if len(curve) < 30 else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("images seen")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    handles = {h.get_label(): h for ax in axes for h in ax.get_lines()}
+    fig.legend([handles[n] for n in names], names, loc="lower center", ncol=min(4, len(names)),
+               bbox_to_anchor=(0.5, -0.02 - 0.05 * ((len(names) - 1) // 4)), frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.05 * ((len(names) - 1) // 4), 1, 1))
+    return _png(fig)
 
 
 def contact_sheet(rows, root, size=64, pad=4):
     """transfer_set.py's OUT.png: [(query ref, [neighbour refs])] -> PIL image, one row per query: the
     query, a gap, its neighbours."""
+    from PIL import Image
     ncol = 1 + max(len(n) for _, n in rows)
     sheet = Image.new("RGB", (ncol * (size + pad) + 3 * pad, len(rows) * (size + pad)), "white")
     for r, (q, ns) in enumerate(rows):

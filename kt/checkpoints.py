@@ -18,21 +18,32 @@ KEYS = dict(teacher=("recipe", "data_config", "classes", "model", "cost"),
 
 def atomic_write(path, write):
     """write(f) into a temp file beside `path`, then rename it over `path`; a write error is one line."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(files):
+    """Several files of one output, {path: write(f)}: each written to a temp file beside it, flushed and
+    fsynced, and only then all renamed over their paths, so that a failure while writing (a full disk, a
+    file-size limit, a kill) leaves every old file as it was; a write error is one line."""
+    temps, path = {}, None
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in files.items():
+            temps[path] = f"{path}.tmp{os.getpid()}"
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(temps[path], "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in temps.items():  # every file is whole on disk: now they replace the old ones at once
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # a full disk, a file-size limit, a read-only folder (torch's writer
-        # raises RuntimeError for these): the old file is intact
+        # raises RuntimeError for these): the old files are intact
         reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         fail(f"cannot write {path} ({reason}); the previous file, if any, is intact")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def save_checkpoint(ckpt, path):
@@ -93,9 +104,13 @@ def task(made_for):
 def check_same_task(a, a_name, b, b_name):
     """Two checkpoints, splits or caches made for the same task: the same classes, both classifying or both
     segmenting. Anything else is one line naming both."""
-    if task(a) != task(b) or a["classes"] != b["classes"]:
+    if task(a) != task(b) or len(a["classes"]) != len(b["classes"]):
         fail(f"{a_name} is for {task(a)} of {len(a['classes'])} classes, {b_name} for {task(b)} of "
              f"{len(b['classes'])}: they were made for different tasks")
+    if a["classes"] != b["classes"]:
+        k = next(i for i, (x, y) in enumerate(zip(a["classes"], b["classes"])) if x != y)
+        fail(f"{a_name} and {b_name} name their {len(a['classes'])} classes differently (class {k}: "
+             f"{a['classes'][k]!r} vs {b['classes'][k]!r}): they were made for different tasks")
 
 
 def plain(args):

@@ -4,6 +4,7 @@ fail() is how every step reports bad input; the argparse types below refuse a ba
 error (exit 2) before any work starts.
 """
 import argparse
+import importlib.util
 import math
 
 
@@ -50,3 +51,19 @@ nonnegative_number = number("a finite number, 0 or more", lambda x: x >= 0)  # w
 fraction = number("a number from 0 to 1", lambda x: 0 <= x <= 1)  # warmup
 share = number("a number above 0, at most 1", lambda x: 0 < x <= 1)  # layer decay, crop area
 smoothing = number("a number from 0 to just below 1", lambda x: 0 <= x < 1)  # label smoothing
+
+
+LOGGERS = dict(tensorboard="tensorboard", wandb="wandb", mlflow="mlflow")  # --log NAME: pip install PACKAGE
+
+
+def log_kinds(s):
+    """argparse type of --log: a comma list of tensorboard, wandb, mlflow (or none), each installed (the
+    loggers themselves, kt.loggers, are imported only when asked for)."""
+    kinds = [k for k in s.split(",") if k and k != "none"]
+    unknown = [k for k in kinds if k not in LOGGERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown)}: --log takes a comma list of {', '.join(LOGGERS)}")
+    missing = [LOGGERS[k] for k in kinds if importlib.util.find_spec(LOGGERS[k]) is None]
+    if missing:
+        raise argparse.ArgumentTypeError(f"--log {s} needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    return kinds

@@ -1,25 +1,51 @@
-"""One writer per output: a step claims its --out before any work, so a second process given the same
---out fails at once, and a killed one never blocks the rerun.
+"""What a step writes: one writer per output, no output that is an input, and each output one generation
+that lands whole.
+
+  * a step claims its --out before any work (OUT.lock), so a second process given the same --out fails at
+    once, and a killed one never blocks the rerun;
+  * a training is one generation (new_generation(): an id kept in its state, its metrics lines and its
+    checkpoint), so a redo into the same --out starts its side files anew (kt.progress);
+  * an output of several files is a folder written aside and put in place whole (commit_folder), so a kill
+    at any moment leaves the old generation or the new one, never a mix; the next claim tidies up after a
+    dead writer.
 """
 import atexit
 import fcntl
 import glob
 import os
+import shutil
+import time
 
 from kt.checks import fail
 
 _claims = {}  # output path -> the open, locked OUT.lock (this process's claims)
 
 
-def check_writable(path, reads=()):
-    """Before any work: `path` is not a folder, nor one of the files the step `reads` (evaluate.py --out
-    teacher.pt would overwrite its input), and its folder exists (or can be made) and is writable."""
+def new_generation():
+    """An id for one generation of an output: when it started, and 4 random hex digits."""
+    return time.strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+
+
+def check_writable(path, reads=(), marker=None):
+    """Before any work: `path` is not one of the files the step `reads` (evaluate.py --out teacher.pt would
+    overwrite its input), and its folder exists (or can be made) and is writable. `path` is a file, or with
+    `marker` a folder output: not a file, holding no input, and if it is there, an earlier generation of the
+    same step's (it holds `marker`), never a folder of other files that the commit would replace."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
+    if marker is None and os.path.isdir(path):
         fail(f"--out {path} is a folder; give a file name")
+    if marker is not None and os.path.exists(path):
+        if not os.path.isdir(path):
+            fail(f"--out {path} is a file; give a folder name")
+        if not os.path.isfile(os.path.join(path, marker)):
+            fail(f"--out {path} is a folder of other files (it has no {marker}); give a new folder")
     for read in reads:
         if read and os.path.isfile(read) and os.path.exists(path) and os.path.samefile(read, path):
             fail(f"--out {path} is {read}, an input of this step: writing it would destroy it; give another --out")
+        inside = marker is not None and read and os.path.abspath(read).startswith(os.path.abspath(path) + os.sep)
+        if inside:
+            fail(f"--out {path} holds {read}, an input of this step: the new output would replace it; give "
+                 "another --out")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -28,15 +54,16 @@ def check_writable(path, reads=()):
         fail(f"cannot write into {folder}, the folder of --out {path}")
 
 
-def claim(path, reads=()):
-    """Claim the output `path` for this process until release(path): a second writer fails at once.
+def claim(path, reads=(), marker=None):
+    """Claim the output `path` (a folder output with `marker`: check_writable) for this process until
+    release(path): a second writer fails at once.
 
     An exclusive POSIX record lock on PATH.lock: the kernel drops it when the process dies, however it dies,
     and a forked DataLoader worker does not inherit it (an flock would stay with an orphaned worker). It is
     checked to be on the lock file that is still there (a releasing writer deletes it). Temp files that
     dead writers left beside PATH are removed.
     """
-    check_writable(path, reads)
+    check_writable(path, reads, marker)
     key, lock = os.path.abspath(path), path + ".lock"
     while key not in _claims:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -57,11 +84,38 @@ def claim(path, reads=()):
 
 
 def remove_dead_temps(path):
-    """Remove PATH*.tmpPID files (OUT.tmpPID, OUT.state.tmpPID, DIR/NNNNN.npy.tmpPID) whose writer is dead."""
+    """Tidy up after writers that died: remove PATH*.tmpPID files and folders (OUT.tmpPID, OUT.state.tmpPID,
+    DIR/NNNNN.npy.tmpPID, a folder output's new generation); a folder output's old generation set aside
+    (PATH.oldPID) goes back in place if the new one never came, else it goes."""
     for tmp in glob.glob(glob.escape(path) + "*.tmp*"):
         pid = tmp.rpartition(".tmp")[2]
         if pid.isdigit() and not _alive(int(pid)):
-            os.remove(tmp)
+            _remove(tmp)
+    for old in glob.glob(glob.escape(path) + ".old*"):
+        pid = old.rpartition(".old")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            if os.path.exists(path):
+                _remove(old)
+            else:
+                os.rename(old, path)
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def commit_folder(tmp, path):
+    """Put the folder `tmp`, a whole new generation, in the place of `path`: the old one is set aside, the new
+    one renamed in, the old one deleted. A kill in between leaves the old generation whole (PATH.oldPID, put
+    back by the next claim) or the new one whole."""
+    old = f"{path}.old{os.getpid()}"
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _remove(old)
 
 
 def _alive(pid):

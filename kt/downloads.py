@@ -2,12 +2,18 @@
 query) go to a parquet, img2dataset fetches them into webdataset shards, and the transfer list names the
 images in the shards (SHARD.tar::KEY.jpg, which kt.data opens).
 
+A download is a folder per request, DOWNLOAD/<key>/, keyed by the rows it asks for, written aside and put in
+place whole: nothing rewrites or deletes a folder that a transfer list may name (a second list downloaded
+into the same DOWNLOAD gets folders of its own; a rerun that fails keeps the last list's images), and the
+same request made again is not downloaded again.
+
 img2dataset is an optional tool that pins its own versions of pandas, albumentations and others, so it lives
 in an environment of its own: `python3 -m venv ~/i2d && ~/i2d/bin/pip install img2dataset`, then
 --img2dataset ~/i2d/bin/img2dataset (or img2dataset on PATH). Its distributors (multiprocessing, pyspark,
 ray) spread a large download over processes or machines: --download-args "--distributor pyspark ...".
 """
 import glob
+import hashlib
 import json
 import os
 import shlex
@@ -15,22 +21,24 @@ import shutil
 import subprocess
 import tarfile
 
-import numpy as np
-
 from kt.checkpoints import atomic_write
 from kt.checks import fail
+from kt.claims import remove_dead_temps
 
 COLUMNS = ("url", "caption", "pool_key", "pool_row", "score", "query")  # pool_key: LAION's key, DataComp's uid
 DEFAULT_ARGS = "--processes_count 1 --thread_count 32 --image_size 512 --resize_mode keep_ratio " \
                "--resize_only_if_bigger True --timeout 10 --retries 1"
 
 
-def write_rows(path, rows):
-    """Rows (dicts with COLUMNS, and any more keys) -> a parquet file, written atomically."""
+def parquet(rows):
+    """Rows (dicts with COLUMNS, and any more keys) -> the bytes of a parquet file."""
+    import io
     import pyarrow as pa
     import pyarrow.parquet as pq
     table = pa.table({c: [r.get(c) for r in rows] for c in dict.fromkeys([*COLUMNS, *rows[0]])})
-    atomic_write(path, lambda f: pq.write_table(table, f))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
 
 
 def img2dataset_command(cmd):
@@ -43,22 +51,34 @@ def img2dataset_command(cmd):
     return found
 
 
-def fetch(rows, folder, command, extra=DEFAULT_ARGS):
-    """Download rows into FOLDER (webdataset shards) with img2dataset -> {pool row: image reference} of the
-    images that came; a row whose url failed is not in it. FOLDER.parquet holds what was asked for."""
-    if os.path.isdir(folder):  # a round that was cut short is done again, whole
-        shutil.rmtree(folder)
-    write_rows(folder + ".parquet", rows)
-    cmd = [command, "--url_list", folder + ".parquet", "--input_format", "parquet", "--url_col", "url",
-           "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", folder,
-           "--save_additional_columns", '["pool_row","query","pool_key"]', "--enable_wandb", "False",
-           *shlex.split(extra)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own environment, not ours
-    env["NO_ALBUMENTATIONS_UPDATE"] = "1"  # img2dataset's image library would call home
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        fail(f"img2dataset failed (exit {done.returncode}: {tail[0][:300]}); its command: {shlex.join(cmd)}")
+def fetch(rows, download, command, extra=DEFAULT_ARGS):
+    """Download rows into DOWNLOAD/<key>/ (webdataset shards; key: a digest of the rows) with img2dataset ->
+    {pool row: image reference} of the images that came; a row whose url failed is not in it. The folder
+    holds rows.parquet, what was asked for. A folder of the same request is there already: it is reused (a
+    request of which no image came keeps no folder)."""
+    key = hashlib.sha1(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = os.path.join(download, key)
+    if os.path.isdir(folder):
+        return shard_images(folder)
+    tmp = f"{folder}.tmp{os.getpid()}"  # renamed to the key once img2dataset is done: a cut-short one never counts
+    os.makedirs(tmp)
+    try:
+        atomic_write(os.path.join(tmp, "rows.parquet"), lambda f: f.write(parquet(rows)))
+        cmd = [command, "--url_list", os.path.join(tmp, "rows.parquet"), "--input_format", "parquet", "--url_col",
+               "url", "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", tmp,
+               "--save_additional_columns", '["pool_row","query","pool_key"]', "--enable_wandb", "False",
+               *shlex.split(extra)]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own environment, not ours
+        env["NO_ALBUMENTATIONS_UPDATE"] = "1"  # img2dataset's image library would call home
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            fail(f"img2dataset failed (exit {done.returncode}: {tail[0][:300]}); its command: {shlex.join(cmd)}")
+        if not shard_images(tmp):
+            return {}  # nothing came (offline?): no folder is kept, so a rerun asks again
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return shard_images(folder)
 
 
@@ -81,10 +101,11 @@ def shard_images(folder):
 def download_rounds(mine, spare, filters, pool, queries, args, rounds=3):
     """Fetch each query's images (mine: its pool rows); where some fail, the query takes the next of its own
     reserve (spare: its next neighbours that passed the filters, retrieval gave no other query), and those are
-    fetched, for a few rounds. -> (each query's downloaded rows, {row: image ref}, the rows tried).
-    OUT.parquet lists every row asked for, its score and query, and its image where it came."""
+    fetched, for a few rounds. -> (each query's downloaded rows, {row: image ref}, the rows tried, every row
+    asked for with its score, query and image where it came: transfer_set.py writes them as OUT.parquet)."""
     command, want, spare = img2dataset_command(args.img2dataset), [list(m) for m in mine], [list(m) for m in spare]
     tried, images, asked = set(), {}, []
+    remove_dead_temps(os.path.join(args.download, ""))  # the half downloads of a killed run
     best = {int(c): float(b) for c, b in zip(filters.cand, filters.best)}
     for r in range(rounds):
         todo = [(q, c) for q, m in enumerate(want) for c in m if c not in tried]
@@ -93,7 +114,7 @@ def download_rounds(mine, spare, filters, pool, queries, args, rounds=3):
         meta = pool.metadata([c for _, c in todo])
         rows = [dict(url=meta[c]["url"], caption=meta[c].get("caption"), pool_key=meta[c].get("key"), pool_row=c,
                      score=best[c], query=queries[q]) for q, c in todo]
-        images.update(fetch(rows, os.path.join(args.download, f"round{r}"), command, args.download_args))
+        images.update(fetch(rows, args.download, command, args.download_args))
         tried.update(c for _, c in todo)
         asked += rows
         for q, m in enumerate(want):  # refill a short query from its reserve
@@ -102,5 +123,5 @@ def download_rounds(mine, spare, filters, pool, queries, args, rounds=3):
     if not images:
         fail(f"none of the {len(tried)} images retrieval kept could be downloaded (img2dataset's log is in "
              f"{args.download}); offline?")
-    write_rows(os.path.splitext(args.out)[0] + ".parquet", [dict(r, image=images.get(r["pool_row"])) for r in asked])
-    return [[c for c in m if c in images] for m in want], images, tried
+    asked = [dict(r, image=images.get(r["pool_row"])) for r in asked]
+    return [[c for c in m if c in images] for m in want], images, tried, asked

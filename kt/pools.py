@@ -102,21 +102,36 @@ def decode_all(refs, batch_size, workers, root):
 
 def named(path, refs, pool):
     """The paper's own transfer sets: a list of a pool's image names, one a line (its
-    yfcc_retrieved_images_with_1200query.txt), each found in the local copy of the pool by its file name,
-    its file stem or its webdataset key. Names the pool lacks are refused, counted, the first few named."""
+    yfcc_retrieved_images_with_1200query.txt), each found in the local copy of the pool: a bare name by its
+    file name or stem, a name with folders by the end of its path (a tar member's too). A name that the pool
+    lacks, or that two of its images carry, is refused in one line; a name listed again is taken once."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             names = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read --names {path} ({type(e).__name__})")
-    index = {}
+    by_name, by_stem = {}, {}
     for r in refs:
         base = os.path.basename(r.split("::")[-1])
-        index.setdefault(base, r)
-        index.setdefault(os.path.splitext(base)[0], r)
-    found = [index.get(os.path.basename(n)) or index.get(os.path.splitext(os.path.basename(n))[0]) for n in names]
-    missing = [n for n, r in zip(names, found) if r is None]
+        by_name.setdefault(base, []).append(r)
+        by_stem.setdefault(os.path.splitext(base)[0], []).append(r)
+
+    def images_named(n):
+        base = os.path.basename(n)
+        if base != n:  # folders too: the pool image whose path ends with them
+            return [r for r in by_name.get(base, []) if ("/" + r.split("::")[-1]).endswith("/" + n.lstrip("/"))]
+        return by_name.get(n) or by_stem.get(n, [])
+    unique = list(dict.fromkeys(names))
+    if len(unique) < len(names):
+        training.log(0, f"--names {path}: {len(names) - len(unique)} lines repeat a name; each image is taken once")
+    found = {n: images_named(n) for n in unique}
+    missing = [n for n, hits in found.items() if not hits]
     if missing:
-        fail(f"{len(missing)} of the {len(names)} images --names {path} lists are not in --pool {pool} (e.g. "
+        fail(f"{len(missing)} of the {len(unique)} images --names {path} lists are not in --pool {pool} (e.g. "
              f"{missing[:3]}): download those images of the pool first")
-    return found
+    twice = next(((n, hits) for n, hits in found.items() if len(hits) > 1), None)
+    if twice:
+        n, hits = twice
+        fail(f"--names {path}: {n!r} names {len(hits)} images of --pool {pool} ({hits[0]} and {hits[1]}): name "
+             "them with their folders, or give a pool where each name is one image")
+    return [hits[0] for hits in found.values()]

@@ -2,6 +2,11 @@
 read once per interval and logged (stderr, OUT.metrics.jsonl, and TensorBoard / W&B / MLflow with --log),
 stopped cleanly on a NaN loss or a signal. A step's loop calls progress.update(loss, images) after each
 optimizer step and progress.save_output(checkpoint) at the end.
+
+One training is one generation of OUT (kt.claims.new_generation): a training that starts at step 0 starts
+its metrics file and logger runs anew, a resume continues its generation and drops from each what lies past
+the resumed step. Every metrics line and the output's cost entry carry the generation, so no reader takes
+another training's curves for this one's.
 """
 import json
 import math
@@ -15,10 +20,10 @@ import torch
 
 from kt.checkpoints import atomic_write, differences, digest, load_checkpoint, plain, save_checkpoint
 from kt.checks import fail, first_line
-from kt.claims import release
+from kt.claims import new_generation, release
 from kt.training import bar, log, unwrap
 
-STATE_FORMAT = 3  # the layout of a resumable state; a state of another format is not resumed
+STATE_FORMAT = 4  # the layout of a resumable state; a state of another format is not resumed
 NOT_RESUMED = ("resume", "save_every", "workers", "out", "data_root", "compile", "log", "log_every")  # a resume may change
 
 
@@ -68,6 +73,7 @@ class Progress:
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.agree_every = math.gcd(agree_every, self.log_every) if self.world > 1 else 1  # logs on its grid
         self.step, self.images, self.wall, self.loss = 0, 0, 0.0, float("nan")
+        self.generation = None  # this training's id (rank 0): new at step 0, a resumed state's own otherwise
 
     def resume(self):
         """Continue from OUT.state, if there is one, of this same run (another run's is one line)."""
@@ -86,21 +92,34 @@ class Progress:
             fail(f"{self.path} does not fit this model ({first_line(e)}); delete it to start afresh")
         set_rng_state(state["rng"])
         self.step, self.images, self.wall = state["step"], state["images"], state["wall_s"]
+        self.generation = state["generation"]
         log(self.rank, f"resuming {self.path} at step {self.step}/{self.total}")
 
     def __enter__(self):
         self.stop, self.t0, self.running, self.count = False, time.time() - self.wall, 0.0, 0
         self.saved, self.saved_step, self.logged = time.time(), self.step, (self.step, self.images, time.time())
-        if self.rank == 0:  # the metrics of the steps this run starts from, and no later ones (a kill's)
-            write_metrics(self.metrics, [r for r in read_metrics(self.metrics) if r["step"] <= self.step])
-            if self.log_to:
-                from kt.loggers import open_loggers
-                self.loggers = open_loggers(self.log_to, self.out, self.config, self.step)
+        if self.rank == 0:
+            self._start_side_files()
             if self.step == 0 and self.measure:  # where the curve starts: the held-out loss before training
                 self._record(dict(step=0, images=0, **self.measure(), wall_s=0.0))
         self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         self.bar = bar(total=self.total, initial=self.step, rank=self.rank, unit="step", leave=False)
         return self
+
+    def _start_side_files(self):
+        """The metrics file and the loggers of this generation: afresh at step 0 (a redo into the same OUT
+        keeps nothing of the earlier training); on a resume, the lines of the steps it starts from and no
+        later ones (a kill's), and each logger rewound to them."""
+        found = read_metrics(self.metrics)
+        if self.step == 0:
+            self.generation, kept = new_generation(), []
+        else:
+            kept = [r for r in found if r["step"] <= self.step and r.get("generation") == self.generation]
+        write_metrics(self.metrics, kept)
+        if self.log_to:
+            from kt.loggers import open_loggers
+            self.loggers = open_loggers(self.log_to, self.out, self.config, self.generation, self.step, kept,
+                                        rewind=self.step > 0 and len(kept) < len(found))
 
     def _on_signal(self, signum, frame):
         self.stop = True  # finish the current step, then save and exit
@@ -173,7 +192,8 @@ class Progress:
         log(0, f"step {self.step}/{self.total} loss {self.loss:.4f}{more} ({now - self.t0:.0f}s)")
 
     def _record(self, record):
-        """One line of OUT.metrics.jsonl, and the same values to each logger."""
+        """One line of OUT.metrics.jsonl (with this generation), and the same values to each logger."""
+        record = dict(record, generation=self.generation)
         write_metrics(self.metrics, [record], append=True)
         for logger in self.loggers:
             logger.log(record)
@@ -184,14 +204,15 @@ class Progress:
             save_checkpoint(dict(kind="resume", step=self.step, model=unwrap(self.model).state_dict(),
                                  optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
                                  rng=rng_state(), images=self.images, wall_s=time.time() - self.t0,
-                                 config=self.config), self.path)
+                                 generation=self.generation, config=self.config), self.path)
         self.saved, self.saved_step = time.time(), self.step
 
     def cost(self, stage, batch):
         """This stage's training cost, for the checkpoint's `cost` list: its name, steps, batch, images, wall
-        time, and where its curves are (OUT.metrics.jsonl)."""
+        time, and where its curves are (the lines of OUT.metrics.jsonl of its generation)."""
         return dict(stage=stage, steps=self.step, batch=batch, images=self.images,
-                    wall_s=round(time.time() - self.t0, 2), metrics=os.path.abspath(self.metrics))
+                    wall_s=round(time.time() - self.t0, 2), metrics=os.path.abspath(self.metrics),
+                    generation=self.generation)
 
     def save_output(self, ckpt):
         """Rank 0 writes `out` (atomically), and only then drops the state and its claim on `out`: a kill
@@ -206,9 +227,18 @@ class Progress:
             log(0, f"wrote {self.out}")
 
 
+def check_logging(kinds, out):
+    """Before any work: the folders of --log's loggers can be made, else one line (kt.loggers, imported only
+    when --log asks for one)."""
+    if kinds:
+        from kt.loggers import check_folders
+        check_folders(kinds, out)
+
+
 # ------------------------------------------------------------------------------------ the metrics file
-def read_metrics(path):
-    """OUT.metrics.jsonl -> its records (dicts), in order; a line a kill cut short is left out."""
+def read_metrics(path, generation=None):
+    """OUT.metrics.jsonl -> its records (dicts), in order; a line a kill cut short is left out. generation:
+    only that training's lines (a checkpoint's cost entry names its own)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -220,7 +250,8 @@ def read_metrics(path):
             records.append(json.loads(line))
         except ValueError:
             continue
-    return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)
+            and (generation is None or r.get("generation") == generation)]
 
 
 def write_metrics(path, records, append=False):

@@ -78,14 +78,22 @@ class EmbeddingPool:
                  "queries with the model that made the pool")
 
     def _shape(self, path):
-        if path.endswith(".npy"):
-            with open(path, "rb") as f:
-                return _npy_shape(f)
+        """The (rows, D) of a file's embeddings, from its header; a file cut short (a download that stopped)
+        is one line, not a failure of the memory map later."""
         try:
+            if path.endswith(".npy"):
+                with open(path, "rb") as f:
+                    shape, dtype = _npy_shape(f)
+                    whole = f.tell() + int(np.prod(shape)) * dtype.itemsize
+                if os.path.getsize(path) < whole:
+                    fail(f"{path} is cut short ({os.path.getsize(path)} of {whole} bytes): download it again")
+                return shape, dtype
             with zipfile.ZipFile(path) as zf, zf.open(self.key + ".npy") as f:
                 return _npy_shape(f)
         except KeyError:
             fail(f"{path} holds no array {self.key}")
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            fail(f"{path} is not a whole .npy / .npz file ({type(e).__name__}): download it again")
 
     def _array(self, i):
         """File i's embeddings: memory-mapped (.npy), or that one array of the .npz."""
@@ -171,7 +179,10 @@ def faiss_scan(path, pool, qz, device, sample=64):
         import faiss
     except ImportError:
         fail("--index needs faiss: pip install faiss-cpu (or faiss-gpu)")
-    index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    try:
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as e:  # not there, not an index, cut short
+        fail(f"--index {path} is not a readable faiss index ({' '.join(str(e).split())[:150]})")
     if index.ntotal != pool.size or index.d != pool.dim:
         fail(f"--index {path} holds {index.ntotal} vectors of {index.d} dimensions, the pool {pool.size} of "
              f"{pool.dim}: an index of another pool")
@@ -182,6 +193,7 @@ def faiss_scan(path, pool, qz, device, sample=64):
 
     def scan(q, _, depth, dev):
         s, i = index.search(np.ascontiguousarray(q, dtype=np.float32), depth)
+        s[i < 0] = -np.inf  # id -1: the probed lists held no more (retrieve() then stops going deeper)
         return torch.from_numpy(s), torch.from_numpy(i.astype(np.int64))
     some = qz[:sample]
     exact = search(some, pool(), 10, device)[1].numpy()  # the exact answer, for a few queries
