@@ -299,9 +299,9 @@ def get_args_parser():
                    "hf:DIR (a folder save_to_disk wrote, or the Hub's parquet layout: DIR/data/train-*.parquet, "
                    "test-*); segmentation: demo-seg, ade20k (DATA_ROOT/ADEChallengeData2016), folder:PATH "
                    "(PATH/{train,test}/images/ + masks/, PATH/classes.txt)")
-    p.add_argument("--image-column", metavar="NAME", help="hf: datasets: the column of images (default: the first "
+    p.add_argument("--image-column", metavar="NAME", help="hf: datasets: the column of images (unset: the first "
                    "Image feature)")
-    p.add_argument("--label-column", metavar="NAME", help="hf: datasets: the column of labels (default: the first "
+    p.add_argument("--label-column", metavar="NAME", help="hf: datasets: the column of labels (unset: the first "
                    "ClassLabel, else `label`); integers are class indices, strings class names")
     p.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
     p.add_argument("--shots", type=shots, default=10, help="the label budget: labeled images per class (10), "

@@ -567,6 +567,7 @@ def test_a_hugging_face_dataset_in_the_hubs_parquet_layout_runs_every_step(hf_ho
         split_step.make_split(tmp_path / "wrong.json", dataset, None, None, split_files=files, budget="train_1img")
 
 
+@pytest.mark.filterwarnings("ignore:.*kind is a column of strings")  # said once a process: asserted once below
 def test_hf_datasets_from_the_hub_cache_by_id_with_their_columns_and_as_pools(hf_home, tmp_path):
     """A Hub id read offline from the cache that a download leaves; columns named, or found by their type;
     a pool of any split, which needs no labels; a test split without labels tests on validation."""

@@ -82,11 +82,11 @@ def splits(spec):
     """{split name: datasets.Dataset} of SPEC, opened once per process (memory-mapped, nothing decoded)."""
     datasets = _datasets()
     path, config, local = where(spec)
+    saved = local and any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    if saved and config:
+        fail(f"hf:{spec}: {path} is what save_to_disk wrote, one configuration: name it hf:{path}")
     try:
-        if local and any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
-            loaded = datasets.load_from_disk(path)  # what save_to_disk wrote
-        else:
-            loaded = datasets.load_dataset(path, config)
+        loaded = datasets.load_from_disk(path) if saved else datasets.load_dataset(path, config)
     except Exception as e:  # noqa: BLE001 (datasets raises a dozen kinds: each is the user's data, one line)
         if local:
             fail(f"hf:{spec}: cannot read {path} as a dataset ({_one_line(e)}); hf:DIR is a folder save_to_disk "
@@ -96,7 +96,7 @@ def splits(spec):
             fail(f"hf:{spec} is neither a local folder nor in the local cache of Hub datasets "
                  f"({datasets.config.HF_DATASETS_CACHE}), and the Hub cannot be reached: on a connected machine "
                  f"run python -c \"import datasets; datasets.load_dataset({path!r}{config_arg}).save_to_disk('DIR')\""
-                 ", copy DIR here and use --dataset hf:DIR (or point HF_HOME at a copy of that machine's cache)")
+                 ", copy DIR here and name it hf:DIR (or point HF_HOME at a copy of that machine's cache)")
         fail(f"hf:{spec}: {_one_line(e)}")
     if isinstance(loaded, datasets.Dataset):  # a single split saved on its own
         loaded = {str(loaded.split or "train"): loaded}
