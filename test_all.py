@@ -619,10 +619,14 @@ def test_hf_datasets_from_the_hub_cache_by_id_with_their_columns_and_as_pools(hf
         with pytest.raises(SystemExit, match=message):
             run(transfer_set, "--split", tmp_path / "hub.json", "--source", "generic", "--pool", pool,
                 "--out", tmp_path / "bad.txt")
-    # a test split without labels (the Hub's ImageNet): its validation split is the test set; no test at all: one line
+    # a test split missing or without labels (the Hub's ImageNet): the validation split is the test set; neither: one line
     unlabeled = _hub_parquet(hf_home, tmp_path / "unlabeled", ("train", "validation", "test"), 2, unlabeled=("test",))
     with pytest.warns(UserWarning, match="its test split has no labels \\(-1\\): the validation split is the test set"):
         s = split_step.make_split(tmp_path / "val.json", unlabeled, 1, 0)
+    assert s["files"]["test"][0][0].endswith(":validation:0") and "val" not in s["files"]
+    no_test = _hub_parquet(hf_home, tmp_path / "no_test", ("train", "validation"), 2)  # the Hub's Food-101
+    with pytest.warns(UserWarning, match="has no test split: the validation split is the test set"):
+        s = split_step.make_split(tmp_path / "no_test.json", no_test, 1, 0)
     assert s["files"]["test"][0][0].endswith(":validation:0") and "val" not in s["files"]
     only_train = _hub_parquet(hf_home, tmp_path / "only_train", ("train",), 2)
     with pytest.raises(SystemExit, match="has no test split nor a validation split \\(its splits: train\\); cut "):
