@@ -1,5 +1,5 @@
 """Hugging Face datasets by name (`hf:`), read with the optional package `datasets`; kt.catalog imports this
-module for hf: names alone. [docs/datasets.md](../docs/datasets.md) is the user's side of it.
+module for hf: names alone. docs/datasets.md is the user's side of it.
 
   * names: `hf:OWNER/NAME[:CONFIG]`, a Hub dataset (datasets.load_dataset; offline, HF_HUB_OFFLINE=1, from
     the local cache under HF_HOME alone), and `hf:DIR[:CONFIG]`, a local folder: what save_to_disk wrote
