@@ -3,7 +3,7 @@
 # vision foundation model to a small model, against its baselines, as one table (runs/NAME/results.md).
 #
 #   bash run.sh [DATASET] [flags]        DATASET: demo (default, offline, ~3-5 min on 2 CPU cores), demo-seg,
-#                                        eurosat, flowers102, ..., ade20k, folder:PATH   (flags: see settings())
+#                                        eurosat, flowers102, ..., ade20k, folder:PATH, hf:NAME   (flags: see settings())
 #
 # Every step is a script that reads and writes files in $OUT; a step whose output exists (and is newer than
 # the files of $OUT it reads) is skipped, so a rerun resumes. Presets (presets/*.sh) set the demo's, the
@@ -156,7 +156,9 @@ settings() {
   SEEDS=${SEEDS:-$SEED} PY=${PY:-python} DATA_ROOT=${DATA_ROOT:-data}
   [[ -x .venv/bin/python && $PY == python ]] && PY=.venv/bin/python
   check_inputs
-  NAME=${DATASET#folder:} && OUT=${OUT:-runs/$(basename "$NAME")}
+  NAME=${DATASET#folder:}
+  if [[ $NAME == hf:* ]]; then NAME=${NAME#hf:} && NAME=${NAME%%:*}; fi  # hf:OWNER/NAME:CONFIG -> runs/NAME
+  OUT=${OUT:-runs/$(basename "$NAME")}
   for f in "$T_WEIGHTS" "$EMBED_WEIGHTS"; do [[ -z $f || -f $f ]] || bad "no such weights file: $f"; done
   inits
   # A real task's models and schedules; the presets change them for the demo, segmentation and --smoke.

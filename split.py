@@ -3,11 +3,13 @@
 Made once, so that every model sees the same labels: from --shots N (N labeled images per class) or
 --shots P% (P% of each class), drawn from --seed, the rest of the train split unlabeled and the dataset's
 test split the test set; or from the paper's split files (--split-files DIR --budget NAME, apple/ml-vfm-kt
-datasplits/<Task>/). Segmentation: --shots N is N images, and every mask is checked here, once.
+datasplits/<Task>/). Segmentation: --shots N is N images, and every mask is checked here, once. A Hugging Face
+dataset (--dataset hf:NAME or hf:DIR) takes its image and label columns from its features or from
+--image-column and --label-column; its train, validation and test splits are the parts (docs/datasets.md).
 
 Reads:  the dataset (kt.catalog lists it by name); split files with --split-files.
 Uses:   kt.catalog, kt.data, kt.training; kt.checkpoints, kt.claims, kt.checks; where used: kt.masks
-        (segmentation), kt.demo (the demo).
+        (segmentation), kt.demo (the demo), kt.hf_datasets (hf: datasets, with the optional datasets).
 Writes: split.json = {dataset, shots, seed | split_files, budget, classes, labeled, files: {part: [[image
         reference, label], ...]} for labeled, unlabeled, test (and val)}: every later step reads it, and
         nothing else of the dataset. Asked again with the same settings it is kept; with others, refused.
@@ -167,6 +169,41 @@ def classification_files(dataset, read, root):
     return classes, files
 
 
+def hf_files(dataset, read, image_column=None, label_column=None):
+    """Split files on an hf: dataset: each name is the file name its image was made from (the Image feature's
+    `path`, which the Hub's parquet files keep), found in any of its splits; its class is one of the dataset's
+    and, where the dataset labels the image, that label (a name in several splits is the one of its class)."""
+    from kt import hf_datasets
+    classes, named, train = hf_datasets.named_images(dataset, image_column, label_column)
+    index = {c: i for i, c in enumerate(classes)}
+    odd = sorted({c for rows in read.values() for _, c in rows} - set(index))
+    if odd:
+        fail(f"the split files name classes {odd[:5]} that {dataset} does not have (its classes: {classes[:8]})")
+
+    def find(name, cls):
+        hits = named.get(name, [])
+        if len(hits) > 1:
+            hits = [h for h in hits if h[1] == index[cls]]
+        return hits[0] if len(hits) == 1 else None
+    found = {(n, c): find(n, c) for rows in read.values() for n, c in rows}
+    lost = [n for (n, c), hit in found.items() if hit is None and not named.get(n)]
+    if lost:
+        fail(f"{len(lost)} files of the split files are not images of {dataset} (e.g. {lost[:3]}): an image is "
+             "named by the file it was made from, its Image feature's path")
+    unsure = [f"{n} ({c})" for (n, c), hit in found.items() if hit is None]
+    if unsure:
+        fail(f"{len(unsure)} files of the split files are images of {dataset} more than once and none of them "
+             f"of its class, e.g. {unsure[:3]}")
+    wrong = [f"{n} ({c}, {dataset}: {classes[hit[1]]})" for (n, c), hit in found.items() if hit[1] not in (index[c], -1)]
+    if wrong:
+        fail(f"{len(wrong)} files of the split files are of another class in {dataset}, e.g. {wrong[:3]}: split "
+             "files of another task?")
+    files = {part: [[found[n, c][0], index[c]] for n, c in rows] for part, rows in read.items() if part != "train_full"}
+    rest = [found[n, c][0] for n, c in read["train_full"]] if "train_full" in read else train
+    files["unlabeled"] = unlabeled_rest(files, [[r, -1] for r in rest])
+    return classes, files
+
+
 def check_masks(split, root):
     """Every labeled, val and test mask read once: the wrong size or a class out of range is one line, before
     any training (data.Images would otherwise skip that image with a warning)."""
@@ -187,24 +224,31 @@ def check_masks(split, root):
                 fail(f"cannot read the mask {mask} ({first_line(e)}) of {part} image {ref}")
 
 
-def parts(dataset, labeled, unlabeled, root):
+def parts(dataset, labeled, unlabeled, root, columns=(None, None)):
     """[reference, label] pairs of each part: the labeled and unlabeled indices of the train split, the test
-    split, and a folder dataset's val/ (the only datasets with a val split of their own)."""
+    split, and the val split of a folder dataset (val/) or an hf: dataset (the only ones with one of their own).
+    columns: an hf: dataset's image and label columns."""
     wanted = {"labeled": ("train", labeled), "unlabeled": ("train", unlabeled), "test": ("test", None)}
-    if dataset.startswith("folder:") and os.path.isdir(os.path.join(dataset[len("folder:"):], "val")):
+    if catalog.has_val(dataset, *columns):
         wanted["val"] = ("val", None)
     files = {}
     for part, (split, indices) in wanted.items():
-        refs, labels = catalog.split_refs(dataset, split, indices, root)
+        refs, labels = catalog.split_refs(dataset, split, indices, root, *columns)
         files[part] = [[ref, label] for ref, label in zip(refs, labels)]
     return files
 
 
-def make_split(path, dataset, shots, seed, root="data", split_files=None, budget=None):
-    """Write split.json at `path`; if it is there for the same settings, read it back (for others: refused)."""
+def make_split(path, dataset, shots, seed, root="data", split_files=None, budget=None, image_column=None,
+               label_column=None):
+    """Write split.json at `path`; if it is there for the same settings, read it back (for others: refused).
+    image_column, label_column: an hf: dataset's columns, where they are not the ones found by their type."""
     budget = budget.removesuffix(".txt") if budget else budget  # train_10img_per_class, however it is given
     want = dict(dataset=dataset, split_files=os.path.abspath(split_files), budget=budget) if split_files else \
         dict(dataset=dataset, shots=shots, seed=seed)
+    columns = (image_column, label_column)
+    if any(columns) and not dataset.startswith("hf:"):
+        fail(f"--image-column and --label-column choose the columns of an hf: dataset; {dataset} has none")
+    want.update({k: v for k, v in (("image_column", image_column), ("label_column", label_column)) if v})
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -225,17 +269,20 @@ def make_split(path, dataset, shots, seed, root="data", split_files=None, budget
         dense = catalog.dense_by_name(dataset)
         ds = catalog.load_dataset(dataset, "train", root)[0] if dense else None
         read = read_split_files(split_files, budget, dense)
-        classes, files = (segmentation_files if dense else classification_files)(dataset, read, root)
+        if dataset.startswith("hf:"):
+            classes, files = hf_files(dataset, read, *columns)
+        else:
+            classes, files = (segmentation_files if dense else classification_files)(dataset, read, root)
         split = dict(want, classes=classes, labeled=[p for p, _ in files["labeled"]], files=files)
     else:
-        ds, labels, classes = catalog.load_dataset(dataset, "train", root)
+        ds, labels, classes = catalog.load_dataset(dataset, "train", root, True, *columns)
         dense = catalog.is_dense(ds)
-        catalog.load_dataset(dataset, "test", root)  # a missing or mismatched test split is refused now, not later
+        catalog.load_dataset(dataset, "test", root, True, *columns)  # a missing or mismatched test split: refused now
         if dense and isinstance(shots, int) and shots > len(labels):
             fail(f"--shots {shots}: {dataset} has {len(labels)} train images (segmentation: --shots counts images)")
         labeled, unlabeled = label_budget([0] * len(labels) if dense else labels, shots, seed)  # dense: N images
         split = dict(want, classes=classes, labeled=labeled, unlabeled=unlabeled,
-                     files=parts(dataset, labeled, unlabeled, root))
+                     files=parts(dataset, labeled, unlabeled, root, columns))
     if dense:
         split.update(dense=True, reduce_zero_label=getattr(ds, "reduce_zero_label", False))
         check_masks(split, root)
@@ -250,8 +297,14 @@ def get_args_parser():
     p.add_argument("--dataset", default="demo", help="demo; torchvision's eurosat, flowers102, dtd, pets, "
                    "food101, cifar10, cifar100, stl10, places365; imagenet or ham10000 (downloaded into "
                    "DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE; "
-                   "segmentation: demo-seg, ade20k (DATA_ROOT/ADEChallengeData2016), folder:PATH "
+                   "hf:OWNER/NAME[:CONFIG] (a Hugging Face dataset: from the Hub, offline from its cache) or "
+                   "hf:DIR (a folder save_to_disk wrote, or the Hub's parquet layout: DIR/data/train-*.parquet, "
+                   "test-*); segmentation: demo-seg, ade20k (DATA_ROOT/ADEChallengeData2016), folder:PATH "
                    "(PATH/{train,test}/images/ + masks/, PATH/classes.txt)")
+    p.add_argument("--image-column", metavar="NAME", help="hf: datasets: the column of images (unset: the first "
+                   "Image feature)")
+    p.add_argument("--label-column", metavar="NAME", help="hf: datasets: the column of labels (unset: the first "
+                   "ClassLabel, else `label`); integers are class indices, strings class names")
     p.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
     p.add_argument("--shots", type=shots, default=10, help="the label budget: labeled images per class (10), "
                    "or a percentage of each class (1%%); segmentation: images in all (1200), or a percentage")
@@ -265,7 +318,8 @@ def get_args_parser():
 
 
 def main(args):
-    split = make_split(args.out, args.dataset, args.shots, args.seed, args.data_root, args.split_files, args.budget)
+    split = make_split(args.out, args.dataset, args.shots, args.seed, args.data_root, args.split_files, args.budget,
+                       args.image_column, args.label_column)
     sizes = ", ".join(f"{len(pairs)} {part}" for part, pairs in split["files"].items())
     training.log(0, f"{args.out}: {len(split['classes'])} classes; {sizes}")
     return split

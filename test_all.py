@@ -485,6 +485,172 @@ def test_a_segmentation_dataset_of_your_own_by_module(tmp_path, monkeypatch):
     assert x.shape == (3, 32, 32) and mask.shape == (32, 32) and int(mask.max()) < len(split["classes"])
 
 
+# ------------------------------------------------------------------------- Hugging Face datasets (hf:)
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """The datasets package offline, with a cache of the test's own: nothing real is read, written or reached
+    (the package reads its settings at import, so they are set on it as well as in the environment)."""
+    datasets = pytest.importorskip("datasets", reason="hf: datasets need the optional package datasets")
+    import huggingface_hub
+    from kt import hf_datasets
+    home = tmp_path / "hf_home"
+    for var, value in (("HF_HOME", str(home)), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    yield datasets
+    hf_datasets.splits.cache_clear()  # a Hub id in one test's cache is not another test's
+
+
+def _png(image, name):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": name}
+
+
+def _hub_parquet(datasets, root, splits=("train", "test"), per_class=6, unlabeled=(), columns=None, features=None):
+    """A dataset in the Hub's parquet layout, root/data/SPLIT-00000-of-00001.parquet: per_class demo images of 4
+    classes (the test split's from the demo's test images) as PNG bytes, each with the name of the file it was
+    made from, and their ClassLabel (-1 in the `unlabeled` splits); or columns(images, labels)' own columns."""
+    os.makedirs(root / "data", exist_ok=True)
+    for split in splits:
+        source, labels, _ = catalog.load_dataset("demo", "test" if split == "test" else "train")
+        picked = [i for c in range(4) for i in np.flatnonzero(np.asarray(labels) == c)[:per_class].tolist()]
+        images, ys = [source[i][0] for i in picked], [labels[i] for i in picked]
+        rows = columns(images, ys) if columns else dict(
+            image=[_png(im, f"{demo.CLASSES[y]}_{split}_{i}.png") for im, y, i in zip(images, ys, picked)],
+            label=[-1 if split in unlabeled else y for y in ys])
+        features = features or datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=demo.CLASSES[:4]))
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(root / "data" / f"{split}-00000-of-00001.parquet")
+    return f"hf:{root}"
+
+
+def test_a_hugging_face_dataset_in_the_hubs_parquet_layout_runs_every_step(hf_home, tmp_path):
+    dataset = _hub_parquet(hf_home, tmp_path / "shapes", splits=("train", "validation", "test"))
+    task = make_split(tmp_path, "--dataset", dataset, "--shots", 2)
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert split["classes"] == demo.CLASSES[:4] and len(split["labeled"]) == 8
+    assert {p: len(v) for p, v in split["files"].items()} == dict(labeled=8, unlabeled=16, test=24, val=24)
+    ref, label = split["files"]["test"][7]  # the dataset's own split name, its folder absolute
+    assert ref == f"hf:{tmp_path / 'shapes'}:test:7" and label == 1
+    source, labels, _ = catalog.load_dataset("demo", "test")
+    assert data.open_image(ref).tobytes() == source[np.flatnonzero(np.asarray(labels) == 1)[1]][0].tobytes()  # pixel for pixel
+    run(teacher, *task, "--model", "test_vit", *TINY, "--weights", "none", "--epochs", 1, "--batch-size", 8,
+        "--workers", 0, "--out", tmp_path / "teacher.pt")
+    run(student, *task, "--model", "test_resnet", *TINY, "--out", tmp_path / "student.pt")
+    run(transfer_set, *task, "--source", "target", "--out", tmp_path / "transfer.txt")
+    assert (tmp_path / "transfer.txt").read_text().split() == [r for r, _ in split["files"]["unlabeled"]]
+    run(distill, "--teacher", tmp_path / "teacher.pt", "--student", tmp_path / "student.pt", "--transfer",
+        tmp_path / "transfer.txt", "--epochs", 1, "--batch-size", 8, "--workers", 1,  # a worker opens them too
+        "--out", tmp_path / "kt.pt")
+    table = run(evaluate, *task, "--workers", 0, "--speed-batch", 0, "--out", tmp_path / "results.json",
+                f"teacher={tmp_path / 'teacher.pt'}", f"kt={tmp_path / 'kt.pt'}")
+    assert table["kt"]["test_images"] == 24 and "val_top1" in table["kt"]
+    # the same dataset as save_to_disk writes it: the same split, image for image
+    hf_home.load_dataset(str(tmp_path / "shapes")).save_to_disk(str(tmp_path / "saved"))
+    saved = split_step.make_split(tmp_path / "saved.json", f"hf:{tmp_path / 'saved'}", 2, 0)
+    assert saved["labeled"] == split["labeled"] and saved["classes"] == split["classes"]
+    assert [data.open_image(r).tobytes() for r, _ in saved["files"]["labeled"]] == \
+        [data.open_image(r).tobytes() for r, _ in split["files"]["labeled"]]
+    # the paper's split files name each image by the file it was made from (its Image feature's path)
+    files = tmp_path / "files"
+    os.makedirs(files)
+    name = hf_home.load_dataset(str(tmp_path / "shapes"))["train"].cast_column(
+        "image", hf_home.Image(decode=False))[split["labeled"][0]]["image"]["path"]
+    (files / "train_1img.txt").write_text(f"{name},{demo.CLASSES[split['files']['labeled'][0][1]]}\n")
+    named = split_step.make_split(tmp_path / "named.json", dataset, None, None, split_files=files, budget="train_1img")
+    assert named["files"]["labeled"] == [split["files"]["labeled"][0]] and len(named["files"]["unlabeled"]) == 23
+    (files / "train_1img.txt").write_text(f"{name},triangle\n")
+    with pytest.raises(SystemExit, match="1 files of the split files are of another class in hf:.*: split files of"):
+        split_step.make_split(tmp_path / "wrong.json", dataset, None, None, split_files=files, budget="train_1img")
+
+
+@pytest.mark.filterwarnings("ignore:.*kind is a column of strings")  # said once a process: asserted once below
+def test_hf_datasets_from_the_hub_cache_by_id_with_their_columns_and_as_pools(hf_home, tmp_path):
+    """A Hub id read offline from the cache that a download leaves; columns named, or found by their type;
+    a pool of any split, which needs no labels; a test split without labels tests on validation."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+    _hub_parquet(hf_home, tmp_path / "pq", per_class=3)
+    # what load_dataset("someone/shapes") leaves: HF_DATASETS_CACHE/someone___shapes/default/0.0.0/HASH/
+    files = {s: [str(tmp_path / "pq" / "data" / f"{s}-00000-of-00001.parquet")] for s in ("train", "test")}
+    Parquet(dataset_name="shapes", data_files=files, hash="0123abcd").download_and_prepare()
+    cache = hf_home.config.HF_DATASETS_CACHE
+    os.makedirs(cache / "someone___shapes")
+    shutil.move(glob.glob(str(cache / "shapes" / "default-*"))[0], cache / "someone___shapes" / "default")
+    hub = split_step.make_split(tmp_path / "hub.json", "hf:someone/shapes", 1, 0)
+    assert hub["files"]["labeled"][0][0].startswith("hf:someone/shapes:train:") and len(hub["files"]["test"]) == 12
+    assert data.open_image(hub["files"]["test"][0][0]).size == (32, 32)
+    with pytest.raises(SystemExit, match="hf:someone/shapes:other: .*Available configs in the cache: \\['default'\\]"):
+        split_step.make_split(tmp_path / "other.json", "hf:someone/shapes:other", 1, 0)
+    # two image columns and string labels: --image-column and --label-column choose
+    features = hf_home.Features(thumb=hf_home.Image(), photo=hf_home.Image(), kind=hf_home.Value("string"),
+                                size=hf_home.Value("int32"))
+    dataset = _hub_parquet(hf_home, tmp_path / "two", ("train", "test", "unsupervised"), 3, features=features,
+                           columns=lambda images, ys: dict(
+                               thumb=[_png(im.resize((8, 8)), None) for im in images],
+                               photo=[_png(im, None) for im in images],
+                               kind=[demo.CLASSES[y] for y in ys], size=[8] * len(ys)))
+    with pytest.raises(SystemExit, match="has no ClassLabel column nor one called label .*--label-column"):
+        split_step.make_split(tmp_path / "none.json", dataset, 1, 0)
+    with pytest.warns(UserWarning, match="kind is a column of strings, not a ClassLabel"):
+        s = split_step.make_split(tmp_path / "cols.json", dataset, 1, 0, image_column="photo", label_column="kind")
+    assert s["classes"] == sorted(demo.CLASSES[:4]) and s["image_column"] == "photo"
+    kinds = hf_home.load_dataset(str(tmp_path / "two"))["train"]["kind"]
+    for ref, label in s["files"]["labeled"]:
+        assert ref.startswith(f"hf:{tmp_path / 'two'}#photo:train:")  # the column chosen travels with the image
+        assert s["classes"][label] == kinds[int(ref.rsplit(":", 1)[1])]
+    assert data.open_image(ref).size == (32, 32) and data.open_image(ref.replace("#photo", "")).size == (8, 8)
+    with pytest.raises(SystemExit, match="records other settings .*image_column 'photo' vs 'thumb'"):
+        split_step.make_split(tmp_path / "cols.json", dataset, 1, 0, image_column="thumb", label_column="kind")
+    with pytest.raises(SystemExit, match="--image-column kind is a Value, not an Image \\(its Image columns: thumb, photo"):
+        split_step.make_split(tmp_path / "x.json", dataset, 1, 0, image_column="kind", label_column="kind")
+    (tmp_path / "train_x.txt").write_text("a.png,circle\n")
+    with pytest.raises(SystemExit, match="its images keep no file names .*use --shots"):
+        split_step.make_split(tmp_path / "x.json", dataset, None, None, split_files=tmp_path, budget="train_x",
+                              label_column="kind")
+    # a pool: any split of the dataset, labeled or not (transfer_set.py --pool hf:DIR:SPLIT)
+    run(transfer_set, "--split", tmp_path / "hub.json", "--source", "generic", "--pool", f"{dataset}:unsupervised",
+        "--out", tmp_path / "generic.txt")
+    assert (tmp_path / "generic.txt").read_text().split() == [f"{dataset}:unsupervised:{i}" for i in range(12)]
+    for pool, message in [(f"{dataset}:extra", "has no extra split \\(its splits: train, test, unsupervised\\)"),
+                          ("hf:", "an hf: pool names the dataset and one of its splits")]:
+        with pytest.raises(SystemExit, match=message):
+            run(transfer_set, "--split", tmp_path / "hub.json", "--source", "generic", "--pool", pool,
+                "--out", tmp_path / "bad.txt")
+    # a test split missing or without labels (the Hub's ImageNet): the validation split is the test set; neither: one line
+    unlabeled = _hub_parquet(hf_home, tmp_path / "unlabeled", ("train", "validation", "test"), 2, unlabeled=("test",))
+    with pytest.warns(UserWarning, match="its test split has no labels \\(-1\\): the validation split is the test set"):
+        s = split_step.make_split(tmp_path / "val.json", unlabeled, 1, 0)
+    assert s["files"]["test"][0][0].endswith(":validation:0") and "val" not in s["files"]
+    no_test = _hub_parquet(hf_home, tmp_path / "no_test", ("train", "validation"), 2)  # the Hub's Food-101
+    with pytest.warns(UserWarning, match="has no test split: the validation split is the test set"):
+        s = split_step.make_split(tmp_path / "no_test.json", no_test, 1, 0)
+    assert s["files"]["test"][0][0].endswith(":validation:0") and "val" not in s["files"]
+    only_train = _hub_parquet(hf_home, tmp_path / "only_train", ("train",), 2)
+    with pytest.raises(SystemExit, match="has no test split nor a validation split \\(its splits: train\\); cut "):
+        split_step.make_split(tmp_path / "t.json", only_train, 1, 0)
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_an_hf_dataset_that_is_not_there_offline_or_without_the_package_is_one_line(tmp_path, monkeypatch):
+    if importlib.util.find_spec("datasets"):  # a process of its own: the package reads its settings at import
+        env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   OMP_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, "split.py", "--dataset", "hf:nobody/nothing", "--out",
+                            str(tmp_path / "split.json")], cwd=HERE, env=env, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and not (tmp_path / "split.json").exists()
+        assert r.stderr.startswith("error: hf:nobody/nothing is neither a local folder nor in the local cache") and \
+            "datasets.load_dataset('nobody/nothing').save_to_disk('DIR')" in r.stderr
+    from kt import hf_datasets
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as where it is not installed
+    hf_datasets.splits.cache_clear()
+    with pytest.raises(SystemExit, match="hf: datasets need the optional package datasets: pip install datasets") as e:
+        split_step.make_split(tmp_path / "split.json", f"hf:{tmp_path}", 1, 0)
+    assert "\n" not in str(e.value) and not (tmp_path / "split.json").exists()
+
+
 # ------------------------------------------------------------------------------------ masks: ADE20K
 def _ade_layout(root, n_train=6, n_val=3, bad=None):
     """ADEChallengeData2016 in miniature: 40x30 JPEGs, masks with 0 ('other') and classes 1-150."""
@@ -2026,10 +2192,13 @@ def test_every_command_of_run_sh_is_one_its_script_accepts(tmp_path):
     named = next(c for c in paper if c[0] == "transfer_set.py" and "labeled,named" in c)  # the paper's own set
     assert named[named.index("--names") + 1] == "yfcc_retrieved_images_with_1200query.txt"
     calls = run_stubbed(tmp_path, "eurosat", "--pool", "stl10:unlabeled", "--init", "clip=fastvit_mci0.apple_mclip")
+    before = len(calls)
+    hub = run_stubbed(tmp_path, "hf:someone/dtd:rgb", "--pool", "hf:someone/pool:unsupervised")[before:]
+    assert ["split.py", "--dataset", "hf:someone/dtd:rgb"] == hub[0][:3] and "runs/dtd/split.json" in hub[0]
     assert {c[0] for c in calls} >= {"split.py", "teacher.py", "student.py", "transfer_set.py", "distill.py",
                                      "distill_agnostic.py", "finetune.py", "evaluate.py", "export.py"}
     assert web[0][0] == "-c" and "EmbeddingPool" in " ".join(web[0])  # the web pool checked before any work
-    for c in [c for c in web + paper + calls if c[0] != "-c"]:  # python SCRIPT.py ARGS, or python -m kt.demo ARGS
+    for c in [c for c in web + paper + calls + hub if c[0] != "-c"]:  # python SCRIPT.py ARGS, or python -m kt.demo ARGS
         module, argv = (c[1], c[2:]) if c[0] == "-m" else (c[0].removesuffix(".py"), c[1:])
         importlib.import_module(module).get_args_parser().parse_args(argv)
 

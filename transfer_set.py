@@ -10,7 +10,7 @@ Reads:  split.json (split.py), the pool, the retrieval encoder (an OpenCLIP towe
 Writes: --out, one image reference a line (read by distill.py); with a pool also OUT.report.json; with
         retrieval also OUT.png (each labeled query, then its kept neighbours). docs/transfer_sets.md: formats.
 Uses:   kt.knn, kt.pools, kt.embeddings, kt.data, kt.models, kt.training; kt.checkpoints, kt.claims,
-        kt.checks; where used: kt.catalog (DATASET:SPLIT pools), kt.clip_towers.
+        kt.checks; where used: kt.catalog (DATASET:SPLIT pools), kt.hf_datasets (hf: pools), kt.clip_towers.
 Run:    python transfer_set.py --split runs/demo/split.json --source target,retrieval --pool demo:unlabeled \
             --embed open_clip:ViT-B-32/laion2b_s34b_b79k --k 50 --out runs/demo/transfer.txt
         torchrun --nproc_per_node 8 transfer_set.py ...   (each rank embeds its share of the pool)
@@ -245,7 +245,8 @@ def get_args_parser():
     p.add_argument("--source", default="target", help="comma list of labeled, target, generic, retrieval; try "
                    "target,retrieval when few unlabeled, labeled,retrieval as the paper's ADE20K sets")
     p.add_argument("--pool", help="folder of images, text file of paths, .tar shards (folder or glob), "
-                                  "or DATASET:SPLIT such as stl10:unlabeled")
+                                  "DATASET:SPLIT such as stl10:unlabeled, or hf:NAME[:CONFIG]:SPLIT (any split of a "
+                                  "Hugging Face dataset, or of hf:DIR)")
     p.add_argument("--out", default="runs/demo/transfer_target.txt", help="the transfer list (one ref a line)")
     p.add_argument("--embed", default="open_clip:ViT-L-14/datacomp_xl_s13b_b90k",
                    help="retrieval encoder: open_clip:MODEL/TAG, open_clip:CFG.json, or teacher:PATH/teacher.pt")

@@ -5,6 +5,7 @@ nothing here imports a step, and no module imports one listed below it. Bottom t
   groups        layer-wise lr decay groups of a wrapped backbone (timm's group matcher)
   checkpoints   atomic writes, checkpoints as plain dicts (checked), the settings a file records
   claims        one writer per output file (OUT.lock); no output that is an input
+  hf_datasets   Hugging Face datasets by name (hf:NAME, hf:DIR): columns, splits, hf:SPEC:SPLIT:INDEX images
   catalog       datasets by name (torchvision, the demo, folders, ImageNet, HAM10000, ADE20K, py:MODULE)
   segmenters    a backbone read as feature maps plus a light decoder (torch only)
   clip_towers   OpenCLIP image towers as classifiers and as retrieval encoders
@@ -21,6 +22,6 @@ nothing here imports a step, and no module imports one listed below it. Bottom t
   embeddings    image embeddings for retrieval, cached on disk in resumable shards
   knn           exact top-k search and near-duplicate filtering (torch only, stands alone)
 
-The optional subjects (catalog, segmenters, clip_towers, loggers, masks, charts, demo) are imported where
+The optional subjects (catalog, hf_datasets, segmenters, clip_towers, loggers, masks, charts, demo) are imported where
 they are used, so a copied classification step needs only the modules its header names.
 """

@@ -6,6 +6,8 @@ images through indexed().
     py:MODULE: indexed() opens them (their images are referenced as NAME:SPLIT:INDEX);
   * imagenet (DATA_ROOT/imagenet/{train,val}/<wnid>/), folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*,
     optional PATH/val/), ham10000 (ISIC's metadata CSV): their images are referenced by path;
+  * hf:NAME[:CONFIG] and hf:DIR, Hugging Face datasets (kt.hf_datasets, imported for them alone): their
+    images are referenced as hf:SPEC:SPLIT:INDEX, SPLIT the dataset's own split name;
   * segmentation: ade20k (ADEChallengeData2016), demo-seg, folder:PATH with PATH/{train,test}/images/ +
     masks/ and PATH/classes.txt. A segmentation dataset has `dense = True`, and where a class index travels
     with an image, a mask reference travels with it here.
@@ -14,6 +16,7 @@ import csv
 import functools
 import importlib
 import os
+import re
 
 import numpy as np
 import torch
@@ -28,9 +31,11 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # ------------------------------------------------------------------------------ images kept by index
 def indexed_ref(ref):
-    """`NAME:SPLIT:INDEX` -> (NAME, SPLIT, INDEX); None for anything else (a file path, a tar member)."""
+    """`NAME:SPLIT:INDEX` -> (NAME, SPLIT, INDEX); None for anything else (a file path, a tar member). Read
+    from the right: an hf: NAME may hold ':' and '/', and its SPLIT is any of the dataset's own."""
     parts = ref.rsplit(":", 2)
-    if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit():
+    if len(parts) == 3 and parts[2].isdigit() and (parts[1] in SPLITS or parts[0].startswith("hf:") and
+                                                    re.fullmatch(r"\w+(\.\w+)*", parts[1])):
         return parts[0], parts[1], int(parts[2])
     return None
 
@@ -38,7 +43,11 @@ def indexed_ref(ref):
 @functools.lru_cache(maxsize=None)
 def indexed(name, split, root="data", download=True):
     """A dataset whose images are not files of their own, opened by `NAME:SPLIT:INDEX`: torchvision's
-    (their own download and layout), the demo's, or py:MODULE's (any module of yours with dataset(split))."""
+    (their own download and layout), the demo's, py:MODULE's (any module of yours with dataset(split)), or
+    an hf: dataset's (its images alone: opening one needs no label column)."""
+    if name.startswith("hf:"):
+        from kt import hf_datasets
+        return hf_datasets.open_split(name, split)
     if name in ("demo", "demo-seg") or name.startswith("py:"):
         # imported by name when asked for: the offline demo's data lives in kt/demo.py, which nothing else needs
         module = "kt.demo" if name in ("demo", "demo-seg") else name.removeprefix("py:")
@@ -206,9 +215,13 @@ def _labels(ds):
 
 
 @functools.lru_cache(maxsize=None)
-def load_dataset(name, split, root="data", download=True):
-    """(dataset, labels, classes) of one split; dataset[i] -> (PIL image, int label). Cached."""
-    if name in ("demo", "demo-seg") or name.startswith("py:") or name in TORCHVISION:
+def load_dataset(name, split, root="data", download=True, image_column=None, label_column=None):
+    """(dataset, labels, classes) of one split; dataset[i] -> (PIL image, int label). Cached. The columns
+    choose an hf: dataset's image and label columns (split.py's --image-column, --label-column)."""
+    if name.startswith("hf:"):
+        from kt import hf_datasets
+        ds = hf_datasets.open_split(name, split, image_column, label_column, labeled=True)
+    elif name in ("demo", "demo-seg") or name.startswith("py:") or name in TORCHVISION:
         ds = indexed(name, split, root, download)
     elif name == "imagenet":  # DATA_ROOT/imagenet/train/<wnid>/*.JPEG and val/<wnid>/*: val is the test set
         ds = _folder(os.path.join(root, "imagenet"), "val" if split == "test" else split)
@@ -225,14 +238,16 @@ def load_dataset(name, split, root="data", download=True):
             if ds.classes != train_classes:
                 fail(f"{name}: {split}/ classes {ds.classes} differ from train/ classes {train_classes}")
     else:
-        fail(f"unknown dataset '{name}'; choose demo, {', '.join(TORCHVISION + PAPER)}, folder:PATH or py:MODULE")
+        fail(f"unknown dataset '{name}'; choose demo, {', '.join(TORCHVISION + PAPER)}, folder:PATH, py:MODULE "
+             "or hf:NAME (a Hugging Face dataset)")
     classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
     return ds, _labels(ds), [str(c) for c in classes]
 
 
-def split_refs(dataset, split, indices=None, root="data"):
-    """References like `cifar10:train:17` for indices of a split (all of it when indices is None)."""
-    ds, labels, _ = load_dataset(dataset, split, root)
+def split_refs(dataset, split, indices=None, root="data", image_column=None, label_column=None):
+    """References like `cifar10:train:17` for indices of a split (all of it when indices is None); an hf:
+    dataset names its own (kt.hf_datasets: the split is the dataset's, the folder absolute)."""
+    ds, labels, _ = load_dataset(dataset, split, root, True, image_column, label_column)
     indices = range(len(ds)) if indices is None else indices
     outside = [i for i in indices if not 0 <= i < len(ds)]
     if outside:
@@ -242,8 +257,17 @@ def split_refs(dataset, split, indices=None, root="data"):
         refs = [os.path.abspath(ds.samples[i][0]) for i in indices]  # split.json works from any folder
         masks = [os.path.abspath(ds.samples[i][1]) for i in indices] if is_dense(ds) else None
         return refs, masks or [labels[i] for i in indices]
-    refs = [f"{dataset}:{split}:{i}" for i in indices]
+    refs = [ds.ref(i) if hasattr(ds, "ref") else f"{dataset}:{split}:{i}" for i in indices]
     return refs, refs if is_dense(ds) else [labels[i] for i in indices]  # a dense dataset's ref names its mask too
+
+
+def has_val(name, image_column=None, label_column=None):
+    """Whether a dataset has a val split of its own: a folder's val/, an hf: dataset's validation split (where
+    its test split is not missing or unlabeled, which makes that the test set)."""
+    if name.startswith("hf:"):
+        from kt import hf_datasets
+        return hf_datasets.has_val(name, image_column, label_column)
+    return name.startswith("folder:") and os.path.isdir(os.path.join(name[len("folder:"):], "val"))
 
 
 def is_dense(ds):

@@ -3,8 +3,8 @@
   * split.json (split.py makes it): the task's classes and, for each part (labeled, unlabeled, val, test),
     its images as [reference, label] pairs; a segmentation split's labels are mask references;
   * image references, one a line in transfer lists: a file path, `SHARD.tar::MEMBER`, or `NAME:SPLIT:INDEX`
-    for an image that is not a file of its own (torchvision's cifar10, the demo, py:MODULE: kt.catalog opens
-    those, imported only for them);
+    for an image that is not a file of its own (torchvision's cifar10, the demo, py:MODULE, an hf: dataset:
+    kt.catalog opens those, imported only for them);
   * Images + EpochSampler: every image's augmentation is seeded by (seed, epoch, index), so a run is the
     same for any worker count and resumes mid-epoch exactly.
 """

@@ -1,4 +1,5 @@
-"""Image pools for transfer sets: a folder, a text file of paths, webdataset .tar shards, or DATASET:SPLIT.
+"""Image pools for transfer sets: a folder, a text file of paths, webdataset .tar shards, DATASET:SPLIT, or
+hf:NAME:SPLIT (any split of a Hugging Face dataset, kt.hf_datasets).
 
 pool_refs(pool) lists a pool's images as references (data.open_image opens them); PoolImages decodes them
 in DataLoader workers and never raises on a bad file: the error travels with the item and is counted.
@@ -49,11 +50,18 @@ def pool_refs(pool, root):
                 refs, bad = [os.path.normpath(os.path.join(base, ln.strip())) for ln in f if ln.strip()], []
         except UnicodeDecodeError:
             fail(f"--pool {pool} is not a UTF-8 text file of image paths")
+    elif pool.startswith("hf:"):  # a Hugging Face dataset's split, any of its own: its images, no labels needed
+        from kt import hf_datasets
+        name, _, split = pool.rpartition(":")
+        if not name.startswith("hf:") or len(name) == 3 or not hf_datasets.SPLIT_NAME.fullmatch(split):
+            fail(f"--pool {pool}: an hf: pool names the dataset and one of its splits, hf:NAME[:CONFIG]:SPLIT")
+        images = hf_datasets.open_split(name, split)
+        refs, bad = [images.ref(i) for i in range(len(images))], []
     elif pool.rpartition(":")[0] and pool.rpartition(":")[2] in SPLITS:  # a dataset's split, by name
         from kt import catalog
         refs, bad = catalog.split_refs(*pool.rsplit(":", 1), root=root)[0], []
     else:
-        fail(f"--pool {pool}: not a folder, a file of paths, .tar shards, or DATASET:SPLIT ({SPLITS})")
+        fail(f"--pool {pool}: not a folder, a file of paths, .tar shards, DATASET:SPLIT ({SPLITS}) or hf:NAME:SPLIT")
     bad += [[r, "newline in the path"] for r in refs if "\n" in r]  # the transfer list is one ref a line
     refs = [r for r in refs if "\n" not in r]
     if not refs:
