@@ -126,18 +126,22 @@ def get_args_parser():
     p.add_argument("--batch-size", type=positive, default=128, help="views per teacher batch")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the views' crops and flips")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="the teacher's precision: auto (bf16 "
+                   "on a GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     p.add_argument("--out", default="runs/demo/cache", help="the cache directory")
     return p
 
 
 def main(args):
     device, rank, world = training.setup(args.train_seed)
-    autocast, _ = training.amp(device)
+    autocast, _ = training.amp(device, args.amp)
     t_ckpt = checkpoints.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     checkpoints.check_same_task(t_ckpt, "the teacher", s_ckpt, "the student")
     refs, classes = data.read_transfer_list(args.transfer), t_ckpt["classes"]
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
+    teacher = torch.compile(teacher) if args.compile else teacher
     t_cfg, s_cfg = t_ckpt["data_config"], s_ckpt["data_config"]
     meta = write_meta(args.out, dict(
         teacher=os.path.abspath(args.teacher), teacher_sha1=checkpoints.digest(args.teacher),  # one teacher a cache

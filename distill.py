@@ -73,7 +73,7 @@ def held_out_loss(student, teacher, x, s_cfg, t_cfg, temperature, autocast):
     """The KD loss on unaugmented images the student never trains on: whether distillation has converged.
     `student` is the plain module (a DDP forward on rank 0 alone would wait for the other ranks)."""
     student.eval()
-    with autocast():  # as in training: a compiled teacher is not compiled again for another precision
+    with autocast():  # in the training's precision
         loss = kd_loss(student(models.to_model_input(x, s_cfg)), teacher(models.to_model_input(x, t_cfg)), temperature)
     student.train()
     return loss.item()
@@ -96,7 +96,10 @@ def get_args_parser():
     p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
     p.add_argument("--holdout", type=nonnegative, default=64, help="transfer images (at most 5%% of them) kept "
                    "out of training: the KD loss on them is logged, to see whether distillation has converged")
-    p.add_argument("--compile", action="store_true", help="torch.compile student and teacher (GPU)")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
+                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
+                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+    p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds augmentation and data order")
     p.add_argument("--save-every", type=positive, default=500, help="steps between resumable states")
@@ -113,16 +116,16 @@ def main(args):
     if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
         claims.claim(args.out, reads=(args.teacher, args.student, args.transfer))
         check_logging(args.log, args.out)  # and the folders of --log can be made
-    autocast, scaler = training.amp(device)
+    autocast, scaler = training.amp(device, args.amp)
     t_ckpt = checkpoints.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     checkpoints.check_same_task(t_ckpt, "the teacher", s_ckpt, "the student")
     refs = data.read_transfer_list(args.transfer)
     teacher = models.load_model(t_ckpt).to(device).eval().requires_grad_(False)
     teacher = torch.compile(teacher) if args.compile else teacher
-    student, channels_last = training.prepare(models.load_model(s_ckpt).to(device), device, world, args.compile)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    student, channels_last = training.prepare(models.load_model(s_ckpt).to(device), device, world, args.compile,
+                                              args.amp)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
     # One augmented view per image at the larger of the two resolutions, pixels in [0, 1];
     # models.to_model_input then resizes and normalises it for each model on the device.
@@ -139,9 +142,10 @@ def main(args):
     per_epoch = len(sampler) // args.batch_size if many else 1
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
-    def measure():  # at each log: the KD loss on the held-out images
-        return dict(held_out_kd=held_out_loss(training.unwrap(student), teacher, held_x, s_cfg, t_cfg,
-                                              args.temperature, autocast))
+    def measure():  # at each log: the KD loss on the held-out images, by the plain modules (compiled ones would
+        # compile again for the held-out batch's shape)
+        return dict(held_out_kd=held_out_loss(training.unwrap(student), training.unwrap(teacher), held_x, s_cfg,
+                                              t_cfg, args.temperature, autocast))
     progress = Progress(args.out, model=student, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
                         save_every=args.save_every, log_every=args.log_every, log=args.log, rank=rank,
                         measure=measure if held else None,

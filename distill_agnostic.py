@@ -108,7 +108,10 @@ def get_args_parser():
     p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
     p.add_argument("--holdout", type=nonnegative, default=64, help="transfer images (at most 5%% of them) kept "
                    "out of training, as distill.py keeps them: the loss on them is logged")
-    p.add_argument("--compile", action="store_true", help="torch.compile student and VFM (GPU)")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
+                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
+                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+    p.add_argument("--compile", action="store_true", help="torch.compile student and VFM")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the projection, augmentation and data order")
     p.add_argument("--save-every", type=positive, default=500, help="steps between resumable states")
@@ -133,9 +136,9 @@ def main(args):
     vfm, v_cfg, vfm_dim = frozen_vfm(args.vfm, args.vfm_weights, args.img_size, segmenting, device)
     pair = StudentWithProjection(models.load_model(s_ckpt), vfm_dim, per_location=segmenting).to(device)
     vfm = torch.compile(vfm) if args.compile else vfm
-    autocast, scaler = training.amp(device)
+    autocast, scaler = training.amp(device, args.amp)
     opt = torch.optim.AdamW([p for p in pair.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay, fused=device.type == "cuda")
+                            weight_decay=args.weight_decay, fused=True)
 
     # As in distill.py: one augmented view in [0, 1] at the larger resolution, normalised per model.
     s_cfg = s_ckpt["data_config"]
@@ -152,7 +155,8 @@ def main(args):
     total, warmup = args.epochs * per_epoch, int(args.warmup * args.epochs * per_epoch)
 
     def measure():  # at each log: the loss on the held-out images
-        return dict(held_out_loss=held_out_loss(training.unwrap(pair), vfm, held_x, s_cfg, v_cfg, autocast))
+        return dict(held_out_loss=held_out_loss(training.unwrap(pair), training.unwrap(vfm), held_x, s_cfg, v_cfg,
+                                                autocast))  # the plain modules: no compiling for another shape
     progress = Progress(args.out, model=pair, optimizer=opt, scaler=scaler, total=total, per_epoch=per_epoch,
                         save_every=args.save_every, log_every=args.log_every, log=args.log, rank=rank,
                         measure=measure if held else None,
@@ -160,7 +164,7 @@ def main(args):
                                           vfm_weights=args.vfm_weights))
     if args.resume:
         progress.resume()
-    pair, _ = training.prepare(pair, device, world, args.compile)  # the student is never channels_last here
+    pair, channels_last = training.prepare(pair, device, world, args.compile, args.amp)
     pair.train()
     training.log(rank, f"agnostic distill {args.vfm} (frozen, {vfm_dim}-d embedding) -> "
                        f"{s_ckpt['recipe']['arch']}: {len(refs)} transfer images, {total} steps")
@@ -174,8 +178,11 @@ def main(args):
                     g["lr"] = args.lr * training.cosine_lr(progress.step, total, warmup)
                 with torch.inference_mode(), autocast():
                     v_emb = models.image_embedding(vfm, models.to_model_input(x, v_cfg))  # (B, D) or a map, no graph kept
+                xs = models.to_model_input(x, s_cfg)
+                if channels_last:
+                    xs = xs.contiguous(memory_format=torch.channels_last)
                 with autocast():
-                    s_emb = pair(models.to_model_input(x, s_cfg))  # the same shape, projected; through DDP if distributed
+                    s_emb = pair(xs)  # the same shape, projected; through DDP if distributed
                 loss = agnostic_loss(s_emb, v_emb.clone())  # clone: inference tensors cannot enter autograd
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

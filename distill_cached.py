@@ -128,7 +128,10 @@ def get_args_parser():
     p.add_argument("--lr", type=rate, default=1e-3, help="AdamW peak lr; scale with the batch size")
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
+                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
+                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the data order")
     p.add_argument("--save-every", type=positive, default=500, help="steps between resumable states")
@@ -145,13 +148,13 @@ def main(args):
     if rank == 0:  # before any work: --out can be written, is no input, and no other process writes it
         claims.claim(args.out, reads=(args.student,))
         check_logging(args.log, args.out)  # and the folders of --log can be made
-    autocast, scaler = training.amp(device)
+    autocast, scaler = training.amp(device, args.amp)
     s_ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py")
     meta, cache, cache_cost = load_cache(args.cache)
     checkpoints.check_same_task(meta, f"the teacher of {args.cache}", s_ckpt, "the student")
-    student, channels_last = training.prepare(models.load_model(s_ckpt).to(device), device, world, args.compile)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    student, channels_last = training.prepare(models.load_model(s_ckpt).to(device), device, world, args.compile,
+                                              args.amp)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     s_cfg = s_ckpt["data_config"]
     size = max(meta["view_size"], s_cfg["input_size"][-1])  # the same box, never upsampled for the student
     views = CachedViews(meta["refs"], cache, size, meta["interpolation"], args.data_root)

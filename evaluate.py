@@ -104,12 +104,12 @@ def images_per_second(model, cfg, device, autocast, batch, iters):
     x = torch.randn(batch, *cfg["input_size"], device=device)
     for i in range(2 + iters):
         if i == 2:  # kernels and caches are warm: start the clock
-            if device.type == "cuda":
+            if device.type == "cuda":  # CUDA only
                 torch.cuda.synchronize()
             t = time.perf_counter()
         with autocast():
             model(x)
-    if device.type == "cuda":
+    if device.type == "cuda":  # CUDA only
         torch.cuda.synchronize()
     return batch * iters / (time.perf_counter() - t)
 

@@ -65,6 +65,10 @@ def get_args_parser():
     p.add_argument("--kd-weight", type=fraction, default=None, help="with --teacher: the loss is (1 - w) CE + w KD "
                    "(default 0.5)")
     p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps with linear lr warmup")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
+                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
+                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (and the teacher)")
     p.add_argument("--workers", type=nonnegative, default=4)
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")
     p.add_argument("--log-every", type=nonnegative, default=0, help="steps between logs (stderr, "
@@ -86,7 +90,7 @@ def main(args):
     ckpt = checkpoints.load_checkpoint(args.student, kinds=("student",), made_by="student.py or distill.py")
     split = data.read_split(args.split)
     checkpoints.check_same_task(ckpt, args.student, split, args.split)
-    model = models.load_model(ckpt).to(device)
+    model, channels_last = training.prepare(models.load_model(ckpt).to(device), device, world, args.compile, args.amp)
     teacher, t_cfg, s_cfg = None, None, ckpt["data_config"]
     if args.teacher:  # frozen, only to label the same views
         t_ckpt = checkpoints.load_checkpoint(args.teacher, kinds=("teacher",), made_by="teacher.py")
@@ -94,9 +98,9 @@ def main(args):
         if checkpoints.task(t_ckpt) == "segmentation":
             fail("finetune.py --teacher is for classification; a segmenter finetunes on its masks alone")
         teacher, t_cfg = models.load_model(t_ckpt).to(device).eval().requires_grad_(False), t_ckpt["data_config"]
-    autocast, scaler = training.amp(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+        teacher = torch.compile(teacher) if args.compile else teacher
+    autocast, scaler = training.amp(device, args.amp)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
 
     images = labeled_images(split, s_cfg, t_cfg, args.data_root)
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
@@ -109,7 +113,6 @@ def main(args):
                         config=run_config(args, student=args.student, split=args.split, teacher=args.teacher))
     if args.resume:
         progress.resume()
-    model = training.ddp(model, device, world)
     model.train()
     training.log(rank, f"finetune {args.student}: {len(images)} labeled images, {total} steps")
     with progress:
@@ -125,6 +128,8 @@ def main(args):
                     with torch.inference_mode(), autocast():
                         t_logits = teacher(models.to_model_input(x, t_cfg)).clone()
                     x = models.to_model_input(x, s_cfg)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     loss = finetune_loss(model(x), y, args.smoothing, t_logits, args.kd_weight)
                 opt.zero_grad(set_to_none=True)

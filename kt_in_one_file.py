@@ -47,6 +47,7 @@ SETTINGS = dict(
     distill_epochs=15, distill_lr=1e-3, temperature=1.0, min_scale=0.25,  # smallest crop: 32px shows little
     finetune_epochs=20, finetune_lr=2e-4, scratch_lr=1e-3,  # a low lr keeps what distillation gave
     batch_size=32, distill_batch_size=64, weight_decay=0.05, smoothing=0.1, workers=0,
+    amp="auto",                         # bf16 autocast: auto (on a GPU), bf16 (on any device), or off
 )
 
 
@@ -102,7 +103,7 @@ def loader(paths, labels, transform, args, train=True, batch_size=None):
     return torch.utils.data.DataLoader(
         Images(paths, labels, transform), batch_size=batch_size or args.batch_size, shuffle=train,
         drop_last=train and len(paths) > (batch_size or args.batch_size), num_workers=args.workers,
-        generator=torch.Generator().manual_seed(args.seed))
+        generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available())
 
 
 def transform(cfg, train, normalize=True, min_scale=0.08):
@@ -145,11 +146,19 @@ def teacher_optimizer(model, args):
         for params, scale in (([p for p in g["params"] if id(p) not in head], g["lr_scale"]),
                               ([p for p in g["params"] if id(p) in head], args.head_lr / args.teacher_lr)):
             groups += [dict(g, params=params, lr_scale=scale)] if params else []
-    return torch.optim.AdamW(groups, lr=args.teacher_lr)
+    return torch.optim.AdamW(groups, lr=args.teacher_lr, fused=True)
 
 
-def fit(model, optimizer, batches, epochs, step_loss, warmup=0.1):
-    """`epochs` passes over `batches`, lr = peak * lr_scale * (linear warmup, then cosine to 0)."""
+def precision(device, amp):
+    """Autocast for every forward pass: bf16 on a GPU (amp auto), or as asked on any device. bf16 keeps
+    float32's range, so no loss scaling; the losses compute in float32."""
+    on = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def fit(model, optimizer, batches, epochs, step_loss, device, autocast, warmup=0.1):
+    """`epochs` passes over `batches` on `device`, lr = peak * lr_scale * (linear warmup, then cosine to 0).
+    The loss is read back once, at the end: the GPU never waits for the host in between."""
     total = epochs * len(batches)
     peaks = [g["lr"] * g.get("lr_scale", 1.0) for g in optimizer.param_groups]
     model.train()
@@ -158,7 +167,9 @@ def fit(model, optimizer, batches, epochs, step_loss, warmup=0.1):
         scale = (step + 1) / w if step < w else 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
         for g, peak in zip(optimizer.param_groups, peaks):
             g["lr"] = peak * scale
-        loss = step_loss(x, y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            loss = step_loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -166,23 +177,26 @@ def fit(model, optimizer, batches, epochs, step_loss, warmup=0.1):
 
 
 @torch.no_grad()
-def top1(model, batches):
+def top1(model, batches, device, autocast):
     model.eval()
-    hits = [(model(x).argmax(-1) == y).float() for x, y in batches]
+    with autocast():
+        hits = [(model(x.to(device)).argmax(-1).cpu() == y).float() for x, y in batches]
     return 100 * torch.cat(hits).mean().item()
 
 
-def finetune(model, cfg, labeled, args, lr):
+def finetune(model, cfg, labeled, args, lr, device, autocast):
     """Cross-entropy on the labeled images."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
     batches = loader(*labeled, transform(cfg, train=True), args)
     return fit(model, optimizer, batches, args.finetune_epochs,
-               lambda x, y: F.cross_entropy(model(x), y, label_smoothing=args.smoothing))
+               lambda x, y: F.cross_entropy(model(x), y, label_smoothing=args.smoothing), device, autocast)
 
 
 # ----------------------------------------------------------------------------------------- the method
 def main(args):
     torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the paper's: a GPU, with AMP
+    autocast = precision(device, args.amp)
     paths, labels, classes = image_folder(os.path.join(args.data, "train"))
     test_paths, test_labels, test_classes = image_folder(os.path.join(args.data, "test"))
     if test_classes != classes:
@@ -194,28 +208,33 @@ def main(args):
 
     # 1. The teacher: the VFM finetuned on the labels.
     teacher, t_cfg = create(args.teacher, len(classes), args.teacher_weights, args.img_size)
+    teacher.to(device)
     loss = fit(teacher, teacher_optimizer(teacher, args), loader(*labeled, transform(t_cfg, train=True), args),
-               args.teacher_epochs, lambda x, y: F.cross_entropy(teacher(x), y, label_smoothing=args.smoothing))
+               args.teacher_epochs, lambda x, y: F.cross_entropy(teacher(x), y, label_smoothing=args.smoothing),
+               device, autocast)
     print(f"teacher {args.teacher}: finetuned, loss {loss:.3f}")
     teacher.eval().requires_grad_(False)
 
     # 2. Distillation on the unlabeled images: one augmented view per image, at the larger resolution, in [0, 1].
     student, s_cfg = create(args.student, len(classes), "none", args.img_size)
+    student.to(device)
     view = dict(s_cfg, input_size=max(t_cfg["input_size"], s_cfg["input_size"]))
     views = loader(unlabeled, [-1] * len(unlabeled), transform(view, True, normalize=False, min_scale=args.min_scale),
                    args, batch_size=args.distill_batch_size)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.distill_lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.distill_lr, weight_decay=args.weight_decay, fused=True)
     loss = fit(student, optimizer, views, args.distill_epochs,
-               lambda x, _: distill_step(student, teacher, x, s_cfg, t_cfg, args.temperature), warmup=0.05)
+               lambda x, _: distill_step(student, teacher, x, s_cfg, t_cfg, args.temperature), device, autocast,
+               warmup=0.05)
     print(f"student {args.student}: distilled, KD loss {loss:.3f}")
 
     # 3. The student finetuned on the labels; the baseline: the same student trained on the labels alone.
-    finetune(student, s_cfg, labeled, args, args.finetune_lr)
+    finetune(student, s_cfg, labeled, args, args.finetune_lr, device, autocast)
     scratch, _ = create(args.student, len(classes), "none", args.img_size)
-    finetune(scratch, s_cfg, labeled, args, args.scratch_lr)
+    finetune(scratch.to(device), s_cfg, labeled, args, args.scratch_lr, device, autocast)
 
     # 4. Test top-1.
-    table = {name: top1(model, loader(test_paths, test_labels, transform(cfg, train=False), args, train=False))
+    table = {name: top1(model, loader(test_paths, test_labels, transform(cfg, train=False), args, train=False),
+                        device, autocast)
              for name, model, cfg in (("teacher", teacher, t_cfg), ("kt", student, s_cfg), ("scratch", scratch, s_cfg))}
     print("| model | top-1 |\n|---|---|\n" + "".join(f"| {n} | {v:.1f} |\n" for n, v in table.items()), end="")
     return table

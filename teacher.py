@@ -71,6 +71,10 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--smoothing", type=smoothing, default=0.1, help="label smoothing")
     p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps with linear lr warmup")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
+                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
+                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=nonnegative, default=4, help="DataLoader workers decoding images")
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")
     p.add_argument("--log-every", type=nonnegative, default=0, help="steps between logs (stderr, "
@@ -91,10 +95,10 @@ def main(args):
         args.model, len(split["classes"]), pretrained=args.weights == "hub",
         weights=None if args.weights in ("hub", "none") else args.weights, img_size=args.img_size,
         decoder=args.decoder if data.is_segmentation(split) else None)  # segmentation: a head on the patch features
-    model.to(device)
-    opt = torch.optim.AdamW(param_groups(model, args.mode, args.lr, args.head_lr, args.layer_decay,
-                                         args.weight_decay), lr=args.lr, fused=device.type == "cuda")
-    autocast, scaler = training.amp(device)
+    groups = param_groups(model, args.mode, args.lr, args.head_lr, args.layer_decay, args.weight_decay)
+    model, channels_last = training.prepare(model.to(device), device, world, args.compile, args.amp)
+    opt = torch.optim.AdamW(groups, lr=args.lr, fused=True)
+    autocast, scaler = training.amp(device, args.amp)
 
     images = data.part_dataset(split, "labeled", cfg, train=True, root=args.data_root)  # with masks, segmenting
     sampler = data.EpochSampler(len(images), args.train_seed, rank=rank, world=world)
@@ -107,7 +111,6 @@ def main(args):
                         config=run_config(args, split=args.split, weights=args.weights))
     if args.resume:
         progress.resume()
-    model = training.ddp(model, device, world)
     model.train()
     training.log(rank, f"teacher {args.model} ({args.mode}): {len(images)} labeled images, {total} steps")
     with progress:
@@ -116,6 +119,8 @@ def main(args):
             sampler.set_epoch(epoch, start=k * args.batch_size)  # resume mid-epoch exactly
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 for g in opt.param_groups:
                     g["lr"] = args.lr * g["lr_scale"] * training.cosine_lr(progress.step, total, warmup)
                 with autocast():

@@ -170,6 +170,14 @@ def test_the_one_file_method_reproduces_teacher_above_kt_above_scratch_on_the_de
     demo.main(demo.get_args_parser().parse_args(["--out", str(tmp_path / "vfm.pth")]))
     table = run(kt_in_one_file, "--data", tmp_path / "data", "--teacher-weights", tmp_path / "vfm.pth")
     assert table["teacher"] > table["kt"] + 5 > table["scratch"] + 15, table  # the paper's order, with margins
+    short = ["--teacher-epochs", 1, "--distill-epochs", 1, "--finetune-epochs", 1]  # its GPU lines: bf16 autocast
+    bf16 = run(kt_in_one_file, "--data", tmp_path / "data", "--teacher-weights", tmp_path / "vfm.pth", *short,
+               "--amp", "bf16")
+    assert all(0 <= v <= 100 for v in bf16.values())
+    with kt_in_one_file.precision(torch.device("cpu"), "bf16")():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    with kt_in_one_file.precision(torch.device("cpu"), "auto")():  # auto: float32 on the CPU, bf16 on a GPU
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
 
 
 
@@ -2868,6 +2876,86 @@ def test_bench_runs_every_mode_on_the_cpu(capsys):
 def test_loaders_use_at_most_one_worker_per_core():
     loader = data.loader(data.Images(["demo:train:0"]), 1, None, workers=64)
     assert loader.num_workers == os.cpu_count()
+
+
+# ------------------------------------------------------------------------ the GPU recipe, on the CPU
+def test_the_precision_is_chosen_in_one_place_and_channels_last_follows_it(cpu):
+    cpu_device = torch.device("cpu")
+    assert training.amp_dtype(cpu_device) is None and training.amp_dtype(cpu_device, "bf16") == torch.bfloat16
+    assert training.amp_dtype(cpu_device, "fp16") == torch.float16 and training.amp_dtype(cpu_device, "off") is None
+    autocast, scaler = training.amp(cpu_device, "fp16")  # fp16 scales the loss, bf16 needs not
+    assert scaler.is_enabled() and not training.amp(cpu_device, "bf16")[1].is_enabled()
+    with autocast():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float16
+    for arch, amp, want in [("test_resnet", "bf16", True), ("test_vit", "bf16", False), ("test_resnet", "off", False)]:
+        model, channels_last = training.prepare(models.create_model(arch, 10, img_size=32)[0], cpu_device, amp_mode=amp)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)) \
+            if arch == "test_resnet" else None
+        assert channels_last == want and (conv is None or conv.weight.is_contiguous(
+            memory_format=torch.channels_last) == want)
+
+
+def _recipe_runs(d, tmp_path, *extra):
+    """Every training step, short, on the tiny task, with extra flags: -> {step: its checkpoint}."""
+    quick = ["--workers", 0, "--batch-size", 20, *extra]  # 40 labeled images: no ragged batch to compile again
+    split = task_args(d)
+    out = lambda name: tmp_path / f"{name}.pt"
+    torch.manual_seed(0)
+    run(teacher, *split, "--model", "test_convnext", *TINY, "--weights", "none", "--epochs", 1, *quick, "--out", out("teacher"))
+    run(distill, "--teacher", out("teacher"), "--student", d / "student.pt", "--transfer", d / "transfer.txt",
+        "--epochs", 1, *quick, "--out", out("distill"))
+    run(distill_agnostic, "--vfm", "test_vit", "--vfm-weights", d / "vfm.pth", *TINY, "--student", d / "student.pt",
+        "--transfer", d / "transfer.txt", "--epochs", 1, *quick, "--out", out("distill_agnostic"))
+    run(cache_teacher, "--teacher", out("teacher"), "--student", d / "student.pt", "--transfer", d / "transfer.txt",
+        "--views", 2, "--topk", 4, "--workers", 0, *extra, "--out", tmp_path / "cache")
+    run(distill_cached, "--cache", tmp_path / "cache", "--student", d / "student.pt", "--epochs", 1, *quick,
+        "--out", out("distill_cached"))
+    run(finetune, *split, "--student", out("distill"), "--teacher", out("teacher"), "--epochs", 1, *quick,
+        "--out", out("finetune"))
+    names = ("teacher", "distill", "distill_agnostic", "distill_cached", "finetune")
+    return {n: checkpoints.load_checkpoint(out(n), kinds=("teacher", "student")) for n in names}
+
+
+@pytest.fixture(scope="module")
+def recipe_task(tmp_path_factory):
+    """The tiny task for the recipe tests: demo split, a random test_resnet student, 48 transfer images, a VFM file."""
+    d = tmp_path_factory.mktemp("recipe")
+    run(student, *task_args(d), "--model", "test_resnet", *TINY, "--out", d / "student.pt")
+    (d / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(42)))  # 40 + 2 held out
+    torch.manual_seed(0)
+    torch.save(models.create_model("test_vit", 10, img_size=32)[0].state_dict(), d / "vfm.pth")
+    return d
+
+
+def test_every_training_step_runs_the_gpu_recipe_on_the_cpu(recipe_task, tmp_path, cpu, monkeypatch):
+    """--amp bf16: the lines a GPU runs (bf16 autocast, channels_last for the convolutional student, fused
+    AdamW) run here, in every training step: finite losses, within bf16's tolerance of the float32 run."""
+    laid_out = []
+    real_prepare = training.prepare
+    monkeypatch.setattr(training, "prepare", lambda *a, **k: laid_out.append(real_prepare(*a, **k)[1]) or
+                        real_prepare(*a, **k))
+    fp32 = _recipe_runs(recipe_task, tmp_path / "fp32")
+    assert not any(laid_out)  # float32 on the CPU: no channels_last
+    laid_out.clear()
+    bf16 = _recipe_runs(recipe_task, tmp_path / "bf16", "--amp", "bf16")
+    assert sum(laid_out) == 5  # the convolutional teacher, and the student of distill, agnostic (with its projection), cached, finetune
+    for step in fp32:
+        loss = lambda c: next(v for k, v in c["metrics"].items() if k.endswith("loss"))
+        assert math.isfinite(loss(bf16[step])) and loss(bf16[step]) == pytest.approx(loss(fp32[step]), rel=0.1), step
+        a, b = fp32[step]["model"], bf16[step]["model"]
+        assert a.keys() == b.keys()
+        diff = sum((a[k].float() - b[k].float()).norm() ** 2 for k in a if a[k].is_floating_point()) ** 0.5
+        norm = sum(a[k].float().norm() ** 2 for k in a if a[k].is_floating_point()) ** 0.5
+        assert diff / norm < 0.02, (step, float(diff / norm))  # a few steps apart in bf16: close, not equal
+
+
+def test_compiled_steps_save_their_weights_under_their_plain_names(recipe_task, tmp_path, cpu):
+    """--compile on the CPU (torch.compile's inductor backend) with the GPU recipe, in every training step:
+    the checkpoints hold the plain module's names, and load into the plain model."""
+    for step, ckpt in _recipe_runs(recipe_task, tmp_path, "--amp", "bf16", "--compile").items():
+        assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"]), step
+        models.load_model(ckpt)  # every key fits the model its recipe builds
+        assert all(math.isfinite(v) for k, v in ckpt["metrics"].items() if isinstance(v, float)), step
 
 
 # ---------------------------------------------------------------------------------------- CUDA only

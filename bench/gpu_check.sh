@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$OU
 } > "$REPORT"
 
 # 1. the tests of this issue, CUDA ones included (the CPU ones are fast; nothing needs open_clip)
-timeout 300 $PY -m pytest -q -rs test_all.py -k "cuda or torchrun or cache or topk or ranks or reads_nothing" > "$OUT/tests_speed.log" 2>&1
+timeout 300 $PY -m pytest -q -rs test_all.py -k "cuda or torchrun or cache or topk or ranks or reads_nothing or recipe or compiled or precision" > "$OUT/tests_speed.log" 2>&1
 echo "CUDA tests (test_all.py -k ...): exit $? ($(tail -1 "$OUT/tests_speed.log"))" >> "$REPORT"
 
 # 2. the benchmark: eager first (always gives a table), then with torch.compile (slower to start)

@@ -8,7 +8,8 @@ images per second of:
   (a) teacher forward alone        inference mode + autocast, as distill.py runs it
   (b) student training step alone  distill_cached.student_step on one-hot labels (top-1 = cross-entropy)
   (c) distillation, naive          fp32 (TF32 off: PyTorch's defaults), NCHW, no compile, foreach AdamW
-  (d) distillation, as shipped     distill.teacher_logits + distill.student_step: bf16/fp16 autocast,
+  (d) distillation, as shipped     distill.teacher_logits + distill.student_step with the GPU recipe on
+                                   any device (--amp, bf16 by default, as distill.py on a GPU): autocast,
                                    channels_last for a conv student, fused AdamW, --compile if given
   (e) distillation from the cache  distill_cached.student_step on cached top-k (copied host -> device)
 
@@ -61,21 +62,24 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per mode (compile happens here)")
     p.add_argument("--compile", action="store_true", help="torch.compile the shipped teacher and student")
+    p.add_argument("--amp", default="bf16", choices=training.AMP_MODES, help="the shipped recipe's precision "
+                   "(distill.py --amp): bf16 on any device, as a GPU with bf16 runs it")
     p.add_argument("--out", default=None, help="also write the results here (JSON)")
     return p
 
 
 def main(args):
     device, _, _ = training.setup(0)  # as distill.py: TF32 on for any fp32 matmul on a GPU
-    autocast, scaler = training.amp(device)
+    autocast, scaler = training.amp(device, args.amp)
     B, S, C = args.batch_size, args.img_size, args.classes
     teacher, _, t_cfg = models.create_model(args.teacher, C, img_size=S)
     student, _, s_cfg = models.create_model(args.student, C, img_size=S)
     teacher = teacher.to(device).eval().requires_grad_(False)
     naive_student = copy.deepcopy(student).to(device).train()
-    student, channels_last = training.prepare(student.to(device).train(), device, compile=args.compile)
+    student, channels_last = training.prepare(student.to(device).train(), device, compile=args.compile,
+                                              amp_mode=args.amp)
     fast_teacher = torch.compile(teacher) if args.compile else teacher
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
     naive_opt = torch.optim.AdamW(naive_student.parameters(), lr=1e-4)
     fp32 = torch.amp.GradScaler(device.type, enabled=False)
 
@@ -114,9 +118,9 @@ def main(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# bench: teacher {args.teacher}, student {args.student}, {S}px, batch {B}, {C} classes, "
           f"top-{k}; {name}, torch {torch.__version__}")
-    print(f"# shipped: autocast {'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'fp16' if device.type == 'cuda' else 'off (CPU)'}, "
-          f"channels_last {channels_last}, compile {args.compile}, fused AdamW {device.type == 'cuda'}, "
-          f"SDPA attention in {sum(fused)}/{len(fused)} teacher blocks")
+    dtype = training.amp_dtype(device, args.amp)
+    print(f"# shipped: autocast {str(dtype).removeprefix('torch.') if dtype else 'off'}, channels_last {channels_last}, "
+          f"compile {args.compile}, fused AdamW, SDPA attention in {sum(fused)}/{len(fused)} teacher blocks")
     table = {}
     for key, (label, step) in modes.items():
         tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -46,7 +46,7 @@ def set_rng_state(s):
     keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
-    if s["cuda"]:
+    if s["cuda"]:  # CUDA only
         torch.cuda.set_rng_state_all(s["cuda"])
 
 

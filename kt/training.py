@@ -17,18 +17,20 @@ from kt.checks import fail
 
 
 def setup(seed):
-    """Device and torchrun/DDP context. Returns (device, rank, world). One process works unchanged."""
+    """Device and torchrun/DDP context. Returns (device, rank, world). One process works unchanged.
+
+    The lines marked "CUDA only" are the GPU recipe's few that need a GPU itself (choosing it, TF32, NCCL,
+    synchronising a timer, the GPU's RNG); everything else it does runs on the CPU too (amp, prepare)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    if torch.cuda.is_available():
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # CUDA only
         local = int(os.environ.get("LOCAL_RANK", 0))
         if local >= torch.cuda.device_count():
             fail(f"local rank {local} but {torch.cuda.device_count()} GPU(s) on this node: lower --nproc_per_node")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     random.seed(seed + rank)
@@ -37,13 +39,26 @@ def setup(seed):
     return device, rank, world
 
 
-def amp(device):
-    """Autocast context and GradScaler: bf16 where the GPU has it, fp16 + loss scaling otherwise; fp32 on CPU."""
-    if device.type != "cuda":
-        return nullcontext, torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), torch.amp.GradScaler("cuda",
-                                                                               enabled=dtype == torch.float16)
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # --amp
+
+
+def amp_dtype(device, mode="auto"):
+    """The one choice of precision: the autocast dtype (bf16, fp16), or None for float32. auto: bf16 on a GPU
+    that has it, fp16 on one that has not, float32 on the CPU; bf16 / fp16 / off: that on any device. The
+    CPU runs bf16 and fp16 autocast too, so the GPU recipe's lines run (and are tested) without a GPU."""
+    if mode == "auto":
+        mode = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return dict(bf16=torch.bfloat16, fp16=torch.float16).get(mode)
+
+
+def amp(device, mode="auto"):
+    """Autocast context and GradScaler for the precision amp_dtype() chooses: fp16 scales the loss (its small
+    gradients would underflow), bf16 and float32 need no scaling."""
+    dtype = amp_dtype(device, mode)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if dtype is None:
+        return nullcontext, scaler
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 def label_loss(logits, labels, smoothing=0.0):
@@ -70,14 +85,16 @@ def ddp(model, device, world):
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def prepare(model, device, world=1, compile=False):
+def prepare(model, device, world=1, compile=False, amp_mode="auto"):
     """A trained model at speed. Returns (model, channels_last).
 
-    Order matters: channels_last first (it re-lays the weights; NHWC convolutions are faster on tensor
-    cores, a ViT gains nothing), then DDP (torchrun), then torch.compile of the DDP module, which lets the
-    compiler split the graph at DDP's gradient buckets and overlap their all-reduce with the backward pass.
+    Order matters: channels_last first (it re-lays the weights: NHWC convolutions are what tensor cores and
+    oneDNN's bf16 kernels want; a ViT gains nothing), for a convolutional model in reduced precision; then
+    DDP (torchrun); then torch.compile of the DDP module, which lets the compiler split the graph at DDP's
+    gradient buckets and overlap their all-reduce with the backward pass.
     """
-    channels_last = device.type == "cuda" and not hasattr(model, "patch_embed")
+    convolutional = sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1  # a ViT's one is its patch embed
+    channels_last = amp_dtype(device, amp_mode) is not None and convolutional
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ddp(model, device, world)
