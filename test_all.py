@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import timm
 
 import cache_teacher
 import distill
@@ -829,12 +830,88 @@ def test_open_clip_teachers_finetune_with_layer_decay(tmp_path):
         assert all(v > 0 for v in moved.values()), moved  # the new head and the tower's lowest layer both trained
 
 
+# the newest VFMs as a user picks them: each family's tag, its preprocessing, the library that knows it
+FAMILIES = [  # (model, mean, std, interpolation, crop): what the tag's own model card would have a user do
+    ("vit_small_patch16_dinov3.lvd1689m", 0.485, 0.229, "bicubic", "center"),  # DINOv3: ImageNet's
+    ("convnext_tiny.dinov3_lvd1689m", 0.485, 0.229, "bicubic", "center"),
+    ("vit_pe_core_tiny_patch16_384.fb", 0.5, 0.5, "bicubic", "center"),  # PE-Core in timm
+    ("fastvit_mci0.apple_mclip2_dfndr2b", 0.0, 1.0, "bicubic", "center"),  # MobileCLIP2: none
+    ("open_clip:PE-Core-T-16-384/meta", 0.5, 0.5, "bilinear", "squash"),
+    ("open_clip:MobileCLIP2-S0/dfndr2b", 0.0, 1.0, "bilinear", "center"),
+]
+
+
+def test_each_vfm_family_preprocesses_as_its_tag_says_also_from_a_local_file(tmp_path):
+    """The data config of each family's tag, pinned: also when the weights come from a file (an OpenCLIP model
+    from a file used OpenAI CLIP's mean and std whatever its tag); a file without a tag takes what the model's
+    tags agree on (SigLIP 2's webli: 0.5), and a model whose tags differ asks for the tag."""
+    import open_clip
+    for name, mean, std, interpolation, crop in FAMILIES:
+        weights = None
+        if name.startswith("open_clip:"):  # random weights saved as a downloaded file would be
+            weights = tmp_path / f"{name.split('/')[0][10:]}.bin"
+            torch.save({k: v.half() for k, v in open_clip.create_model(name[10:].split("/")[0]).state_dict().items()},
+                       weights)  # (half precision: half the bytes to write in a test)
+        cfg = models.create_model(name, 3, weights=str(weights) if weights else None, img_size=64)[2]
+        assert (cfg["mean"][0], cfg["std"][0], cfg["interpolation"], cfg.get("crop_mode", "center")) == \
+            pytest.approx((mean, std, interpolation, crop)), name
+        transform = models.transform(cfg, train=False)  # the eval transform follows it: squash or crop
+        resized = [t for t in transform.transforms if type(t).__name__ == "Resize"][0]
+        assert (crop == "squash") == isinstance(resized.size, (tuple, list)), name
+    from kt import clip_towers
+    assert clip_towers.preprocessing("ViT-B-16-SigLIP2", None, "x")["mean"] == [0.5, 0.5, 0.5]
+    assert clip_towers.preprocessing("ViT-B-16-SigLIP2", "webli", "x")["resize_mode"] == "squash"
+    assert clip_towers.preprocessing("ViT-B-32", None, "x")["mean"][0] == pytest.approx(0.4815, abs=1e-4)
+    with pytest.raises(SystemExit, match="tags .* preprocess differently: name the tag your weights are"):
+        clip_towers.preprocessing("ViT-L-14", None, "ViT-L-14")  # OpenAI's and others' (0.5) differ
+    for name in ("vit_base_patch16_siglip_224.v2_webli", "vit_base_patch16_radio_v3.c_radio", "aimv2_large_patch14_224.apple_pt"):
+        assert name.split(".")[0] in timm.list_models()  # the installed timm has them (requirements.txt's floor)
+
+
+def test_a_name_an_older_library_lacks_says_which_version_has_it(monkeypatch):
+    import importlib.metadata
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: {"timm": "1.0.9", "open_clip_torch": "2.24.0"}.get(p) or real(p))
+    monkeypatch.setattr(timm, "list_models", lambda *a, **k: [])  # as an old timm would answer
+    for name, message in [("vit_small_patch16_dinov3.lvd1689m", "timm 1.0.9 does not know .*DINOv3 came with timm 1.0.20"),
+                          ("vit_base_patch16_radio_v3.c_radio", "C-RADIO came with timm 1.0.31"),
+                          ("resnet_made_up", "unknown model 'resnet_made_up'; try a timm name")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            models.create_model(name, 3)
+        assert "\n" not in str(e.value)
+    import open_clip
+    monkeypatch.setattr(open_clip, "get_model_config", lambda name: None)
+    with pytest.raises(SystemExit, match="open_clip_torch 2.24.0 does not know 'MobileCLIP2-S0': MobileCLIP2 came with "
+                                         "open_clip_torch 3.2"):
+        models.create_model("open_clip:MobileCLIP2-S0/dfndr2b", 3)
+
+
+def test_layer_decay_means_the_same_in_every_family():
+    """--layer-decay is spread over the depth: the stem of a 12-block ViT, a ConvNeXt (19 levels) and a deeper
+    ViT all train at decay^13 of the top lr; the top block just below the head at decay of it, or closer."""
+    stems = {}
+    for arch, stem in [("vit_small_patch16_dinov3", "patch_embed.proj.weight"), ("convnext_tiny", "stem.0.weight"),
+                       ("test_vit", "patch_embed.proj.weight")]:
+        model = models.create_model(arch, 5)[0]
+        scale = {id(p): g["lr_scale"] for g in teacher.param_groups(model, "finetune", 1e-4, 1e-3, 0.75, 0.05)
+                 for p in g["params"]}
+        stems[arch] = scale[id(dict(model.named_parameters())[stem])]
+    assert stems == pytest.approx({a: 0.75 ** 13 for a in stems})
+
+
 def test_segmenters_read_timm_and_open_clip_backbones(tmp_path):
+    """A timm network, an OpenCLIP ViT tower, and an OpenCLIP tower built on a timm trunk (how open_clip builds
+    SigLIP 2, PE-Core and MobileCLIP2): each segments, every parameter used, layer-wise decay, rebuilt."""
     clip = f"open_clip:{tiny_clip(tmp_path)}"
-    for arch, decoder, grid in (("test_resnet", "lraspp", 8), ("test_vit", "linear", 4), (clip, "linear", 4)):
+    trunk = dict(TINY_CLIP, vision_cfg={"timm_model_name": "test_vit", "timm_model_pretrained": False,
+                                        "timm_pool": "map", "timm_proj": "none", "image_size": 32})
+    (tmp_path / "trunk.json").write_text(json.dumps(trunk))
+    on_trunk = f"open_clip:{tmp_path / 'trunk.json'}"
+    for arch, decoder, grid in (("test_resnet", "lraspp", 8), ("test_vit", "linear", 4), (clip, "linear", 4),
+                                (on_trunk, "linear", 2)):
         kw = dict(img_size=64) if arch == "test_vit" else {}
         model, recipe, _ = models.create_model(arch, 3, decoder=decoder, **kw)
-        x = torch.randn(2, 3, 64 if arch != clip else 32, 64 if arch != clip else 32)
+        x = torch.randn(2, 3, 64 if not arch.startswith("open_clip") else 32, 64 if not arch.startswith("open_clip") else 32)
         assert model(x).shape == (2, 3, grid, grid)
         model(x).sum().backward()  # every parameter is used (DDP needs it): the classifier was pruned away
         assert not [n for n, p in model.named_parameters() if p.grad is None]
@@ -1010,12 +1087,29 @@ def test_total_sets_an_equal_number_of_neighbours_per_query(tmp_path):
     assert refs[:4] == data.part_refs(data.read_split(tmp_path / "split.json"), "labeled")[0]
 
 
-def test_teacher_backbone_embedding(tmp_path):
+@pytest.mark.parametrize("encoder", ["teacher", "timm"])
+def test_a_teacher_or_a_timm_vfm_embeds_images_for_retrieval(tmp_path, encoder):
+    """--embed teacher:PATH (the finetuned teacher's pooled features) or timm:NAME (a timm VFM as pretrained,
+    here from a local weights file): every query gets its k images, the cache holds that model's embeddings."""
     random_checkpoint(tmp_path / "teacher.pt", "teacher", "test_vit", [str(c) for c in range(10)])
-    demo_pool(tmp_path / "pool", 6)
-    lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", str(tmp_path / "pool"), "--k", "2",
-                        "--embed", f"teacher:{tmp_path / 'teacher.pt'}", "--leak-threshold", "2")
-    assert rep["queries"] == 10 and 1 <= len(lines) <= 6
+    torch.manual_seed(1)
+    vfm = models.create_model("test_vit", 1)[0]
+    torch.save(vfm.state_dict(), tmp_path / "vfm.pth")
+    spec, extra = (f"teacher:{tmp_path / 'teacher.pt'}", []) if encoder == "teacher" else \
+        ("timm:test_vit", ["--embed-weights", tmp_path / "vfm.pth"])
+    demo_pool(tmp_path / "pool", 30)
+    lines, rep = run_ts(tmp_path, "--source", "retrieval", "--pool", tmp_path / "pool", "--k", 2, "--embed", spec,
+                        *extra, "--leak-threshold", 2, "--dedup-threshold", 0.99999, cache="cache")
+    assert rep["embed"] == spec and rep["short_queries"] == 0 and rep["kept"] == len(lines) == 10 * 2
+    z = np.load(glob.glob(str(tmp_path / "cache/pool-*/00000.npy"))[0])
+    ckpt = checkpoints.load_checkpoint(tmp_path / "teacher.pt")
+    model, cfg = (models.load_model(ckpt), ckpt["data_config"]) if encoder == "teacher" else \
+        (vfm, models.create_model("test_vit", 1)[2])
+    ref = data.open_image(sorted(glob.glob(str(tmp_path / "pool/*.png")))[0])
+    transform = models.transform(cfg, train=False)
+    with torch.no_grad():  # the first pool image's row: that model's pooled features, unit length
+        want = torch.nn.functional.normalize(models.image_embedding(model.eval(), transform(ref)[None]).float(), dim=-1)
+    np.testing.assert_allclose(z[0].astype(np.float32), want[0].numpy(), atol=2e-3)
 
 
 def test_a_segmentation_teacher_embeds_images_for_retrieval(seg):

@@ -249,8 +249,11 @@ def get_args_parser():
                                   "Hugging Face dataset, or of hf:DIR)")
     p.add_argument("--out", default="runs/demo/transfer_target.txt", help="the transfer list (one ref a line)")
     p.add_argument("--embed", default="open_clip:ViT-L-14/datacomp_xl_s13b_b90k",
-                   help="retrieval encoder: open_clip:MODEL/TAG, open_clip:CFG.json, or teacher:PATH/teacher.pt")
-    p.add_argument("--embed-weights", help="local open_clip weights file (offline) instead of the hub")
+                   help="retrieval encoder: open_clip:MODEL/TAG (e.g. PE-Core-L-14-336/meta, ViT-B-16-SigLIP2/webli), "
+                   "open_clip:CFG.json, timm:NAME (a timm VFM's pooled features, e.g. "
+                   "timm:vit_base_patch16_dinov3.lvd1689m), or teacher:PATH/teacher.pt")
+    p.add_argument("--embed-weights", help="local weights file of the open_clip or timm encoder (offline) instead "
+                   "of the hub")
     p.add_argument("--embed-pretrained", default="hub", choices=["hub", "none"],
                    help="none: random weights (tests only; the neighbours are then meaningless)")
     p.add_argument("--k", type=positive, default=100,

@@ -1,7 +1,8 @@
 """Image embeddings for retrieval, cached on disk in resumable shards.
 
 Encoder(spec): an OpenCLIP image tower (`open_clip:MODEL/TAG`, or a .json config) with its own
-preprocessing, or a finetuned teacher's pooled features (`teacher:PATH`). embed_shards() writes
+preprocessing, a timm network's pooled features (`timm:NAME`: DINOv3, SigLIP 2, PE-Core, C-RADIO, AIMv2,
+...), or a finetuned teacher's (`teacher:PATH`). embed_shards() writes
 CACHE/KIND-NAME-KEY/NNNNN.npy (float16 (n, D), unit norm) and NNNNN.json ({ids, hashes, bad}), the .json
 last: a killed run skips finished shards; under torchrun rank r embeds shards r, r + world, ...
 """
@@ -31,6 +32,12 @@ class Encoder:
             self.model, self.fn = models.load_model(ckpt).eval(), self.pooled
             self.transform = models.transform(ckpt["data_config"], train=False)
             self.key = ["teacher", stamp(spec[len("teacher:"):])]
+        elif spec.startswith("timm:"):  # a VFM as it was pretrained: its pooled embedding, its data config
+            self.model, _, cfg = models.create_model(spec[len("timm:"):], 1, pretrained=pretrained == "hub" and not weights,
+                                                     weights=weights)
+            self.model, self.fn = self.model.eval(), self.pooled
+            self.transform = models.transform(cfg, train=False)
+            self.key = ["timm", spec, stamp(weights), None if weights or pretrained == "hub" else seed]
         elif spec.startswith("open_clip:"):
             from kt import clip_towers
             self.model, self.fn, self.transform, key = clip_towers.encoder(spec[len("open_clip:"):], weights,
@@ -38,7 +45,7 @@ class Encoder:
             source = weights or (key[1] if pretrained == "hub" else None)
             self.key = key + [stamp(source), None if source else seed]
         else:
-            fail(f"--embed {spec}: use open_clip:MODEL/TAG, open_clip:CONFIG.json or teacher:PATH")
+            fail(f"--embed {spec}: use open_clip:MODEL/TAG, open_clip:CONFIG.json, timm:NAME or teacher:PATH")
 
     def pooled(self, x):
         """x (B, 3, H, W) -> (B, D): a checkpoint's image embedding, averaged over locations if it is a map."""

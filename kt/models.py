@@ -15,11 +15,32 @@ import torch.nn.functional as F
 from kt.checks import fail, first_line
 
 
+# The vision foundation models of 2025-26 and the first library version that has them: an older timm or
+# open_clip is one line that says which to install, not "unknown model".
+NEWER = [("dinov3", "timm", "1.0.20", "DINOv3"), ("mclip2", "timm", "1.0.20", "MobileCLIP2"),
+         ("radio", "timm", "1.0.31", "C-RADIO"), ("siglip2", "open_clip_torch", "2.31", "SigLIP 2"),
+         ("pe-core", "open_clip_torch", "3.0", "Perception Encoder"),
+         ("mobileclip2", "open_clip_torch", "3.2", "MobileCLIP2")]
+
+
+def unknown_model(name, package, hint):
+    """Stop on a model name `package` does not know: a newer family than the installed version says which
+    version has it; anything else is one line with `hint` (where to look for names)."""
+    from importlib.metadata import version
+    from packaging.version import Version
+    have = version(package)
+    for pattern, lib, first, family in NEWER:
+        if lib == package and pattern in name.lower() and Version(have) < Version(first):
+            fail(f"{package} {have} does not know '{name}': {family} came with {package} {first}; "
+                 f"pip install -U '{package}>={first}'")
+    fail(f"unknown model '{name}'; {hint}")
+
+
 def _timm(arch, num_classes, pretrained, img_size, kwargs):
     """A timm model with a `num_classes` head; hub weights when `pretrained`."""
     import timm
     if arch not in timm.list_models() and arch.split(".")[0] not in timm.list_models():
-        fail(f"unknown model '{arch}'; try a timm name (timm.list_models()) or open_clip:MODEL/TAG")
+        unknown_model(arch, "timm", "try a timm name (timm.list_models()) or open_clip:MODEL/TAG")
 
     def build(**kw):
         try:
@@ -139,7 +160,8 @@ def transform(cfg, train, normalize=True, scale=(0.08, 1.0)):
     """timm's train/eval transform for a model's data config; normalize=False keeps pixels in [0, 1]."""
     from timm.data import create_transform
     mean, std = (cfg["mean"], cfg["std"]) if normalize else ((0.0,) * 3, (1.0,) * 3)
-    kw = dict(scale=scale, hflip=0.5, color_jitter=0.4) if train else dict(crop_pct=cfg["crop_pct"])
+    kw = dict(scale=scale, hflip=0.5, color_jitter=0.4) if train else \
+        dict(crop_pct=cfg["crop_pct"], crop_mode=cfg.get("crop_mode", "center"))  # squash: SigLIP 2, PE-Core
     return create_transform(tuple(cfg["input_size"]), is_training=train, interpolation=cfg["interpolation"],
                             mean=tuple(mean), std=tuple(std), **kw)
 

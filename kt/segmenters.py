@@ -1,7 +1,8 @@
 """Segmenters: a classification backbone read as feature maps, plus a light decoder -> per-pixel logits.
 
 Segmenter(backbone, num_classes, decoder) takes a timm model or an OpenCLIP image tower as it is (its
-weights loaded), prunes its classifier and reads its maps through forward_intermediates. The teacher's
+weights loaded), prunes its classifier and reads its maps through forward_intermediates: an OpenCLIP ViT's
+own, or for a tower built on a timm trunk (SigLIP 2, PE-Core, MobileCLIP2, ConvNeXt) the trunk's. The teacher's
 decoder is `linear` (DINOv2's linear head on the patch tokens), the student's `lraspp` (MobileNetV3's
 Lite R-ASPP). models.create_model builds one when asked for a decoder; torch alone is needed here.
 """
@@ -23,25 +24,32 @@ class Segmenter(nn.Module):
 
     def __init__(self, backbone, num_classes, decoder="linear"):
         super().__init__()
-        self.backbone, self.clip = backbone, type(backbone).__module__.startswith("open_clip")
-        if self.clip and not hasattr(backbone, "trunk"):  # an OpenCLIP ViT tower: the patch tokens of each block
+        self.backbone = backbone
+        self.clip_vit = type(backbone).__module__.startswith("open_clip") and not hasattr(backbone, "trunk")
+        if self.clip_vit:  # an OpenCLIP ViT tower: the patch tokens of each block
             maps = [(backbone.transformer.width, backbone.patch_size[0])] * len(backbone.transformer.resblocks)
-        else:  # timm (also inside an OpenCLIP tower): (channels, stride) of each map
-            maps = [(f["num_chs"], f["reduction"]) for f in getattr(backbone, "trunk", backbone).feature_info]
+        else:  # a timm network (also the trunk of an OpenCLIP tower): (channels, stride) of each map
+            maps = [(f["num_chs"], f["reduction"]) for f in self.network().feature_info]
+            if hasattr(backbone, "trunk"):  # the tower's pooling and projection sit above the maps: unused
+                backbone.head = nn.Identity()
         last = len(maps) - 1
         fine = max([i for i, (_, stride) in enumerate(maps) if stride <= 8] or [0])  # a ViT has no 1/8 map: its first
         self.indices = [last] if decoder == "linear" else [fine, last]
-        backbone.prune_intermediate_layers(self.indices, prune_head=True)  # no unused classifier (DDP)
+        self.network().prune_intermediate_layers(self.indices, prune_head=True)  # no unused classifier (DDP)
         channels = [maps[i][0] for i in self.indices]
         self.head = LinearHead(channels[-1], num_classes) if decoder == "linear" else LRASPP(*channels, num_classes)
         self.num_features = channels[-1]
 
+    def network(self):
+        """The network whose maps are read: the backbone, or the timm trunk inside an OpenCLIP tower."""
+        return getattr(self.backbone, "trunk", self.backbone)
+
     def features(self, x):
         """The decoder's inputs: a list of (B, C_i, H/s_i, W/s_i) maps."""
-        if self.clip:
+        if self.clip_vit:
             return self.backbone.forward_intermediates(x, self.indices, normalize_intermediates=True,
                                                      intermediates_only=True)["image_intermediates"]
-        return self.backbone.forward_intermediates(x, self.indices, norm=True, intermediates_only=True)
+        return self.network().forward_intermediates(x, self.indices, norm=True, intermediates_only=True)
 
     def forward(self, x):
         return self.head(self.features(x))
