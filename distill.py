@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
-from kt.checks import fraction, log_kinds, nonnegative, nonnegative_number, positive, rate, share
+from kt.checks import fraction, log_kinds, nonnegative, nonnegative_number, positive, positive_number, rate, share
 from kt.progress import Progress, check_logging, converged, run_config
 
 
@@ -44,7 +44,7 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0):
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature ** 2
 
 
-def teacher_logits(teacher, x, t_cfg, autocast):
+def teacher_outputs(teacher, x, t_cfg, autocast):
     """The frozen teacher's logits (B, C), or (B, C, h, w) per patch, for views x (B, 3, H, W) in [0, 1]."""
     with torch.inference_mode(), autocast():
         t = teacher(models.to_model_input(x, t_cfg))
@@ -86,7 +86,7 @@ def get_args_parser():
     p.add_argument("--student", default="runs/demo/student_scratch.pt", help="made by student.py")
     p.add_argument("--transfer", default="runs/demo/transfer_target.txt", help="made by transfer_set.py")
     p.add_argument("--data-root", default="data", help="where dataset references in the list resolve")
-    p.add_argument("--temperature", type=rate, default=1.0, help="softmax temperature; try 1-4")
+    p.add_argument("--temperature", type=positive_number, default=1.0, help="softmax temperature; try 1-4")
     p.add_argument("--epochs", type=positive, default=20, help="passes over the transfer set; longer helps "
                    "(Beyer et al. 2022: distillation is patient)")
     p.add_argument("--batch-size", type=positive, default=128, help="per process")
@@ -163,7 +163,7 @@ def main(args):
                 x = x.to(device, non_blocking=True)  # (B, 3, H, W) in [0, 1]
                 for g in opt.param_groups:
                     g["lr"] = args.lr * training.cosine_lr(progress.step, total, warmup)
-                t_logits = teacher_logits(teacher, x, t_cfg, autocast)  # the teacher labels this view now
+                t_logits = teacher_outputs(teacher, x, t_cfg, autocast)  # the teacher labels this view now
                 loss = student_step(student, opt, scaler, autocast, x, s_cfg, t_logits, args.temperature,
                                     channels_last)
                 progress.update(loss, len(x) * world)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kt import checkpoints, claims, data, models, training
 from kt.cached_views import cache_shard, make_view, open_or_gray, shard_done
-from kt.checks import fail, fraction, log_kinds, nonnegative, nonnegative_number, positive, rate
+from kt.checks import fail, fraction, log_kinds, nonnegative, nonnegative_number, positive, positive_number, rate
 from kt.progress import Progress, check_logging, run_config
 
 
@@ -121,7 +121,7 @@ def get_args_parser():
     p.add_argument("--cache", default="runs/demo/cache", help="made by cache_teacher.py")
     p.add_argument("--student", default="runs/demo/student_scratch.pt", help="made by student.py")
     p.add_argument("--data-root", default="data", help="where dataset references in the list resolve")
-    p.add_argument("--temperature", type=rate, default=1.0, help="softmax temperature; try 1-4")
+    p.add_argument("--temperature", type=positive_number, default=1.0, help="softmax temperature; try 1-4")
     p.add_argument("--epochs", type=positive, default=10, help="passes over the transfer set; more than the "
                    "cached views (K) repeat views")
     p.add_argument("--batch-size", type=positive, default=128, help="per process")

@@ -31,11 +31,11 @@ from kt.progress import read_metrics
 
 
 @torch.inference_mode()
-def predict(model, loader, device, autocast, num_classes):
+def predict(model, loader, device, autocast, num_classes, ignore=None):
     """Over the images that could be read (an unreadable one is left out, never replaced by another):
     the confusion matrix (C, C) of true x predicted classes, the predicted classes (classification; None for
     segmentation) and the number of images. Segmentation counts pixels, each mask at its own resolution
-    (the logits upsampled to it); pixels marked masks.IGNORE are not counted."""
+    (the logits upsampled to it); pixels marked `ignore` (masks.IGNORE) are not counted."""
     confusion, predicted, n = torch.zeros(num_classes ** 2, dtype=torch.long, device=device), [], 0
 
     def count(true, guess):
@@ -51,11 +51,10 @@ def predict(model, loader, device, autocast, num_classes):
             predicted.append(logits.argmax(-1).cpu())
             count(y.to(device), predicted[-1].to(device))
             continue
-        from kt.masks import IGNORE
         for z, mask in zip(logits, y):  # one image at a time: C x H x W floats each
             mask = mask.to(device)
             guess = F.interpolate(z[None].float(), size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0)
-            keep = mask != IGNORE
+            keep = mask != ignore
             count(mask[keep], guess[keep])
     if not n:
         fail("no test image could be read")
@@ -92,7 +91,10 @@ def collate_readable(batch):
 
 @torch.inference_mode()
 def gflops(model, cfg, device):
-    """GFLOPs per image (torch's FLOP counter: 2 per multiply-add)."""
+    """GFLOPs per image (torch's FLOP counter: 2 per multiply-add). The model's parameters stop asking for
+    gradients first: the counter hooks every input that does, and an attention pool (SigLIP 2, PE-Core) feeds
+    its latent, a parameter, to a layer as input, which the hook cannot follow in inference mode."""
+    model.requires_grad_(False)
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(1, *cfg["input_size"], device=device))
     return counter.get_total_flops() / 1e9
@@ -257,6 +259,8 @@ def main(args):
     split = data.read_split(args.split)  # its test (and val) images: the paper's split files, or the dataset's
     ckpts = {name: checkpoints.load_checkpoint(path, kinds=("teacher", "student")) for name, path in paths.items()}
     classes, segmentation = split["classes"], data.is_segmentation(split)
+    if segmentation:
+        from kt.masks import IGNORE  # (kt.masks: segmentation's alone)
     parts = [p for p in ("val", "test") if data.part_refs(split, p)]
     if "test" not in parts:
         fail(f"{args.split} lists no test images")
@@ -268,22 +272,25 @@ def main(args):
             training.log(0, f"warning: {name} was trained on other labels ({labels(ckpt['split'])}) than "
                             f"{args.split} gives ({labels(split)}): its row is of another label budget")
         model = models.load_model(ckpt).to(device).eval()
-        metrics = {}
+        metrics, counted = {}, {}  # counted: per part, (images scored, images listed)
         for part in parts:  # nothing is tuned on test: val is reported beside it
             images = data.part_dataset(split, part, ckpt["data_config"], train=False, root=args.data_root,
                                        substitute=False)
             loader = torch.utils.data.DataLoader(images, args.batch_size, collate_fn=collate_readable,
                                                  num_workers=min(args.workers, os.cpu_count()))
-            confusion, predictions[name, part], counted = predict(model, loader, device, autocast, len(classes))
+            confusion, predictions[name, part], n = predict(model, loader, device, autocast, len(classes),
+                                                            IGNORE if segmentation else None)
+            counted[part] = n, len(images)
             prefix = "" if part == "test" else f"{part}_"
             metrics.update({prefix + k: v for k, v in scores(confusion, segmentation, classes).items()
                             if part == "test" or k != "per_class_iou"})
-        if counted < len(images):
-            training.log(0, f"warning: {len(images) - counted} of {len(images)} test images could not be read; "
-                            f"{name} is scored on the other {counted}")
+        scored, listed = counted["test"]
+        if scored < listed:
+            training.log(0, f"warning: {listed - scored} of {listed} test images could not be read; "
+                            f"{name} is scored on the other {scored}")
         results[name] = dict(arch=ckpt["recipe"]["arch"], **metrics, converged=ckpt.get("metrics", {}).get("converged"),
-                             **costs(model, ckpt, device, autocast, args.speed_batch), test_images=counted,
-                             unreadable_test_images=len(images) - counted, device=str(device), checkpoint=paths[name])
+                             **costs(model, ckpt, device, autocast, args.speed_batch), test_images=scored,
+                             unreadable_test_images=listed - scored, device=str(device), checkpoint=paths[name])
         training.log(0, f"{name}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
                                                 if k != "per_class_iou"))
     teacher = predictions.get((args.teacher_row, "test"))  # does each model predict what the teacher does?

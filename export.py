@@ -97,6 +97,15 @@ def timm_folder(ckpt, trained, folder):
     return timm.create_model("local-dir:" + folder, pretrained=True).eval()
 
 
+def dataset_name(name):
+    """A dataset as the Hub names it: hf:OWNER/NAME[:CONFIG] -> OWNER/NAME, folder:PATH -> the folder's name
+    (no local path goes into a card), a torchvision dataset by its own name."""
+    if name.startswith("hf:"):
+        spec = name[3:].split(":")[0]
+        return spec if not os.path.isabs(spec) else os.path.basename(spec.rstrip("/"))
+    return os.path.basename(name[len("folder:"):].rstrip("/")) if name.startswith("folder:") else name
+
+
 SCORES = dict(top1="top-1 accuracy", mean_class="mean per-class accuracy", val_top1="val top-1 accuracy",
               agreement="top-1 agreement with the teacher")
 
@@ -107,7 +116,7 @@ def model_card(ckpt, row, license, folded):
     given, the test scores as a model-index), then what the model is for, how it was made and scored."""
     from huggingface_hub import EvalResult, ModelCardData
     split, cfg, lineage = ckpt.get("split", {}), ckpt["data_config"], ckpt.get("lineage", {})
-    dataset = split.get("dataset", "task")
+    dataset = dataset_name(split.get("dataset", "task"))
     scores = {k: round(row[k], 2) for k in SCORES if k in (row or {})}
     results = [EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
                           dataset_split="test" if k != "val_top1" else "validation", metric_type="accuracy",

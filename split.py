@@ -28,7 +28,7 @@ from PIL import Image
 from kt import catalog, data, training
 from kt.checkpoints import atomic_write, differences
 from kt.data import check_split
-from kt.checks import fail, first_line, positive
+from kt.checks import IMAGE_EXTS, fail, first_line, positive
 
 
 def label_budget(labels, shots, seed):
@@ -139,7 +139,7 @@ def classification_files(dataset, read, root):
     paths = {}  # file name -> its paths under the dataset's folder
     for d, _, names in os.walk(top, followlinks=True):
         for name in names:
-            if name.lower().endswith(catalog.IMAGE_EXTS):
+            if name.lower().endswith(IMAGE_EXTS):
                 paths.setdefault(name, []).append(os.path.abspath(os.path.join(d, name)))
 
     def find(name, cls):

@@ -10,7 +10,8 @@ Reads:  split.json (split.py), the pool, the retrieval encoder (an OpenCLIP towe
 Writes: --out, one image reference a line (read by distill.py); with a pool also OUT.report.json; with
         retrieval also OUT.png (each labeled query, then its kept neighbours). docs/transfer_sets.md: formats.
 Uses:   kt.knn, kt.pools, kt.embeddings, kt.data, kt.models, kt.training; kt.checkpoints, kt.claims,
-        kt.checks; where used: kt.catalog (DATASET:SPLIT pools), kt.hf_datasets (hf: pools), kt.clip_towers.
+        kt.checks; where used: kt.charts (the contact sheet), kt.catalog (DATASET:SPLIT pools), kt.hf_datasets
+        (hf: pools), kt.clip_towers (open_clip: encoders), kt.web_pools and kt.downloads (emb: pools).
 Run:    python transfer_set.py --split runs/demo/split.json --source target,retrieval --pool demo:unlabeled \
             --embed open_clip:ViT-B-32/laion2b_s34b_b79k --k 50 --out runs/demo/transfer.txt
         torchrun --nproc_per_node 8 transfer_set.py ...   (each rank embeds its share of the pool)
@@ -24,11 +25,9 @@ import numpy as np
 import torch
 
 from kt import checkpoints, claims, data, training
-from kt.charts import contact_sheet
 from kt.checks import fail, finite, nonnegative, positive
 from kt.embeddings import EmbeddedPool, Encoder, embed_shards, read_embeddings
 from kt.knn import near_duplicates, search
-from kt.downloads import DEFAULT_ARGS
 from kt.pools import decode_all, named, pool_refs
 
 
@@ -151,6 +150,7 @@ def kept_and_sheet(mine, filters, q_refs, qi, ref_of, args):
     show = np.linspace(0, len(qi) - 1, min(args.sheet, len(qi))).round().astype(int)
     rows = [(q_refs[qi[j]], [ref_of(c) for c in mine[j][:args.sheet]]) for j in show]
     rows = [r for r in rows if r[1]]
+    from kt.charts import contact_sheet
     return kept, contact_sheet(rows, args.data_root) if rows else None
 
 
@@ -236,6 +236,10 @@ def auto_or_number(s):
     return s if s == "auto" else finite(s)
 
 
+IMG2DATASET_ARGS = "--processes_count 1 --thread_count 32 --image_size 512 --resize_mode keep_ratio " \
+                   "--resize_only_if_bigger True --timeout 10 --retries 1"  # --download-args
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="Build the transfer set (the images distill.py trains on).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -277,7 +281,7 @@ def get_args_parser():
     w.add_argument("--download", metavar="DIR", help="where the images retrieval keeps are downloaded "
                    "(webdataset shards); the transfer list names them")
     w.add_argument("--img2dataset", default="img2dataset", help="the img2dataset command (its own environment)")
-    w.add_argument("--download-args", default=DEFAULT_ARGS, help="img2dataset's options: processes, threads, "
+    w.add_argument("--download-args", default=IMG2DATASET_ARGS, help="img2dataset's options: processes, threads, "
                    "size, --distributor pyspark or ray for many machines")
     w.add_argument("--index", help="a faiss index of the pool (autofaiss; index_infos.json beside it sets its "
                    "search): approximate, with recall@k on a sample reported; default: the exact scan")

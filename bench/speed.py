@@ -92,17 +92,17 @@ def main(args):
     cls = cls.pin_memory() if pin else cls
 
     def teacher_alone():
-        distill.teacher_logits(fast_teacher, x, t_cfg, autocast)
+        distill.teacher_outputs(fast_teacher, x, t_cfg, autocast)
 
     def student_alone():
         distill_cached.student_step(student, opt, scaler, autocast, x, s_cfg, one, top1, 1.0, channels_last)
 
     def naive():
-        t = distill.teacher_logits(teacher, x, t_cfg, nullcontext)
+        t = distill.teacher_outputs(teacher, x, t_cfg, nullcontext)
         distill.student_step(naive_student, naive_opt, fp32, nullcontext, x, s_cfg, t, 1.0, False)
 
     def shipped():
-        t = distill.teacher_logits(fast_teacher, x, t_cfg, autocast)
+        t = distill.teacher_outputs(fast_teacher, x, t_cfg, autocast)
         distill.student_step(student, opt, scaler, autocast, x, s_cfg, t, 1.0, channels_last)
 
     def cached():

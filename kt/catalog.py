@@ -21,12 +21,11 @@ import re
 import numpy as np
 import torch
 
-from kt.checks import fail, first_line
+from kt.checks import IMAGE_EXTS, fail, first_line
 
 SPLITS = ("train", "val", "test", "unlabeled")  # the SPLIT of a NAME:SPLIT:INDEX reference
 TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
 PAPER = ("imagenet", "ham10000", "ade20k")  # the paper's other tasks, from files the user downloads into DATA_ROOT
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 # ------------------------------------------------------------------------------ images kept by index

@@ -18,6 +18,27 @@ def first_line(e):
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}"
 
 
+# The vision foundation models of 2025-26 and the first library version that has them: an older timm or
+# open_clip is one line that says which to install, not "unknown model".
+NEWER = [("dinov3", "timm", "1.0.20", "DINOv3"), ("mclip2", "timm", "1.0.20", "MobileCLIP2"),
+         ("radio", "timm", "1.0.31", "C-RADIO"), ("siglip2", "open_clip_torch", "2.31", "SigLIP 2"),
+         ("pe-core", "open_clip_torch", "3.0", "Perception Encoder"),
+         ("mobileclip2", "open_clip_torch", "3.2", "MobileCLIP2")]
+
+
+def unknown_model(name, package, hint):
+    """Stop on a model name `package` does not know: a newer family than the installed version says which
+    version has it; anything else is one line with `hint` (where to look for names)."""
+    from importlib.metadata import version
+    from packaging.version import Version
+    have = version(package)
+    for pattern, lib, first, family in NEWER:
+        if lib == package and pattern in name.lower() and Version(have) < Version(first):
+            fail(f"{package} {have} does not know '{name}': {family} came with {package} {first}; "
+                 f"pip install -U '{package}>={first}'")
+    fail(f"unknown model '{name}'; {hint}")
+
+
 def positive(s):
     """argparse type for a count >= 1 (--shots, --epochs, ...)."""
     if int(s) < 1:
@@ -46,11 +67,15 @@ def number(what, ok=lambda x: True):
 
 
 finite = number("a finite number")
-rate = number("a finite number above 0", lambda x: x > 0)  # learning rates, the temperature
+rate = number("a finite number above 0", lambda x: x > 0)  # learning rates
+positive_number = number("a finite number above 0", lambda x: x > 0)  # the softmax temperature
 nonnegative_number = number("a finite number, 0 or more", lambda x: x >= 0)  # weight decay
 fraction = number("a number from 0 to 1", lambda x: 0 <= x <= 1)  # warmup
 share = number("a number above 0, at most 1", lambda x: 0 < x <= 1)  # layer decay, crop area
 smoothing = number("a number from 0 to just below 1", lambda x: 0 <= x < 1)  # label smoothing
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # what a folder's images end with
 
 
 LOGGERS = dict(tensorboard="tensorboard", wandb="wandb", mlflow="mlflow")  # --log NAME: pip install PACKAGE

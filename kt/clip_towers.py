@@ -12,7 +12,7 @@ import os
 
 import torch.nn as nn
 
-from kt.checks import fail, first_line
+from kt.checks import fail, first_line, unknown_model
 from kt.groups import backbone_groups
 
 
@@ -58,7 +58,6 @@ def config(spec, clip_cfg=None):
         name, _, tag = spec.partition("/")
     clip_cfg = clip_cfg or open_clip.get_model_config(name)
     if clip_cfg is None:
-        from kt.models import unknown_model
         unknown_model(name, "open_clip_torch", "see open_clip.list_models()")
     open_clip.factory._MODEL_CONFIGS[name] = clip_cfg  # what create_model(name) builds
     return name, tag, clip_cfg

@@ -26,8 +26,6 @@ from kt.checks import fail
 from kt.claims import remove_dead_temps
 
 COLUMNS = ("url", "caption", "pool_key", "pool_row", "score", "query")  # pool_key: LAION's key, DataComp's uid
-DEFAULT_ARGS = "--processes_count 1 --thread_count 32 --image_size 512 --resize_mode keep_ratio " \
-               "--resize_only_if_bigger True --timeout 10 --retries 1"
 
 
 def parquet(rows):
@@ -51,7 +49,7 @@ def img2dataset_command(cmd):
     return found
 
 
-def fetch(rows, download, command, extra=DEFAULT_ARGS):
+def fetch(rows, download, command, extra):
     """Download rows into DOWNLOAD/<key>/ (webdataset shards; key: a digest of the rows) with img2dataset ->
     {pool row: image reference} of the images that came; a row whose url failed is not in it. The folder
     holds rows.parquet, what was asked for. A folder of the same request is there already: it is reused (a

@@ -12,28 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from kt.checks import fail, first_line
-
-
-# The vision foundation models of 2025-26 and the first library version that has them: an older timm or
-# open_clip is one line that says which to install, not "unknown model".
-NEWER = [("dinov3", "timm", "1.0.20", "DINOv3"), ("mclip2", "timm", "1.0.20", "MobileCLIP2"),
-         ("radio", "timm", "1.0.31", "C-RADIO"), ("siglip2", "open_clip_torch", "2.31", "SigLIP 2"),
-         ("pe-core", "open_clip_torch", "3.0", "Perception Encoder"),
-         ("mobileclip2", "open_clip_torch", "3.2", "MobileCLIP2")]
-
-
-def unknown_model(name, package, hint):
-    """Stop on a model name `package` does not know: a newer family than the installed version says which
-    version has it; anything else is one line with `hint` (where to look for names)."""
-    from importlib.metadata import version
-    from packaging.version import Version
-    have = version(package)
-    for pattern, lib, first, family in NEWER:
-        if lib == package and pattern in name.lower() and Version(have) < Version(first):
-            fail(f"{package} {have} does not know '{name}': {family} came with {package} {first}; "
-                 f"pip install -U '{package}>={first}'")
-    fail(f"unknown model '{name}'; {hint}")
+from kt.checks import fail, first_line, unknown_model
 
 
 def _timm(arch, num_classes, pretrained, img_size, kwargs):

@@ -12,8 +12,7 @@ import tarfile
 import torch
 
 from kt import data, training
-from kt.catalog import IMAGE_EXTS, SPLITS
-from kt.checks import fail
+from kt.checks import IMAGE_EXTS, fail
 
 
 def tar_refs(shards):
@@ -57,11 +56,13 @@ def pool_refs(pool, root):
             fail(f"--pool {pool}: an hf: pool names the dataset and one of its splits, hf:NAME[:CONFIG]:SPLIT")
         images = hf_datasets.open_split(name, split)
         refs, bad = [images.ref(i) for i in range(len(images))], []
-    elif pool.rpartition(":")[0] and pool.rpartition(":")[2] in SPLITS:  # a dataset's split, by name
+    elif pool.rpartition(":")[0]:  # a dataset's split, by name (kt.catalog: imported for these pools alone)
         from kt import catalog
+        if pool.rpartition(":")[2] not in catalog.SPLITS:
+            fail(f"--pool {pool}: DATASET:SPLIT names one of the splits {catalog.SPLITS}")
         refs, bad = catalog.split_refs(*pool.rsplit(":", 1), root=root)[0], []
     else:
-        fail(f"--pool {pool}: not a folder, a file of paths, .tar shards, DATASET:SPLIT ({SPLITS}) or hf:NAME:SPLIT")
+        fail(f"--pool {pool}: not a folder, a file of paths, .tar shards, DATASET:SPLIT or hf:NAME:SPLIT")
     bad += [[r, "newline in the path"] for r in refs if "\n" in r]  # the transfer list is one ref a line
     refs = [r for r in refs if "\n" not in r]
     if not refs:
