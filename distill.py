@@ -57,7 +57,7 @@ def student_step(student, opt, scaler, autocast, x, s_cfg, t_logits, temperature
     Nothing here waits for the GPU (no .item()): Progress reads the loss once per log interval.
     """
     xs = models.to_model_input(x, s_cfg)
-    if channels_last:
+    if channels_last:  # CUDA only (kt.training.prepare)
         xs = xs.contiguous(memory_format=torch.channels_last)
     with autocast():
         loss = kd_loss(student(xs), t_logits, temperature)

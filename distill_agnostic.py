@@ -179,7 +179,7 @@ def main(args):
                 with torch.inference_mode(), autocast():
                     v_emb = models.image_embedding(vfm, models.to_model_input(x, v_cfg))  # (B, D) or a map, no graph kept
                 xs = models.to_model_input(x, s_cfg)
-                if channels_last:
+                if channels_last:  # CUDA only (kt.training.prepare)
                     xs = xs.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     s_emb = pair(xs)  # the same shape, projected; through DDP if distributed

@@ -48,7 +48,7 @@ def kd_loss_topk(student_logits, prob, cls, temperature=1.0):
 def student_step(student, opt, scaler, autocast, x, s_cfg, prob, cls, temperature, channels_last):
     """One optimizer step of the student towards the cached top-k on views x; returns the loss."""
     xs = models.to_model_input(x, s_cfg)
-    if channels_last:
+    if channels_last:  # CUDA only (kt.training.prepare)
         xs = xs.contiguous(memory_format=torch.channels_last)
     with autocast():
         loss = kd_loss_topk(student(xs), prob, cls, temperature)

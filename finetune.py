@@ -128,7 +128,7 @@ def main(args):
                     with torch.inference_mode(), autocast():
                         t_logits = teacher(models.to_model_input(x, t_cfg)).clone()
                     x = models.to_model_input(x, s_cfg)
-                if channels_last:
+                if channels_last:  # CUDA only (kt.training.prepare)
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     loss = finetune_loss(model(x), y, args.smoothing, t_logits, args.kd_weight)

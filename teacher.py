@@ -130,7 +130,7 @@ def main(args):
             sampler.set_epoch(epoch, start=k * args.batch_size)  # resume mid-epoch exactly
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if channels_last:
+                if channels_last:  # CUDA only (kt.training.prepare)
                     x = x.contiguous(memory_format=torch.channels_last)
                 for g in opt.param_groups:
                     g["lr"] = args.lr * g["lr_scale"] * training.cosine_lr(progress.step, total, warmup)

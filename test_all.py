@@ -3009,7 +3009,7 @@ def test_loaders_use_at_most_one_worker_per_core():
 
 
 # ------------------------------------------------------------------------ the GPU recipe, on the CPU
-def test_the_precision_is_chosen_in_one_place_and_channels_last_follows_it(cpu):
+def test_the_precision_is_chosen_in_one_place(cpu):
     cpu_device = torch.device("cpu")
     assert training.amp_dtype(cpu_device) is None and training.amp_dtype(cpu_device, "bf16") == torch.bfloat16
     assert training.amp_dtype(cpu_device, "fp16") == torch.float16 and training.amp_dtype(cpu_device, "off") is None
@@ -3017,12 +3017,11 @@ def test_the_precision_is_chosen_in_one_place_and_channels_last_follows_it(cpu):
     assert scaler.is_enabled() and not training.amp(cpu_device, "bf16")[1].is_enabled()
     with autocast():
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float16
-    for arch, amp, want in [("test_resnet", "bf16", True), ("test_vit", "bf16", False), ("test_resnet", "off", False)]:
-        model, channels_last = training.prepare(models.create_model(arch, 10, img_size=32)[0], cpu_device, amp_mode=amp)
-        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)) \
-            if arch == "test_resnet" else None
-        assert channels_last == want and (conv is None or conv.weight.is_contiguous(
-            memory_format=torch.channels_last) == want)
+    # channels_last is the GPU's alone (CUDA tests): on the CPU, PyTorch's NHWC convolution backward crashes
+    # (SIGSEGV, torch 2.14) on a strided 1x1 convolution of a 3-channel image, FastViT's stem
+    model, channels_last = training.prepare(models.create_model("test_resnet", 10, img_size=32)[0], cpu_device,
+                                            amp_mode="bf16")
+    assert not channels_last and all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
 
 
 def _recipe_runs(d, tmp_path, *extra):
@@ -3058,17 +3057,15 @@ def recipe_task(tmp_path_factory):
 
 
 def test_every_training_step_runs_the_gpu_recipe_on_the_cpu(recipe_task, tmp_path, cpu, monkeypatch):
-    """--amp bf16: the lines a GPU runs (bf16 autocast, channels_last for the convolutional student, fused
-    AdamW) run here, in every training step: finite losses, within bf16's tolerance of the float32 run."""
+    """--amp bf16: the lines a GPU runs (bf16 autocast, fused AdamW; channels_last is the GPU's alone) run
+    here, in every training step: finite losses, within bf16's tolerance of the float32 run."""
     laid_out = []
     real_prepare = training.prepare
     monkeypatch.setattr(training, "prepare", lambda *a, **k: laid_out.append(real_prepare(*a, **k)[1]) or
                         real_prepare(*a, **k))
     fp32 = _recipe_runs(recipe_task, tmp_path / "fp32")
-    assert not any(laid_out)  # float32 on the CPU: no channels_last
-    laid_out.clear()
     bf16 = _recipe_runs(recipe_task, tmp_path / "bf16", "--amp", "bf16")
-    assert sum(laid_out) == 5  # the convolutional teacher, and the student of distill, agnostic (with its projection), cached, finetune
+    assert len(laid_out) == 2 * 5 and not any(laid_out)  # every trained model prepared; NHWC on a GPU alone
     for step in fp32:
         loss = lambda c: next(v for k, v in c["metrics"].items() if k.endswith("loss"))
         assert math.isfinite(loss(bf16[step])) and loss(bf16[step]) == pytest.approx(loss(fp32[step]), rel=0.1), step

@@ -88,14 +88,15 @@ def ddp(model, device, world):
 def prepare(model, device, world=1, compile=False, amp_mode="auto"):
     """A trained model at speed. Returns (model, channels_last).
 
-    Order matters: channels_last first (it re-lays the weights: NHWC convolutions are what tensor cores and
-    oneDNN's bf16 kernels want; a ViT gains nothing), for a convolutional model in reduced precision; then
-    DDP (torchrun); then torch.compile of the DDP module, which lets the compiler split the graph at DDP's
-    gradient buckets and overlap their all-reduce with the backward pass.
+    Order matters: channels_last first (it re-lays the weights: NHWC convolutions are what tensor cores
+    want; a ViT gains nothing), for a convolutional model in reduced precision on a GPU; then DDP
+    (torchrun); then torch.compile of the DDP module, which lets the compiler split the graph at DDP's
+    gradient buckets and overlap their all-reduce with the backward pass. (Not on the CPU: there PyTorch's
+    NHWC convolution backward crashes on FastViT's stem, a strided 1x1 convolution of the RGB image.)
     """
     convolutional = sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 1  # a ViT's one is its patch embed
-    channels_last = amp_dtype(device, amp_mode) is not None and convolutional
-    if channels_last:
+    channels_last = device.type == "cuda" and amp_dtype(device, amp_mode) is not None and convolutional
+    if channels_last:  # CUDA only
         model = model.to(memory_format=torch.channels_last)
     model = ddp(model, device, world)
     return (torch.compile(model) if compile else model), channels_last
