@@ -869,6 +869,24 @@ def test_each_vfm_family_preprocesses_as_its_tag_says_also_from_a_local_file(tmp
         assert name.split(".")[0] in timm.list_models()  # the installed timm has them (requirements.txt's floor)
 
 
+@pytest.mark.parametrize("arch", ["vit_small_patch16_dinov3.lvd1689m", "convnext_tiny.dinov3_lvd1689m",
+                                  "vit_base_patch16_siglip_224.v2_webli", "vit_pe_core_small_patch16_384.fb",
+                                  "vit_base_patch16_radio_v3.c_radio", "aimv2_large_patch14_224.apple_pt",
+                                  "fastvit_mci0.apple_mclip2_dfndr2b"])
+def test_each_timm_family_classifies_segments_and_decays_alike(arch):
+    """DINOv3 (ViT and ConvNeXt), SigLIP 2, PE-Core, C-RADIO, AIMv2 and MobileCLIP2's FastViT-MCi as a teacher:
+    a classifier, a segmenter reading its last map, and layer-wise decay reaching its stem at 0.75^13 (on
+    the meta device: shapes and parameter groups, no arithmetic; the rehearsal trains some for real)."""
+    with torch.device("meta"):
+        classifier, _, cfg = models.create_model(arch, 5, img_size=224)
+        segmenter = models.create_model(arch, 5, img_size=224, decoder="linear")[0]
+        x = torch.empty(1, 3, 224, 224)
+        assert classifier(x).shape == (1, 5) and segmenter(x).shape[:2] == (1, 5) and segmenter(x).shape[2] >= 7
+        for model in (classifier, segmenter):
+            groups = teacher.param_groups(model, "finetune", 1e-4, 1e-3, 0.75, 0.05)
+            assert min(g["lr_scale"] for g in groups) == pytest.approx(0.75 ** 13)
+
+
 def test_a_name_an_older_library_lacks_says_which_version_has_it(monkeypatch):
     import importlib.metadata
     real = importlib.metadata.version
