@@ -3048,10 +3048,10 @@ def _recipe_runs(d, tmp_path, *extra):
     split = task_args(d)
     out = lambda name: tmp_path / f"{name}.pt"
     torch.manual_seed(0)
-    run(teacher, *split, "--model", "test_convnext", *TINY, "--weights", "none", "--epochs", 1, *quick, "--out", out("teacher"))
+    run(teacher, *split, "--model", "test_resnet", *TINY, "--weights", "none", "--epochs", 1, *quick, "--out", out("teacher"))
     run(distill, "--teacher", out("teacher"), "--student", d / "student.pt", "--transfer", d / "transfer.txt",
         "--epochs", 1, *quick, "--out", out("distill"))
-    run(distill_agnostic, "--vfm", "test_vit", "--vfm-weights", d / "vfm.pth", *TINY, "--student", d / "student.pt",
+    run(distill_agnostic, "--vfm", "test_resnet", "--vfm-weights", d / "vfm.pth", *TINY, "--student", d / "student.pt",
         "--transfer", d / "transfer.txt", "--epochs", 1, *quick, "--out", out("distill_agnostic"))
     run(cache_teacher, "--teacher", out("teacher"), "--student", d / "student.pt", "--transfer", d / "transfer.txt",
         "--views", 2, "--topk", 4, "--workers", 0, *extra, "--out", tmp_path / "cache")
@@ -3065,12 +3065,13 @@ def _recipe_runs(d, tmp_path, *extra):
 
 @pytest.fixture(scope="module")
 def recipe_task(tmp_path_factory):
-    """The tiny task for the recipe tests: demo split, a random test_resnet student, 48 transfer images, a VFM file."""
+    """The tiny task for the recipe tests: demo split, a random test_resnet student, 40 transfer images, a VFM
+    file. Every model is a test_resnet at 32px in batches of 20, so that --compile compiles few graphs."""
     d = tmp_path_factory.mktemp("recipe")
     run(student, *task_args(d), "--model", "test_resnet", *TINY, "--out", d / "student.pt")
-    (d / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(42)))  # 40 + 2 held out
+    (d / "transfer.txt").write_text("\n".join(f"demo:train:{i}" for i in range(40)))  # 38 + 2 held out
     torch.manual_seed(0)
-    torch.save(models.create_model("test_vit", 10, img_size=32)[0].state_dict(), d / "vfm.pth")
+    torch.save(models.create_model("test_resnet", 10, img_size=32)[0].state_dict(), d / "vfm.pth")
     return d
 
 
