@@ -245,9 +245,9 @@ def make_split(path, dataset, shots, seed, root="data", split_files=None, budget
 def get_args_parser():
     p = argparse.ArgumentParser(description="split: the label budget, recorded once in split.json",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="demo", help="demo; torchvision's eurosat, flowers102, dtd, pets, "
-                   "food101, cifar10, cifar100, stl10, places365; imagenet or ham10000 (downloaded into "
-                   "DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE; "
+    p.add_argument("--dataset", default="demo", help="demo, demo-clutter (harder; both offline); torchvision's "
+                   "eurosat, flowers102, dtd, pets, food101, cifar10, cifar100, stl10, places365; imagenet or "
+                   "ham10000 (downloaded into DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE; "
                    "segmentation: demo-seg, ade20k (DATA_ROOT/ADEChallengeData2016), folder:PATH "
                    "(PATH/{train,test}/images/ + masks/, PATH/classes.txt)")
     p.add_argument("--data-root", default="data", help="where torchvision datasets live / download to")
