@@ -107,7 +107,7 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
     p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
-    p.add_argument("--holdout", type=nonnegative, default=64, help="transfer images (at most 5%% of them) kept "
+    p.add_argument("--holdout", type=nonnegative, default=256, help="transfer images (at most 5%% of them) kept "
                    "out of training, as distill.py keeps them: the loss on them is logged")
     p.add_argument("--compile", action="store_true", help="torch.compile student and VFM (GPU)")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")

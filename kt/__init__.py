@@ -15,12 +15,14 @@ nothing here imports a step, and no module imports one listed below it. Bottom t
   charts        the report's pictures and the contact sheet (PIL)
   training      device, torchrun/DDP, AMP, the lr schedule, logging, the label loss
   progress      resumable training: OUT.state, OUT.metrics.jsonl, the NaN guard, signals, convergence
+  guard         finetune.py's guard: the student against the teacher on held-out images, first and last weights
   pools         image pools for transfer sets: folders, path lists, tar shards, DATASET:SPLIT
   cached_views  the teacher-output cache's views (cache_teacher.py, distill_cached.py)
   demo          the offline demo's generated data and its stand-in VFM (python -m kt.demo)
+  clutter       the harder offline task (demo-clutter) and its stand-in VFM (python -m kt.clutter)
   embeddings    image embeddings for retrieval, cached on disk in resumable shards
   knn           exact top-k search and near-duplicate filtering (torch only, stands alone)
 
-The optional subjects (catalog, segmenters, clip_towers, loggers, masks, charts, demo) are imported where
+The optional subjects (catalog, segmenters, clip_towers, loggers, masks, charts, demo, clutter) are imported where
 they are used, so a copied classification step needs only the modules its header names.
 """
