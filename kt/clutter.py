@@ -11,7 +11,7 @@ a task class) drawn on this clutter: like a real VFM it has seen cluttered scene
 The task exists to measure what the demo cannot (bench/last_step.py, docs/last_step.md): more classes, a
 harder background, a BatchNorm ResNet-18 student whose statistics the last step can move.
 
-Run:    python -m kt.clutter --arch resnet18 --per-class 100 --epochs 12 --out runs/demo-clutter/standin_vfm.pth
+Run:    python -m kt.clutter --arch resnet18 --per-class 100 --epochs 30 --out runs/demo-clutter/standin_vfm.pth
         python -m kt.clutter --preview runs/demo-clutter/preview.png   (task classes, broad pool, generic pool)
 """
 import argparse
@@ -178,7 +178,7 @@ def get_args_parser():
     p.add_argument("--img-size", type=int, default=32, help="input resolution; the images are 32px")
     p.add_argument("--per-class", type=int, default=100, help="broad-pool images per class (x %d classes)"
                    % len(demo.BROAD_CLASSES))
-    p.add_argument("--epochs", type=int, default=12, help="more makes a stronger stand-in (and a slower run)")
+    p.add_argument("--epochs", type=int, default=30, help="more makes a stronger stand-in (and a slower run)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=rate, default=2e-3, help="AdamW peak lr")
     p.add_argument("--train-seed", type=int, default=0, help="seeds initialisation, augmentation and order")
