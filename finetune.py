@@ -135,7 +135,7 @@ def get_args_parser():
                    "(classification); give distill.py's: the views the distilled student learned on")
     p.add_argument("--bn-stats", choices=["auto", "keep", "update"], default="auto", help="BatchNorm statistics: "
                    "keep those the student starts with, or update them on batches of the labeled views (timm's "
-                   "default); auto: keep a distilled student's (estimated on its transfer set), update others'")
+                   "default); auto: keep a distilled classifier's (estimated on its transfer set), update others'")
     p.add_argument("--guard", type=nonnegative, default=256, help="unlabeled images of split.json (at most 5%%: "
                    "those distill.py --holdout keeps out) on which the student is watched against --teacher, and "
                    "val where split.json has it: if the finetune made it worse beyond chance, the first weights "

@@ -12,7 +12,7 @@ teacher, image by image (a one-sided sign test, McNemar's, on the images one of 
 other wrong). Then it keeps the first weights and says so in one line. Why not the step where the KD loss
 is lowest: on a task where the finetune adds 2-4 points, the student also learns from the labels where the
 teacher is wrong, and its KD loss with the teacher rises (docs/last_step.md measured it).
-What it keeps rides in OUT.state (kt.progress), so a killed finetune resumes to the same choice.
+Its measures ride in OUT.state (kt.progress), so a killed finetune resumes to the same choice.
 """
 import contextlib
 import math
@@ -95,7 +95,7 @@ class Guard:
     def __init__(self, model, cfg, autocast, x=None, teacher_logits=None, val=None):
         self.model, self.cfg, self.autocast, self.x, self.teacher_logits = model, cfg, autocast, x, teacher_logits
         self.val = val
-        self.records, self.hits = [], {}  # hits: step -> per-image 0/1 lists (agreement, val), first and last
+        self.records, self.hits = [], {}  # hits: first and last -> {agreement, val: per-image 0/1 lists}
 
     def measure(self, step):
         model, record, hits = unwrap(self.model), dict(step=step), {}
