@@ -51,6 +51,32 @@ def teacher_outputs(teacher, x, t_cfg, autocast):
     return t.clone()  # inference tensors cannot enter autograd: a copy of the logits, negligible
 
 
+def mixed_views(x, mix):
+    """Function matching (Beyer et al. 2022, "Knowledge distillation: a good teacher is patient and
+    consistent"): the batch of views x (B, 3, H, W) mixed with itself rolled by one, which the teacher labels
+    and the student matches, so that the student learns the teacher's function between the images too.
+    mixup: one coefficient a batch, the larger of two Dirichlet(1, 1) weights (big_vision's mixup p=1.0,
+    n=2: each image keeps at least half of itself); cutmix: a box of a uniform share of the area pasted from
+    the rolled batch (timm's cutmix, alpha 1); both: either, half the batches each; none: x itself. Drawn
+    from torch's CPU generator, which OUT.state saves: a resumed run mixes the same."""
+    if mix == "none":
+        return x
+    if mix == "both":
+        mix = "mixup" if torch.rand(()) < 0.5 else "cutmix"
+    lam = float(torch.rand(()))
+    other = x.roll(1, dims=0)
+    if mix == "mixup":
+        lam = max(lam, 1 - lam)
+        return x * lam + other * (1 - lam)
+    h, w = x.shape[-2:]  # cutmix: a box of area (1 - lam) h w, centred anywhere, clipped at the edges
+    cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    y0, y1, x0, x1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+    mixed = x.clone()
+    mixed[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+    return mixed
+
+
 def student_step(student, opt, scaler, autocast, x, s_cfg, t_logits, temperature, channels_last):
     """One optimizer step of the student towards the teacher's logits on views x; returns the loss.
 
@@ -94,11 +120,14 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
     p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
-    p.add_argument("--holdout", type=nonnegative, default=64, help="transfer images (at most 5%% of them) kept "
-                   "out of training: the KD loss on them is logged, to see whether distillation has converged")
+    p.add_argument("--mix", choices=["none", "mixup", "cutmix", "both"], default="none", help="function "
+                   "matching (Beyer et al. 2022): both models see the same mixed view of two transfer images")
+    p.add_argument("--holdout", type=nonnegative, default=256, help="transfer images (at most 5%% of them) kept "
+                   "out of training: the KD loss on them is logged, to see whether distillation has converged "
+                   "(and finetune.py --guard watches the same ones)")
     p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
                    "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
-                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+                   "CPU runs the GPU recipe: autocast, fused AdamW; channels_last on a GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds augmentation and data order")
@@ -160,7 +189,7 @@ def main(args):
             epoch, k = divmod(progress.step, per_epoch)
             sampler.set_epoch(epoch, start=k * args.batch_size)  # resume mid-epoch exactly
             for x, _ in loader:
-                x = x.to(device, non_blocking=True)  # (B, 3, H, W) in [0, 1]
+                x = mixed_views(x.to(device, non_blocking=True), args.mix)  # (B, 3, H, W) in [0, 1]
                 for g in opt.param_groups:
                     g["lr"] = args.lr * training.cosine_lr(progress.step, total, warmup)
                 t_logits = teacher_outputs(teacher, x, t_cfg, autocast)  # the teacher labels this view now

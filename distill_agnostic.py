@@ -106,7 +106,7 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
     p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
-    p.add_argument("--holdout", type=nonnegative, default=64, help="transfer images (at most 5%% of them) kept "
+    p.add_argument("--holdout", type=nonnegative, default=256, help="transfer images (at most 5%% of them) kept "
                    "out of training, as distill.py keeps them: the loss on them is logged")
     p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
                    "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "

@@ -3,7 +3,8 @@
 # vision foundation model to a small model, against its baselines, as one table (runs/NAME/results.md).
 #
 #   bash run.sh [DATASET] [flags]        DATASET: demo (default, offline, ~3-5 min on 2 CPU cores), demo-seg,
-#                                        eurosat, flowers102, ..., ade20k, folder:PATH, hf:NAME   (flags: see settings())
+#                                        demo-clutter (harder, offline), eurosat, flowers102, ..., ade20k,
+#                                        folder:PATH, hf:NAME   (flags: see settings())
 #
 # Every step is a script that reads and writes files in $OUT; a step whose output exists (and is newer than
 # the files of $OUT it reads) is skipped, so a rerun resumes. Presets (presets/*.sh) set the demo's, the
@@ -165,7 +166,7 @@ settings() {
   T_SIZE=${IMG_SIZE:-224} S_SIZE=$IMG_SIZE VFM_WEIGHTS=${T_WEIGHTS:-hub} D_EPOCHS=20 KT_LR=1e-4
   T_ARGS=() D_ARGS=() F_ARGS=() R_ARGS=() E_ARGS=() X_ARGS=() RET_SOURCE=retrieval RETRIEVAL=1
   SETS=(target) STANDINS="" AGNOSTIC="" KT_FT=(--teacher "$OUT/teacher.pt")  # keep the teacher in the kt finetune
-  case $DATASET in demo|demo-seg|ade20k) source "presets/$DATASET.sh" ;; esac
+  case $DATASET in demo|demo-seg|demo-clutter|ade20k) source "presets/$DATASET.sh" ;; esac
   SHOTS=${SHOTS:-10}
   one_configuration
   [[ $SMOKE == 1 ]] && source presets/smoke.sh

@@ -294,12 +294,13 @@ def make_split(path, dataset, shots, seed, root="data", split_files=None, budget
 def get_args_parser():
     p = argparse.ArgumentParser(description="split: the label budget, recorded once in split.json",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="demo", help="demo; torchvision's eurosat, flowers102, dtd, pets, "
-                   "food101, cifar10, cifar100, stl10, places365; imagenet or ham10000 (downloaded into "
-                   "DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*); py:MODULE; "
-                   "hf:OWNER/NAME[:CONFIG] (a Hugging Face dataset: from the Hub, offline from its cache) or "
-                   "hf:DIR (a folder save_to_disk wrote, or the Hub's parquet layout: DIR/data/train-*.parquet, "
-                   "test-*); segmentation: demo-seg, ade20k (DATA_ROOT/ADEChallengeData2016), folder:PATH "
+    p.add_argument("--dataset", default="demo", help="demo, demo-clutter (harder; both offline); torchvision's "
+                   "eurosat, flowers102, dtd, pets, food101, cifar10, cifar100, stl10, places365; imagenet or "
+                   "ham10000 (downloaded into DATA_ROOT/NAME); folder:PATH (PATH/train/<class>/*, "
+                   "PATH/test/<class>/*); py:MODULE; hf:OWNER/NAME[:CONFIG] (a Hugging Face dataset: from the Hub, "
+                   "offline from its cache) or hf:DIR (a folder save_to_disk wrote, or the Hub's parquet layout: "
+                   "DIR/data/train-*.parquet, test-*); segmentation: demo-seg, ade20k "
+                   "(DATA_ROOT/ADEChallengeData2016), folder:PATH "
                    "(PATH/{train,test}/images/ + masks/, PATH/classes.txt)")
     p.add_argument("--image-column", metavar="NAME", help="hf: datasets: the column of images (unset: the first "
                    "Image feature)")

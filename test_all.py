@@ -51,6 +51,7 @@ import transfer_set
 from bench import speed as bench
 from kt import catalog, checkpoints, claims, data, demo, embeddings, knn, masks, models, training
 from kt import progress as kt_progress
+from kt import guard as kt_guard
 from kt.progress import Progress
 from conftest import (HERE, TINY, run, make_split, task_args, seg_args, random_checkpoint,
                       TINY_CLIP, tiny_clip, _folder_dataset, demo_pool, cache_args, torchrun)
@@ -1704,6 +1705,39 @@ def test_a_distillation_that_has_not_converged_says_so_and_its_row_is_marked(tin
     assert "| kt (not converged) |" in evaluate.markdown(table) and "| scratch |" in evaluate.markdown(table)
 
 
+def test_function_matching_mixes_one_view_that_both_models_see(tiny, tmp_path, cpu, monkeypatch):
+    """--mix (Beyer et al. 2022): the batch mixed with itself rolled by one; mixup keeps at least half of each
+    image (big_vision's p=1.0, n=2), cutmix pastes a box; teacher and student are given the same mixed views."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 8, 8)
+    other = x.roll(1, dims=0)
+    assert distill.mixed_views(x, "none") is x
+    mixed = distill.mixed_views(x, "mixup")
+    lam = ((mixed - other) / (x - other)).flatten()
+    assert 0.5 <= lam[0] <= 1 and torch.allclose(lam, lam[0].expand_as(lam), atol=1e-3)  # one coefficient
+    for mix in ("cutmix", "both"):
+        for _ in range(5):
+            mixed = distill.mixed_views(x, mix)
+            from_x, from_other = mixed == x, mixed == other
+            assert (from_x | from_other).all() or mix == "both"  # each pixel its own or its neighbour's
+    seen = {"teacher": [], "student": []}
+    teacher_outputs, student_step = distill.teacher_outputs, distill.student_step
+    monkeypatch.setattr(distill, "teacher_outputs", lambda t, x, *a: seen["teacher"].append(x) or teacher_outputs(t, x, *a))
+    monkeypatch.setattr(distill, "student_step", lambda s, o, sc, ac, x, *a: seen["student"].append(x) or
+                        student_step(s, o, sc, ac, x, *a))
+    views = {}
+    for mix in ("none", "mixup", "cutmix"):
+        seen["teacher"].clear(), seen["student"].clear()
+        run(distill, "--teacher", tiny / "teacher.pt", "--student", tiny / "student.pt", "--transfer",
+            tiny / "transfer.txt", "--epochs", 2, "--batch-size", 8, "--workers", 0, "--mix", mix,
+            "--out", tmp_path / f"{mix}.pt")
+        assert len(seen["teacher"]) == 4 and all(torch.equal(t, s) for t, s in zip(seen["teacher"], seen["student"]))
+        views[mix] = seen["teacher"][:]
+    for mix in ("mixup", "cutmix"):  # the same images (the same seed), mixed
+        assert not any(torch.equal(a, b) for a, b in zip(views["none"], views[mix]))
+        assert torch.load(tmp_path / f"{mix}.pt", weights_only=True)["args"]["mix"] == mix
+
+
 # ------------------------------------------------------------------------------ distill_agnostic.py
 def test_standin_weights_feed_teacher_and_agnostic_distillation(tmp_path):
     """demo.py's weights file loads into the task's model (timm drops the broad head), and
@@ -1891,6 +1925,89 @@ def test_finetune_with_the_teacher_keeps_its_soft_targets(pipeline, tmp_path, cp
     assert ckpt["args"]["teacher"] == str(d / "teacher.pt") and math.isfinite(ckpt["metrics"]["train_loss"])
     with pytest.raises(SystemExit, match="is a 'student' checkpoint, expected one of \\['teacher'\\]"):
         run(finetune, *task_args(d), "--student", d / "kt.pt", "--teacher", d / "kt.pt", "--out", tmp_path / "x.pt")
+
+
+def _a_finetune_that_hurts(d, tmp_path):
+    """A student that is the teacher (a distillation that reached it: it agrees with the teacher on every
+    image) and the pipeline's split with every labeled image given the next class, on which a finetune
+    unlearns what the teacher taught. -> (the student's path, the split's path, the split)."""
+    ckpt = dict(torch.load(d / "teacher.pt", weights_only=True), kind="student", lineage=dict(teacher="teacher.pt"))
+    checkpoints.save_checkpoint(ckpt, tmp_path / "perfect.pt")
+    split = json.loads((d / "split.json").read_text())
+    n, files = len(split["classes"]), split["files"]
+    files["labeled"] = [[r, (y + 1) % n] for r, y in files["labeled"]]
+    (tmp_path / "wrong.json").write_text(json.dumps(split))
+    return tmp_path / "perfect.pt", tmp_path / "wrong.json", split
+
+
+def test_the_guard_keeps_the_distilled_student_when_the_finetune_makes_it_worse(pipeline, tmp_path, cpu, capsys):
+    """Wrong labels at a high lr, the labels alone: the student unlearns the teacher. On the unlabeled images
+    distillation held out it agrees with the teacher on fewer, beyond chance: the guard writes the distilled
+    weights and says so in one line; --guard 0 writes the last. With a val part, val decides."""
+    assert kt_guard.worse_beyond_chance([1] * 10, [0] * 10)[0]  # 10 lost, none gained: p = 1/1024
+    assert kt_guard.worse_beyond_chance([1, 1, 1, 0], [0, 0, 0, 1]) == (False, 3, 1, 5 / 16)  # chance
+    assert kt_guard.worse_beyond_chance([1, 0], [1, 0]) == (False, 0, 0, 1.0)
+    d = pipeline
+    start, wrong, split = _a_finetune_that_hurts(d, tmp_path)
+    distilled = torch.load(start, weights_only=True)["model"]
+    argv = ["--student", start, "--teacher", d / "teacher.pt", "--kd-weight", 0, "--lr", 3e-3, "--epochs", 4,
+            "--workers", 0]
+    run(finetune, "--split", wrong, *argv, "--out", tmp_path / "guarded.pt")
+    ckpt = torch.load(tmp_path / "guarded.pt", weights_only=True)
+    assert all(torch.equal(ckpt["model"][k], distilled[k]) for k in distilled)
+    line, = [line for line in capsys.readouterr().err.splitlines() if line.startswith("guard:")]
+    assert "the finetune made the student worse" in line and line.endswith("kept the distilled student")
+    chosen = ckpt["metrics"]["guard"]  # 58 held-out images: 5% of the 1160 unlabeled, those distill.py held out
+    assert chosen["kept"] == "first" and chosen["test"] == "agreement" and chosen["images"] == 58
+    assert chosen["first"]["step"] == 0 and chosen["first"]["guard_agreement"] == 100
+    assert chosen["lost"] > 10 * chosen["gained"] and chosen["p"] < 1e-3
+    records = kt_progress.read_metrics(tmp_path / "guarded.pt.metrics.jsonl")  # measured from step 0, every log
+    watched = {"guard_kd", "guard_agreement", "guard_soft_agreement"}
+    assert records[0]["step"] == 0 and all(watched <= set(r) for r in records)
+    run(finetune, "--split", wrong, *argv, "--guard", 0, "--out", tmp_path / "unguarded.pt")
+    ckpt = torch.load(tmp_path / "unguarded.pt", weights_only=True)
+    assert ckpt["metrics"]["guard"] is None and not all(torch.equal(ckpt["model"][k], distilled[k]) for k in distilled)
+    # a val part (100 unlabeled images, labeled as the student predicts them: it starts right on every one)
+    model, cfg = models.load_model(torch.load(start, weights_only=True)).eval(), ckpt["data_config"]
+    refs = [r for r, _ in split["files"]["unlabeled"][-100:]]
+    images = data.Images(refs, None, models.transform(cfg, train=False))
+    with torch.no_grad():
+        predicted = model(torch.stack([images[i][0] for i in range(len(refs))])).argmax(-1).tolist()
+    split["files"]["unlabeled"] = split["files"]["unlabeled"][:-100]
+    split["files"]["val"] = [[r, y] for r, y in zip(refs, predicted)]
+    (tmp_path / "val.json").write_text(json.dumps(split))
+    run(finetune, "--split", tmp_path / "val.json", *argv, "--out", tmp_path / "val.pt")
+    chosen = torch.load(tmp_path / "val.pt", weights_only=True)["metrics"]["guard"]
+    assert chosen["kept"] == "first" and chosen["test"] == "val" and chosen["images"] == 100
+    assert chosen["first"]["val_top1"] == 100 and chosen["last"]["val_top1"] < 50
+
+
+def test_a_killed_guarded_finetune_resumes_to_the_same_weights_and_choice(pipeline, tmp_path, cpu, monkeypatch):
+    """The guard's measures (and its first ones, which it compares with the last) ride in OUT.state."""
+    d = pipeline
+    argv = lambda out: [*task_args(d), "--student", d / "kt.pt", "--teacher", d / "teacher.pt", "--epochs", 4,  # noqa: E731
+                        "--workers", 0, "--save-every", 2, "--out", out, "--resume"]
+    run(finetune, *argv(tmp_path / "a.pt"))  # 40 labeled images, 4 epochs of 2 steps: uninterrupted
+    update, calls = Progress.update, []
+
+    def dies_at_step_5(self, *a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # after the state of step 4 was written
+        return update(self, *a)
+    monkeypatch.setattr(Progress, "update", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(finetune, *argv(tmp_path / "b.pt"))
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "b.pt.state", weights_only=True)
+    assert state["step"] == 4 and [r["step"] for r in state["extra"]["records"]] == [0, 1, 2, 3, 4]
+    run(finetune, *argv(tmp_path / "b.pt"))
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("a.pt", "b.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["metrics"]["guard"] == b["metrics"]["guard"] and a["metrics"]["guard"]["first"]["step"] == 0
+    a, b = (kt_progress.read_metrics(tmp_path / f"{f}.metrics.jsonl") for f in ("a.pt", "b.pt"))
+    assert [{k: v for k, v in r.items() if k not in ("wall_s", "images_per_s", "generation")} for r in a] == \
+        [{k: v for k, v in r.items() if k not in ("wall_s", "images_per_s", "generation")} for r in b]
 
 
 # ====================================================================================================
@@ -2290,6 +2407,19 @@ def test_standin_pretraining_classes_are_not_the_task_classes():
     assert len(demo.Shapes("unlabeled")) == demo.PER_CLASS["unlabeled"] * len(demo.CLASSES)
 
 
+def test_the_harder_task_has_more_classes_on_clutter_and_its_standin_other_classes(tmp_path):
+    """demo-clutter (kt/clutter.py): 20 classes, none a class of the stand-in VFM's pool, which is drawn on the
+    same clutter; split.py knows it by name, and each image is drawn from (split, index) alone."""
+    from kt import clutter
+    assert len(clutter.CLASSES) == 20 and not set(clutter.CLASSES) & set(demo.BROAD_CLASSES)
+    images, labels = clutter.broad_pool(1)
+    assert images.shape == (len(demo.BROAD_CLASSES), 32, 32, 3) and images.std() > 40  # not a flat background
+    split = run(split_step, "--dataset", "demo-clutter", "--shots", 10, "--out", tmp_path / "split.json")
+    assert len(split["classes"]) == 20 and len(split["files"]["labeled"]) == 200 and len(split["files"]["test"]) == 800
+    ref = split["files"]["test"][5][0]
+    assert np.array_equal(np.asarray(data.open_image(ref)), np.asarray(data.open_image(ref)))
+
+
 # ------------------------------------------------------------------- run.sh, with a stand-in python
 STUB = """#!/usr/bin/env bash
 # a stand-in python: records each step's command and creates its --out, trains nothing
@@ -2418,6 +2548,20 @@ def test_run_sh_demo_seg_has_the_same_rows_per_pixel(tmp_path):
     assert all(c[c.index("--img-size") + 1] == "64" for c in calls if c[0] in ("teacher.py", "student.py"))
 
 
+def test_run_sh_demo_clutter_has_the_demos_rows_with_a_resnet18(tmp_path):
+    calls = run_stubbed(tmp_path, "demo-clutter")
+    assert rows_of(calls) == ["teacher", "kt_target_distilled@0", "kt_target@0", "kt_generic_distilled@0",
+                              "kt_generic@0", "agnostic@0", "scratch@0", "imagenet@0"]
+    assert [c[1] for c in calls[:2]] == ["kt.clutter", "kt.clutter"]  # its stand-ins
+    generic = next(c for c in calls if c[0] == "transfer_set.py" and "generic" in c)
+    assert generic[generic.index("--pool") + 1] == "demo-clutter:unlabeled"
+    assert all(c[c.index("--model") + 1] == "resnet18" for c in calls if c[0] in ("teacher.py", "student.py")
+               and "--model" in c)
+    for c in calls:  # each command goes through its script's parser
+        module, argv = (c[1], c[2:]) if c[0] == "-m" else (c[0].removesuffix(".py"), c[1:])
+        importlib.import_module(module).get_args_parser().parse_args(argv)
+
+
 def test_run_sh_ade20k_builds_the_papers_transfer_sets(tmp_path):
     files = tmp_path / "ADE20K"
     files.mkdir()
@@ -2512,9 +2656,9 @@ def test_an_interrupted_force_never_leaves_a_stale_table(tmp_path):
 # 9. files and failures: resume, one writer, bad input, bad images (one line, nothing lost)
 # ====================================================================================================
 # -------------------------------------------------------------------------------- resume and states
-def _distill_cmd(d, out):
+def _distill_cmd(d, out):  # function matching too: a resumed run mixes its views the same
     return [sys.executable, "distill.py", "--teacher", d / "teacher.pt", "--student", d / "student.pt",
-            "--transfer", d / "transfer.txt", "--epochs", 2, "--batch-size", 32, "--workers", 0,
+            "--transfer", d / "transfer.txt", "--epochs", 2, "--batch-size", 32, "--workers", 0, "--mix", "both",
             "--save-every", 3, "--out", out, "--resume"]
 
 

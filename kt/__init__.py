@@ -18,13 +18,15 @@ nothing here imports a step, and no module imports one listed below it. Bottom t
   charts        the report's pictures (matplotlib) and the contact sheet (PIL)
   training      device, torchrun/DDP, the precision (--amp), channels_last, compile, the lr schedule, logging
   progress      resumable training: OUT.state, OUT.metrics.jsonl, the NaN guard, signals, convergence
+  guard         finetune.py's guard: the student against the teacher on held-out images, first and last weights
   pools         image pools for transfer sets: folders, path lists, tar shards, DATASET:SPLIT, hf:NAME:SPLIT
   cached_views  the teacher-output cache's views (cache_teacher.py, distill_cached.py)
   demo          the offline demo's generated data and its stand-in VFM (python -m kt.demo)
+  clutter       the harder offline task (demo-clutter) and its stand-in VFM (python -m kt.clutter)
   embeddings    image embeddings for retrieval, cached on disk in resumable shards
   web_pools     published embeddings of web pools (LAION, DataComp) searched where they lie, faiss indices
 
 The optional subjects (downloads, hf_datasets, catalog, segmenters, clip_towers, loggers, masks, charts, demo,
-web_pools) are imported where they are used, so a copied classification step needs only the modules its
-header names.
+clutter, web_pools) are imported where they are used, so a copied classification step needs only the modules
+its header names.
 """

@@ -2,8 +2,9 @@
 lists them (and transfer_set.py, for a pool named DATASET:SPLIT); data.open_image opens their NAME:SPLIT:INDEX
 images through indexed().
 
-  * torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10 places365, the demo and
-    py:MODULE: indexed() opens them (their images are referenced as NAME:SPLIT:INDEX);
+  * torchvision's eurosat flowers102 dtd pets food101 cifar10 cifar100 stl10 places365, the demo (and its
+    harder sibling demo-clutter, kt.clutter) and py:MODULE: indexed() opens them (their images are
+    referenced as NAME:SPLIT:INDEX);
   * imagenet (DATA_ROOT/imagenet/{train,val}/<wnid>/), folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*,
     optional PATH/val/), ham10000 (ISIC's metadata CSV): their images are referenced by path;
   * hf:NAME[:CONFIG] and hf:DIR, Hugging Face datasets (kt.hf_datasets, imported for them alone): their
@@ -26,6 +27,7 @@ from kt.checks import IMAGE_EXTS, fail, first_line
 SPLITS = ("train", "val", "test", "unlabeled")  # the SPLIT of a NAME:SPLIT:INDEX reference
 TORCHVISION = ("eurosat", "flowers102", "dtd", "pets", "food101", "cifar10", "cifar100", "stl10", "places365")
 PAPER = ("imagenet", "ham10000", "ade20k")  # the paper's other tasks, from files the user downloads into DATA_ROOT
+GENERATED = {"demo": "kt.demo", "demo-seg": "kt.demo", "demo-clutter": "kt.clutter"}  # offline, drawn
 
 
 # ------------------------------------------------------------------------------ images kept by index
@@ -42,21 +44,22 @@ def indexed_ref(ref):
 @functools.lru_cache(maxsize=None)
 def indexed(name, split, root="data", download=True):
     """A dataset whose images are not files of their own, opened by `NAME:SPLIT:INDEX`: torchvision's
-    (their own download and layout), the demo's, py:MODULE's (any module of yours with dataset(split)), or
+    (their own download and layout), the demos', py:MODULE's (any module of yours with dataset(split)), or
     an hf: dataset's (its images alone: opening one needs no label column)."""
     if name.startswith("hf:"):
         from kt import hf_datasets
         return hf_datasets.open_split(name, split)
-    if name in ("demo", "demo-seg") or name.startswith("py:"):
-        # imported by name when asked for: the offline demo's data lives in kt/demo.py, which nothing else needs
-        module = "kt.demo" if name in ("demo", "demo-seg") else name.removeprefix("py:")
+    if name in GENERATED or name.startswith("py:"):
+        # imported by name when asked for: the offline demos' data lives in kt/demo.py and kt/clutter.py
+        module = GENERATED.get(name) or name.removeprefix("py:")
         try:
             module = importlib.import_module(module)
             return module.scenes(split) if name == "demo-seg" else module.dataset(split)
         except (ImportError, AttributeError) as e:
             fail(f"dataset {name}: {first_line(e)}; py:MODULE names a module that defines dataset(split)")
     if name not in TORCHVISION:
-        fail(f"image reference {name}:{split}:INDEX: {name} is not a dataset of torchvision's, demo or py:MODULE")
+        fail(f"image reference {name}:{split}:INDEX: {name} is not a dataset of torchvision's, "
+             f"{', '.join(GENERATED)} or py:MODULE")
     try:
         return _torchvision(name, split, root, download)
     except (RuntimeError, OSError) as e:  # offline, or "Dataset not found or corrupted"
@@ -220,7 +223,7 @@ def load_dataset(name, split, root="data", download=True, image_column=None, lab
     if name.startswith("hf:"):
         from kt import hf_datasets
         ds = hf_datasets.open_split(name, split, image_column, label_column, labeled=True)
-    elif name in ("demo", "demo-seg") or name.startswith("py:") or name in TORCHVISION:
+    elif name in GENERATED or name.startswith("py:") or name in TORCHVISION:
         ds = indexed(name, split, root, download)
     elif name == "imagenet":  # DATA_ROOT/imagenet/train/<wnid>/*.JPEG and val/<wnid>/*: val is the test set
         ds = _folder(os.path.join(root, "imagenet"), "val" if split == "test" else split)
@@ -237,8 +240,8 @@ def load_dataset(name, split, root="data", download=True, image_column=None, lab
             if ds.classes != train_classes:
                 fail(f"{name}: {split}/ classes {ds.classes} differ from train/ classes {train_classes}")
     else:
-        fail(f"unknown dataset '{name}'; choose demo, {', '.join(TORCHVISION + PAPER)}, folder:PATH, py:MODULE "
-             "or hf:NAME (a Hugging Face dataset)")
+        fail(f"unknown dataset '{name}'; choose {', '.join(GENERATED)}, {', '.join(TORCHVISION + PAPER)}, "
+             "folder:PATH, py:MODULE or hf:NAME (a Hugging Face dataset)")
     classes = list(getattr(ds, "classes", None) or sorted(set(_labels(ds))))
     return ds, _labels(ds), [str(c) for c in classes]
 

@@ -150,7 +150,8 @@ def _rgb(im):
 
 def hold_out(refs, n):
     """Up to n references (at most 5% of the list), evenly spread over it, kept out of training to measure
-    progress on. -> (the rest, the held-out). distill.py and distill_agnostic.py hold out the same ones."""
+    progress on. -> (the rest, the held-out). distill.py and distill_agnostic.py hold out the same ones, and
+    finetune.py watches them (its guard)."""
     n = min(n, len(refs) // 20)
     held = set(refs[::max(1, len(refs) // n)][:n]) if n else set()
     return [r for r in refs if r not in held], sorted(held)

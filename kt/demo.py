@@ -106,7 +106,15 @@ def _regular(cx, cy, r, n, rot, inner=None):
 
 def draw_broad(kind, rng, size=SIZE):
     """One image of a broad-pool class: random colours, size, position and rotation, plus noise."""
-    img, d, col = _canvas(rng, size)
+    img, _, col = _canvas(rng, size)
+    broad_shape(img, kind, rng, col, img.getpixel((0, 0)), size)
+    return _noisy(img, rng, size)
+
+
+def broad_shape(img, kind, rng, col, bg, size=SIZE):
+    """Draw one broad-pool shape (or any `glyph_X`) onto img, an RGB image or an L mask, in colour col, at a
+    random size, position and rotation; bg is the colour that cuts a crescent. (kt.clutter draws on masks.)"""
+    d = ImageDraw.Draw(img)
     r = rng.uniform(0.25, 0.45) * size
     cx, cy = rng.uniform(r * 0.8, size - r * 0.8, 2)
     rot = rng.uniform(0, 2 * math.pi)
@@ -122,7 +130,7 @@ def draw_broad(kind, rng, size=SIZE):
     elif kind == "crescent":  # a disc with an offset disc of background colour cut out
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
         ox, oy = 0.5 * r * math.cos(rot), 0.5 * r * math.sin(rot)
-        d.ellipse([cx + ox - r, cy + oy - r, cx + ox + r, cy + oy + r], fill=img.getpixel((0, 0)))
+        d.ellipse([cx + ox - r, cy + oy - r, cx + ox + r, cy + oy + r], fill=bg)
     elif kind == "ellipse":  # elongated, unlike the task's circle
         a, b = r, r * rng.uniform(0.3, 0.5)
         horizontal = rng.random() < 0.5
@@ -174,7 +182,6 @@ def draw_broad(kind, rng, size=SIZE):
         img.paste(col, mask=glyph)
     else:
         raise ValueError(kind)
-    return _noisy(img, rng, size)
 
 
 def pool_kind(i):
@@ -288,18 +295,19 @@ def augment(x, gen):
     return x[:, torch.randperm(3, generator=gen)]
 
 
-def pretrain(arch, img_size, per_class, epochs, batch_size, lr, seed, log=print):
-    """Supervised pretraining of `arch` on the broad pool. Returns (timm state dict, held-out top-1 %).
+def pretrain(arch, img_size, per_class, epochs, batch_size, lr, seed, log=print, pool=broad_pool):
+    """Supervised pretraining of `arch` on the broad pool (`pool`: broad_pool, or kt.clutter's on cluttered
+    backgrounds). Returns (timm state dict, held-out top-1 %).
 
     The images are drawn once into memory (a few seconds) and batches are augmented as tensors: no
     DataLoader, no PIL per step, so a few thousand images x tens of epochs fit in about a minute."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model, _, cfg = models.create_model(arch, len(BROAD_CLASSES), img_size=img_size)
-    images, labels = broad_pool(per_class)
+    images, labels = pool(per_class)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (N, 3, 32, 32)
     y_all = torch.from_numpy(labels)
-    val_x, val_y = broad_pool(10, offset=5_000_000)
+    val_x, val_y = pool(10, offset=5_000_000)
     val_x = torch.from_numpy(val_x).permute(0, 3, 1, 2).float() / 255
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     per_epoch = len(x_all) // batch_size

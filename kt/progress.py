@@ -57,18 +57,20 @@ class Progress:
     logs it, with measure()'s numbers (a held-out loss), to stderr, OUT.metrics.jsonl and the loggers of
     `log` (kt.loggers; rank 0); log_every=0: about 20 logs a run. Every `save_every` steps, after an epoch of `per_epoch` steps (at most once a minute), at the end or
     on Ctrl-C, SIGTERM or SIGHUP it also saves the state (weights, optimizer, scaler, RNG, step, `config`) to
-    OUT.state. resume() continues from a state only if its config matches, and the metrics file from the
-    same step. Under torchrun the ranks decide together every `agree_every` steps (one all-reduce), so all
-    of them stop at the same step. save_output() writes `out`, then drops the state.
+    OUT.state, with `extra`'s state_dict() where given (finetune.py's guard: its measures). resume() continues
+    from a state only if its config matches, and the metrics file from the same step. Under torchrun the ranks
+    decide together every `agree_every` steps (one all-reduce), so all of them stop at the same step.
+    save_output() writes `out`, then drops the state.
     """
 
     def __init__(self, out, *, model, optimizer, scaler, total, config=None, save_every=500, log_every=0,
-                 per_epoch=0, rank=0, measure=None, log=(), agree_every=20):
+                 per_epoch=0, rank=0, measure=None, log=(), agree_every=20, extra=None):
         self.out, self.path, self.model, self.opt, self.scaler = out, out + ".state", model, optimizer, scaler
         self.total, self.config, self.per_epoch, self.rank = total, config or {}, per_epoch, rank
         auto = min(50, max(1, total // 20))  # 0: about 20 logs a run, at least one every 50 steps
         self.save_every, self.log_every = save_every, min(log_every or auto, save_every)
         self.measure, self.measured = measure, {}  # measure(): more numbers for the log, e.g. a held-out loss
+        self.extra = extra  # more to save and resume: state_dict() and load_state_dict(), rank 0's
         self.metrics, self.log_to, self.loggers = out + ".metrics.jsonl", log, []  # log: TensorBoard, W&B, MLflow
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.agree_every = math.gcd(agree_every, self.log_every) if self.world > 1 else 1  # logs on its grid
@@ -88,6 +90,8 @@ class Progress:
             unwrap(self.model).load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
+            if self.extra is not None:
+                self.extra.load_state_dict(state["extra"])
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"{self.path} does not fit this model ({first_line(e)}); delete it to start afresh")
         set_rng_state(state["rng"])
@@ -204,7 +208,8 @@ class Progress:
             save_checkpoint(dict(kind="resume", step=self.step, model=unwrap(self.model).state_dict(),
                                  optimizer=self.opt.state_dict(), scaler=self.scaler.state_dict(),
                                  rng=rng_state(), images=self.images, wall_s=time.time() - self.t0,
-                                 generation=self.generation, config=self.config), self.path)
+                                 generation=self.generation, config=self.config,
+                                 extra=self.extra and self.extra.state_dict()), self.path)
         self.saved, self.saved_step = time.time(), self.step
 
     def cost(self, stage, batch):

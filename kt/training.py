@@ -71,6 +71,14 @@ def label_loss(logits, labels, smoothing=0.0):
     return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
+def freeze_batchnorm(model):
+    """BatchNorm layers in eval mode: they normalise with the running statistics the model came with and
+    stop updating them (their scale and shift still train). Call after model.train()."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def cosine_lr(step, total, warmup):
     """LR multiplier: linear warmup for `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:

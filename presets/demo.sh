@@ -6,7 +6,7 @@ TEACHER=test_resnet STUDENT=test_resnet T_SIZE=32 S_SIZE=32 VFM_WEIGHTS=$OUT/sta
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny tensors: one thread per process is the fastest
 T_ARGS=(--epochs 30 --lr 1e-3 --head-lr 3e-3 --layer-decay 0.75 --workers 1)
 D_EPOCHS=15 D_ARGS=(--batch-size 64 --min-scale 0.25 --workers 1)  # 32px: tiny crops show no shape
-F_ARGS=(--epochs 20 --workers 1) KT_LR=2e-4
+F_ARGS=(--epochs 20 --min-scale 0.25 --workers 1) KT_LR=2e-4  # the same crops (docs/last_step.md)
 R_ARGS=(--embed "teacher:$OUT/teacher.pt" --k 10 --workers 0)
 E_ARGS=(--workers 0)
 [[ -z $POOL ]] && POOL=demo:unlabeled RETRIEVAL=0  # the generic row; retrieval only on request (--pool)
