@@ -183,7 +183,7 @@ def markdown(table):
     note = f"\n{bad} test images could not be read and are left out of every score.\n" if bad else ""
     if any(r.get("converged") is False for r in table.values()):
         note += ("\n(not converged): the held-out loss of its distillation was still falling at the end (the rule: "
-                 "README); more distillation epochs would likely help.\n")
+                 "docs/files.md, metrics files); more distillation epochs would likely help.\n")
     return "\n".join(lines) + "\n" + note
 
 

@@ -1687,7 +1687,7 @@ def test_an_unknown_or_missing_logger_is_one_line_before_any_work(tmp_path, monk
 
 
 def test_a_distillation_that_has_not_converged_says_so_and_its_row_is_marked(tiny, tmp_path, cpu, capsys):
-    """The rule (README): the held-out KD loss still falling over the last half of the steps, by more than
+    """The rule (docs/files.md): the held-out KD loss still falling over the last half of the steps, by more than
     15% of its whole decrease. A curve made to fall steadily is flagged, a flat end is not."""
     assert kt_progress.still_falling([(s, 1 - s / 100) for s in range(0, 101, 10)])  # straight down: not done
     assert not kt_progress.still_falling([(s, max(0.2, 1 - s / 40)) for s in range(0, 101, 10)])  # flat from 32

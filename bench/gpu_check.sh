@@ -4,7 +4,7 @@
 # open_clip is not needed), and write everything to gpu_check/ (results.md, bench_*.json, logs).
 #
 # Usage: bash bench/gpu_check.sh [OUTDIR]        (~5-8 minutes on an H100; each part has its own time limit)
-# Targets (H100): d/a >= 0.70, d/c >= 3, e/b >= 0.80 (see README 'Speed and scale').
+# Targets (H100): d/a >= 0.70, d/c >= 3, e/b >= 0.80 (see docs/speed.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check}}

@@ -96,7 +96,7 @@ def classifier(spec, num_classes, pretrained, weights, img_size, kwargs):
         if weights:  # not a weights file, or one of another architecture: open_clip's message names the keys
             fail(f"{weights} does not fit {name}: {' '.join(str(e).split())[:400]}")
         fail(f"could not get the '{tag}' weights of {name} ({first_line(e)}); offline? "
-             "pass --weights PATH (README: Local weight files)")
+             "pass --weights PATH (docs/teachers.md: weights from a file)")
     pp = clip.visual.preprocess_cfg
     cfg = dict(input_size=(3, *pp["size"]), interpolation=pp["interpolation"], mean=pp["mean"],
                std=pp["std"], crop_pct=1.0, crop_mode=CROP_MODES.get(pp.get("resize_mode"), "center"))

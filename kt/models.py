@@ -28,7 +28,7 @@ def _timm(arch, num_classes, pretrained, img_size, kwargs):
             if not pretrained:
                 raise
             fail(f"could not get the pretrained weights of {arch} ({first_line(e)}); offline? "
-                 "pass --weights PATH (README: Local weight files)")
+                 "pass --weights PATH (docs/teachers.md: weights from a file)")
     try:
         return build(**(dict(img_size=img_size) if img_size else {}))
     except TypeError:  # CNNs take any input size and have no img_size argument

@@ -278,7 +278,7 @@ def converged(progress, key, name, advice):
     falling = still_falling(curve)
     if falling:
         log(0, f"not converged: the {name} was still falling at the end ({curve[0][1]:.4f} -> "
-               f"{curve[-1][1]:.4f}; the rule: README, Has it worked?); {advice}")
+               f"{curve[-1][1]:.4f}; the rule: docs/files.md, metrics files); {advice}")
     return None if falling is None else not falling
 
 
