@@ -125,9 +125,7 @@ def get_args_parser():
     p.add_argument("--holdout", type=nonnegative, default=256, help="transfer images (at most 5%% of them) kept "
                    "out of training: the KD loss on them is logged, to see whether distillation has converged "
                    "(and finetune.py --guard watches the same ones)")
-    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
-                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
-                   "CPU runs the GPU recipe: autocast, fused AdamW; channels_last on a GPU)")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help=training.AMP_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds augmentation and data order")

@@ -108,9 +108,7 @@ def get_args_parser():
     p.add_argument("--min-scale", type=share, default=0.08, help="smallest RandomResizedCrop area")
     p.add_argument("--holdout", type=nonnegative, default=256, help="transfer images (at most 5%% of them) kept "
                    "out of training, as distill.py keeps them: the loss on them is logged")
-    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
-                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
-                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help=training.AMP_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile student and VFM")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the projection, augmentation and data order")

@@ -128,9 +128,7 @@ def get_args_parser():
     p.add_argument("--lr", type=rate, default=1e-3, help="AdamW peak lr; scale with the batch size")
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--warmup", type=fraction, default=0.05, help="fraction of steps with linear lr warmup")
-    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
-                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
-                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help=training.AMP_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
     p.add_argument("--workers", type=nonnegative, default=8, help="DataLoader workers decoding images")
     p.add_argument("--train-seed", type=int, default=0, help="seeds the data order")

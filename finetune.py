@@ -140,9 +140,7 @@ def get_args_parser():
                    "those distill.py --holdout keeps out) on which the student is watched against --teacher, and "
                    "val where split.json has it: if the finetune made it worse beyond chance, the first weights "
                    "are kept (kt.guard); 0: always the last")
-    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
-                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
-                   "CPU runs the GPU recipe: autocast, fused AdamW; channels_last on a GPU)")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help=training.AMP_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the student (and the teacher)")
     p.add_argument("--workers", type=nonnegative, default=4)
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")

@@ -132,6 +132,26 @@ def class_order(classes, found, top):
     return sorted(classes, key=lambda c: (folder.get(c, ""), c))
 
 
+def find_all(read, candidates, in_its_class, where, how):
+    """Each (name, class) of the split files -> its one match: the candidates of that name (candidates[name]),
+    narrowed to those in_its_class(match, class) when there are several. A name with none is one line (it is
+    not `where`: `how` says how to get it), a name with several and none of its class too."""
+    def find(name, cls):
+        hits = candidates.get(name, [])
+        if len(hits) > 1:
+            hits = [h for h in hits if in_its_class(h, cls)]
+        return hits[0] if len(hits) == 1 else None
+    found = {(n, c): find(n, c) for rows in read.values() for n, c in rows}
+    lost = [n for (n, c), hit in found.items() if hit is None and not candidates.get(n)]
+    if lost:
+        fail(f"{len(lost)} files of the split files are not {where} (e.g. {lost[:3]}); {how}")
+    unsure = [f"{n} ({c})" for (n, c), hit in found.items() if hit is None]
+    if unsure:
+        fail(f"{len(unsure)} files of the split files are {where} more than once and none of them of its class, "
+             f"e.g. {unsure[:3]}")
+    return found
+
+
 def classification_files(dataset, read, root):
     """Classification: each `filename,class` found under the dataset's folder by its file name; a name in
     several folders (Places365's 00000001.jpg is in every class folder) is the one in its class's folder."""
@@ -141,21 +161,8 @@ def classification_files(dataset, read, root):
         for name in names:
             if name.lower().endswith(IMAGE_EXTS):
                 paths.setdefault(name, []).append(os.path.abspath(os.path.join(d, name)))
-
-    def find(name, cls):
-        hits = paths.get(name, [])
-        if len(hits) > 1:
-            hits = [p for p in hits if in_class_folder(p, cls, top)]
-        return hits[0] if len(hits) == 1 else None
-    found = {(n, c): find(n, c) for rows in read.values() for n, c in rows}
-    lost = [n for (n, c), p in found.items() if p is None and not paths.get(n)]
-    if lost:
-        fail(f"{len(lost)} files of the split files are not under {top} (e.g. {lost[:3]}); download the "
-             "dataset there first")
-    unsure = [f"{n} ({c})" for (n, c), p in found.items() if p is None]
-    if unsure:
-        fail(f"{len(unsure)} files of the split files are under {top} more than once and none of them in its "
-             f"class's folder, e.g. {unsure[:3]}")
+    found = find_all(read, paths, lambda p, cls: in_class_folder(p, cls, top), f"under {top}",
+                     "download the dataset there first")
     classes = class_order({c for rows in read.values() for _, c in rows}, found, top)
     odd = sorted({c for _, c in read["labeled"]} ^ {c for _, c in read["test"]}) if "test" in read else []
     if odd:  # a typo ('circel') would be a class of its own, with no test image to score it
@@ -179,21 +186,8 @@ def hf_files(dataset, read, image_column=None, label_column=None):
     odd = sorted({c for rows in read.values() for _, c in rows} - set(index))
     if odd:
         fail(f"the split files name classes {odd[:5]} that {dataset} does not have (its classes: {classes[:8]})")
-
-    def find(name, cls):
-        hits = named.get(name, [])
-        if len(hits) > 1:
-            hits = [h for h in hits if h[1] == index[cls]]
-        return hits[0] if len(hits) == 1 else None
-    found = {(n, c): find(n, c) for rows in read.values() for n, c in rows}
-    lost = [n for (n, c), hit in found.items() if hit is None and not named.get(n)]
-    if lost:
-        fail(f"{len(lost)} files of the split files are not images of {dataset} (e.g. {lost[:3]}): an image is "
-             "named by the file it was made from, its Image feature's path")
-    unsure = [f"{n} ({c})" for (n, c), hit in found.items() if hit is None]
-    if unsure:
-        fail(f"{len(unsure)} files of the split files are images of {dataset} more than once and none of them "
-             f"of its class, e.g. {unsure[:3]}")
+    found = find_all(read, named, lambda hit, cls: hit[1] == index[cls], f"images of {dataset}",
+                     "an image is named by the file it was made from, its Image feature's path")
     wrong = [f"{n} ({c}, {dataset}: {classes[hit[1]]})" for (n, c), hit in found.items() if hit[1] not in (index[c], -1)]
     if wrong:
         fail(f"{len(wrong)} files of the split files are of another class in {dataset}, e.g. {wrong[:3]}: split "

@@ -82,9 +82,7 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=nonnegative_number, default=0.05)
     p.add_argument("--smoothing", type=smoothing, default=0.1, help="label smoothing")
     p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of steps with linear lr warmup")
-    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help="mixed precision: auto (bf16 on a "
-                   "GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off on any device (bf16 on the "
-                   "CPU runs the GPU recipe: autocast, channels_last, fused AdamW)")
+    p.add_argument("--amp", default="auto", choices=training.AMP_MODES, help=training.AMP_HELP)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=nonnegative, default=4, help="DataLoader workers decoding images")
     p.add_argument("--save-every", type=positive, default=200, help="steps between resumable states")

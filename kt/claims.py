@@ -46,12 +46,17 @@ def check_writable(path, reads=(), marker=None):
         if inside:
             fail(f"--out {path} holds {read}, an input of this step: the new output would replace it; give "
                  "another --out")
+    writable_folder(folder, f"the folder of --out {path}")
+
+
+def writable_folder(folder, what):
+    """Make `folder` if it is not there, and check it can be written; else one line naming it as `what`."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        fail(f"cannot make the folder of --out {path} ({e.strerror})")
+        fail(f"cannot make {what}, {folder} ({e.strerror})")
     if not os.access(folder, os.W_OK):
-        fail(f"cannot write into {folder}, the folder of --out {path}")
+        fail(f"cannot write into {what}, {folder}")
 
 
 def claim(path, reads=(), marker=None):

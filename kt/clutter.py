@@ -115,31 +115,14 @@ def draw(kind, rng, size=SIZE):
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
 
 
-def pool_kind(i):
-    """The generic pool's image i: broad-pool kinds and clutter, and every demo.TASK_EVERY-th a task class."""
-    if i % demo.TASK_EVERY == 0:
-        return CLASSES[(i // demo.TASK_EVERY) % len(CLASSES)]
-    kinds = demo.BROAD_CLASSES + ["polygon", "scribble"]
-    return kinds[(i * 7919) % len(kinds)]
+class Cluttered(demo.Shapes):
+    """The demo's dataset with this task's classes, sizes and seeds, each image drawn on clutter: dataset[i]
+    -> (PIL image, label); its generic pool (unlabeled) as the demo's, every demo.TASK_EVERY-th a task class."""
+    name, all_classes, per_class = "demo-clutter", CLASSES, PER_CLASS
+    seeds = {split: SEEDS[split] for split in PER_CLASS}
 
-
-class Cluttered:
-    """dataset[i] -> (PIL image, label); `.classes`, `.targets` as torchvision datasets have them."""
-
-    def __init__(self, split="train"):
-        if split not in PER_CLASS:
-            raise SystemExit(f"error: the demo-clutter dataset has splits {list(PER_CLASS)}, not '{split}'")
-        self.split, self.classes = split, list(CLASSES)
-        n = PER_CLASS[split] * len(CLASSES)
-        self.targets = [i % len(CLASSES) for i in range(n)] if split != "unlabeled" else [-1] * n
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng(SEEDS[self.split] * 10_000_000 + i)
-        kind = CLASSES[self.targets[i]] if self.split != "unlabeled" else pool_kind(i)
-        return draw(kind, rng), self.targets[i]
+    def draw(self, kind, rng):
+        return draw(kind, rng)
 
 
 def dataset(split):

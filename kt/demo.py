@@ -184,33 +184,37 @@ def broad_shape(img, kind, rng, col, bg, size=SIZE):
         raise ValueError(kind)
 
 
-def pool_kind(i):
+def pool_kind(i, classes=CLASSES):
     """What the generic pool's image i shows: mostly broad-pool kinds and random clutter (like a web
     crawl), and every TASK_EVERY-th image a task shape (a web pool holds a few; nobody labeled them)."""
     if i % TASK_EVERY == 0:
-        return CLASSES[(i // TASK_EVERY) % len(CLASSES)]
+        return classes[(i // TASK_EVERY) % len(classes)]
     kinds = BROAD_CLASSES + ["polygon", "scribble"]
     return kinds[(i * 7919) % len(kinds)]
 
 
 class Shapes:
-    """dataset[i] -> (PIL image, label); `.classes`, `.targets` as torchvision datasets have them."""
+    """dataset[i] -> (PIL image, label); `.classes`, `.targets` as torchvision datasets have them. Image i of
+    a split is drawn from (split, i) alone. A subclass (kt.clutter) changes what the class attributes say."""
+    name, all_classes, per_class, seeds = "demo", CLASSES, PER_CLASS, {"train": 1, "test": 2, "unlabeled": 3}
 
     def __init__(self, split="train"):
-        if split not in PER_CLASS:
-            raise SystemExit(f"error: the demo dataset has splits {list(PER_CLASS)}, not '{split}'")
-        self.split, self.classes = split, list(CLASSES)
-        n = PER_CLASS[split] * len(CLASSES)
-        self.targets = [i % len(CLASSES) for i in range(n)] if split != "unlabeled" else [-1] * n
+        if split not in self.per_class:
+            raise SystemExit(f"error: the {self.name} dataset has splits {list(self.per_class)}, not '{split}'")
+        self.split, self.classes = split, list(self.all_classes)
+        n = self.per_class[split] * len(self.classes)
+        self.targets = [i % len(self.classes) for i in range(n)] if split != "unlabeled" else [-1] * n
 
     def __len__(self):
         return len(self.targets)
 
+    def draw(self, kind, rng):
+        return draw(kind, rng)
+
     def __getitem__(self, i):
-        seed = {"train": 1, "test": 2, "unlabeled": 3}[self.split] * 10_000_000 + i
-        rng = np.random.default_rng(seed)
-        kind = CLASSES[self.targets[i]] if self.split != "unlabeled" else pool_kind(i)
-        return draw(kind, rng), self.targets[i]
+        rng = np.random.default_rng(self.seeds[self.split] * 10_000_000 + i)
+        kind = self.classes[self.targets[i]] if self.split != "unlabeled" else pool_kind(i, self.classes)
+        return self.draw(kind, rng), self.targets[i]
 
 
 def dataset(split):

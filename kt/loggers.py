@@ -20,6 +20,7 @@ import shutil
 import time
 
 from kt.checks import LOGGERS, fail
+from kt.claims import writable_folder
 
 def folders(kinds, out):
     """The folders the loggers of --log write for the training of `out`."""
@@ -32,12 +33,7 @@ def folders(kinds, out):
 def check_folders(kinds, out):
     """Before any work: every logger folder can be made and written, else one line."""
     for folder in folders(kinds, out):
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            fail(f"--log: cannot make {folder} ({e.strerror}); give --out another folder")
-        if not os.access(folder, os.W_OK):
-            fail(f"--log: cannot write into {folder}")
+        writable_folder(folder, "a folder of --log")
 
 
 def open_loggers(kinds, out, flags, generation, resumed_step, history, rewind):

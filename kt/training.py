@@ -40,6 +40,8 @@ def setup(seed):
 
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # --amp
+AMP_HELP = ("mixed precision: auto (bf16 on a GPU that has it, else fp16; float32 on the CPU), or bf16, fp16, off "
+            "on any device (bf16 on the CPU runs the GPU recipe: autocast, fused AdamW; channels_last on a GPU)")
 
 
 def amp_dtype(device, mode="auto"):
