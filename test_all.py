@@ -1982,6 +1982,33 @@ def test_the_guard_keeps_the_distilled_student_when_the_finetune_makes_it_worse(
     assert chosen["first"]["val_top1"] == 100 and chosen["last"]["val_top1"] < 50
 
 
+def test_the_kd_term_on_transfer_images_resumes_to_the_same_weights(pipeline, tmp_path, cpu, monkeypatch):
+    """finetune.py --transfer: the teacher's soft targets on a batch of transfer images each step (as
+    distillation had them), not the labeled views; killed and resumed, the same batches and weights."""
+    d = pipeline
+    argv = lambda out: [*task_args(d), "--student", d / "kt.pt", "--teacher", d / "teacher.pt", "--transfer",  # noqa: E731
+                        d / "transfer.txt", "--epochs", 3, "--workers", 0, "--save-every", 2, "--out", out, "--resume"]
+    seen = []
+    real = finetune.finetune_loss
+    monkeypatch.setattr(finetune, "finetune_loss", lambda *a: seen.append(a[5]) or real(*a))
+    run(finetune, *argv(tmp_path / "a.pt"))
+    assert seen and all(kd is not None and kd.shape[0] == 32 for kd in seen)  # the KD term's own batch
+    update, calls = Progress.update, []
+
+    def dies_at_step_4(self, *a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return update(self, *a)
+    monkeypatch.setattr(Progress, "update", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(finetune, *argv(tmp_path / "b.pt"))
+    monkeypatch.setattr(Progress, "update", update)
+    run(finetune, *argv(tmp_path / "b.pt"))
+    a, b = (torch.load(tmp_path / f, weights_only=True)["model"] for f in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_killed_guarded_finetune_resumes_to_the_same_weights_and_choice(pipeline, tmp_path, cpu, monkeypatch):
     """The guard's measures (and its first ones, which it compares with the last) ride in OUT.state."""
     d = pipeline
