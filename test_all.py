@@ -1918,6 +1918,11 @@ def test_finetune_with_the_teacher_keeps_its_soft_targets(pipeline, tmp_path, cp
     ce = finetune.finetune_loss(logits, labels, 0.1)
     assert torch.equal(finetune.finetune_loss(logits, labels, 0.1, logits.clone(), 0.5), 0.5 * ce)  # KD 0 at a match
     assert torch.allclose(finetune.finetune_loss(logits, labels, 0.1, torch.randn(8, 10), 0.0), ce)
+    teacher_logits, other = torch.randn(8, 10), torch.randn(8, 10)  # its KD term is distill.py's loss at T = 1
+    assert torch.equal(finetune.finetune_loss(logits, labels, 0.1, teacher_logits, 1.0),
+                       1.0 * distill.kd_loss(logits, teacher_logits, 1.0))
+    assert torch.equal(finetune.finetune_loss(logits, labels, 0.1, teacher_logits, 1.0, other),  # --transfer
+                       1.0 * distill.kd_loss(other, teacher_logits, 1.0))
     d = pipeline
     run(finetune, *task_args(d), "--student", d / "kt.pt", "--teacher", d / "teacher.pt", "--epochs", 2,
         "--workers", 0, "--out", tmp_path / "kt_ft.pt")
